@@ -1,0 +1,991 @@
+"""
+DINO: self-distillation with no labels (Caron et al., ICCV 2021), in one file.
+
+    python dino.py train                       # demo: generates a small dataset, trains vit_tiny on the CPU in minutes
+    python dino.py train --data_path /imagenet/train --output_dir runs/vits16   # the paper's ViT-S/16 recipe
+    python dino.py knn                         # k-NN accuracy of the demo run vs random init
+    python dino.py attn --image_path cat.jpg --pretrained_weights dino_deitsmall16_pretrain.pth
+    python dino.py linear --data_path /imagenet --pretrained_weights runs/vits16/checkpoint.pth
+
+Every visible CUDA GPU gets one process; under torchrun the launcher's
+environment is used (multi-node); with no GPU everything runs on the CPU.
+Sections: data, model glue, loss, schedules and optimization, distributed,
+checkpoints, train, knn, attn, linear, CLI. Importing this file has no side effects.
+"""
+import argparse
+import datetime
+import itertools
+import json
+import math
+import os
+import pickle
+import random
+import socket
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision.transforms as T
+import torchvision.transforms.functional as TF
+from PIL import Image, ImageFilter
+
+import vision_transformer as vits
+
+
+class DinoError(Exception):
+    """A problem with the user's input: the CLI prints it on one line and exits with status 2."""
+
+
+# -----------------------------------------------------------------------------
+# data
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _pil_gaussian_blur(img):
+    """PIL Gaussian blur with radius (= sigma) drawn uniformly from [0.1, 2], as in the published code."""
+    return img.filter(ImageFilter.GaussianBlur(radius=torch.empty(1).uniform_(0.1, 2.0).item()))
+
+
+class DataAugmentationDINO:
+    """The published multi-crop recipe on the CPU: PIL image -> 2 global then N local normalized tensors."""
+
+    def __init__(self, global_crops_scale, local_crops_scale, local_crops_number,
+                 global_crops_size=224, local_crops_size=96):
+        bicubic = T.InterpolationMode.BICUBIC
+        flip_and_color_jitter = T.Compose([
+            T.RandomHorizontalFlip(p=0.5),
+            T.RandomApply([T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
+            T.RandomGrayscale(p=0.2),
+        ])
+        normalize = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+        global_crop = T.RandomResizedCrop(global_crops_size, scale=global_crops_scale, interpolation=bicubic)
+        self.global_transfo1 = T.Compose([
+            global_crop, flip_and_color_jitter, T.RandomApply([T.Lambda(_pil_gaussian_blur)], p=1.0), normalize,
+        ])
+        self.global_transfo2 = T.Compose([
+            global_crop, flip_and_color_jitter, T.RandomApply([T.Lambda(_pil_gaussian_blur)], p=0.1),
+            T.RandomSolarize(threshold=128, p=0.2), normalize,
+        ])
+        self.local_crops_number = local_crops_number
+        self.local_transfo = T.Compose([
+            T.RandomResizedCrop(local_crops_size, scale=local_crops_scale, interpolation=bicubic),
+            flip_and_color_jitter, T.RandomApply([T.Lambda(_pil_gaussian_blur)], p=0.5), normalize,
+        ])
+
+    def __call__(self, image):
+        crops = [self.global_transfo1(image), self.global_transfo2(image)]
+        crops += [self.local_transfo(image) for _ in range(self.local_crops_number)]
+        return crops
+
+
+# The split path used for training: the photometric ops are the CPU bottleneck of DataAugmentationDINO, so the
+# DataLoader workers only crop and flip (MultiCropGeometry) and the device applies the rest to whole batches
+# (MultiCropPhotometry), with the same distributions, per sample.
+
+def _random_resized_crop_flip(img, size, scale):
+    """RandomResizedCrop(size, scale, bicubic) + RandomHorizontalFlip(0.5) on a PIL image -> uint8 [3, size, size]."""
+    i, j, h, w = T.RandomResizedCrop.get_params(img, scale, ratio=(3 / 4, 4 / 3))
+    img = TF.resized_crop(img, i, j, h, w, [size, size], T.InterpolationMode.BICUBIC)
+    if torch.rand(1) < 0.5:
+        img = TF.hflip(img)
+    return TF.pil_to_tensor(img)
+
+
+class MultiCropGeometry:
+    """The geometric half of DataAugmentationDINO: PIL RGB image -> 2 global then N local uint8 [3, h, w] crops."""
+
+    def __init__(self, global_crops_scale, local_crops_scale, local_crops_number,
+                 global_crops_size=224, local_crops_size=96):
+        self.crops = [(global_crops_size, global_crops_scale)] * 2
+        self.crops += [(local_crops_size, local_crops_scale)] * local_crops_number
+
+    def __call__(self, img):
+        return [_random_resized_crop_flip(img, size, scale) for size, scale in self.crops]
+
+
+# Batched photometric ops on float images [B, 3, H, W] in [0, 1] with per-sample factors [B]; each equals the
+# torchvision.transforms.functional (v1) tensor op of the same name applied to every sample with its own factor.
+
+def _per_sample(x):
+    """[B] -> [B, 1, 1, 1], to broadcast per-sample factors and masks over images."""
+    return x.view(-1, 1, 1, 1)
+
+
+def _rgb_to_grayscale(img):
+    """ITU-R 601-2 luma (torchvision's weights), [B, 1, H, W]."""
+    r, g, b = img.unbind(dim=1)
+    return (0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(1)
+
+
+def _blend(img, other, factor):
+    """factor * img + (1 - factor) * other, clamped to [0, 1]."""
+    factor = _per_sample(factor)
+    return (factor * img + (1.0 - factor) * other).clamp(0.0, 1.0)
+
+
+def _adjust_brightness(img, factor):
+    """Blend with black."""
+    return _blend(img, torch.zeros_like(img), factor)
+
+
+def _adjust_contrast(img, factor):
+    """Blend with the mean of the grayscale image."""
+    return _blend(img, _rgb_to_grayscale(img).mean(dim=(1, 2, 3), keepdim=True), factor)
+
+
+def _adjust_saturation(img, factor):
+    """Blend with the grayscale image."""
+    return _blend(img, _rgb_to_grayscale(img), factor)
+
+
+def _rgb_to_hsv(img):
+    """RGB -> HSV, all in [0, 1], as torchvision's (Pillow's) conversion."""
+    r, g, b = img.unbind(dim=1)
+    maxc, minc = img.amax(dim=1), img.amin(dim=1)
+    delta = maxc - minc
+    gray = delta == 0  # hue and saturation are 0 there; replacing the divisors by 1 avoids nan
+    s = delta / torch.where(gray, torch.ones_like(maxc), maxc)
+    delta = torch.where(gray, torch.ones_like(delta), delta)
+    h = torch.where(maxc == r, (g - b) / delta,
+                    torch.where(maxc == g, 2.0 + (b - r) / delta, 4.0 + (r - g) / delta))
+    return torch.fmod(h / 6.0 + 1.0, 1.0), s, maxc
+
+
+def _hsv_to_rgb(h, s, v):
+    """HSV -> RGB [B, 3, H, W], the branch-free form of the sector formula."""
+    k = torch.stack([(n + 6.0 * h) % 6.0 for n in (5.0, 3.0, 1.0)], dim=1)
+    return v.unsqueeze(1) * (1.0 - s.unsqueeze(1) * torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0))
+
+
+def _adjust_hue(img, factor):
+    """Rotate the hue by factor (in turns, [-0.5, 0.5]) in HSV space."""
+    h, s, v = _rgb_to_hsv(img)
+    return _hsv_to_rgb((h + factor.view(-1, 1, 1)) % 1.0, s, v)
+
+
+def _gaussian_blur(img, sigma, kernel_size):
+    """Separable Gaussian blur with a per-sample sigma and reflect padding."""
+    B, C, H, W = img.shape
+    x = torch.arange(kernel_size, device=img.device, dtype=img.dtype) - (kernel_size - 1) / 2
+    kernel = torch.exp(-0.5 * (x / sigma.view(-1, 1)).pow(2))
+    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(C, dim=0)  # [B * C, k]
+    pad = kernel_size // 2
+    # the samples' channels become the groups of one depthwise convolution
+    out = F.pad(img.reshape(1, B * C, H, W), (pad, pad, 0, 0), mode="reflect")
+    out = F.conv2d(out, kernel.view(B * C, 1, 1, kernel_size), groups=B * C)
+    out = F.pad(out, (0, 0, pad, pad), mode="reflect")
+    out = F.conv2d(out, kernel.view(B * C, 1, kernel_size, 1), groups=B * C)
+    return out.view(B, C, H, W)
+
+
+def _solarize(img):
+    """Invert pixels >= 0.5: PIL's solarize(threshold=128) on the image rounded to uint8 (x * 255 >= 127.5)."""
+    return torch.where(img >= 0.5, 1.0 - img, img)
+
+
+def _normalize(img):
+    """ImageNet mean/std normalization, per channel with Python scalars (no host-to-device copy)."""
+    return torch.stack([(img[:, c] - m) / s for c, (m, s) in enumerate(zip(IMAGENET_MEAN, IMAGENET_STD))], dim=1)
+
+
+JITTER_RANGES = ((0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-0.1, 0.1))  # ColorJitter(0.4, 0.4, 0.2, 0.1)
+JITTER_OPS = (_adjust_brightness, _adjust_contrast, _adjust_saturation, _adjust_hue)
+BLUR_SIGMA = (0.1, 2.0)
+BLUR_KERNEL_SIZE = 2 * math.ceil(3 * BLUR_SIGMA[1]) + 1  # 13: +-3 sigma of the widest blur
+
+
+def _color_jitter(img, apply, order, factors):
+    """Where apply, run the four JITTER_OPS in each sample's own order (a permutation of 0..3) with its factors."""
+    for position in range(4):
+        for op_index, op in enumerate(JITTER_OPS):
+            chosen = apply & (order[:, position] == op_index)
+            img = torch.where(_per_sample(chosen), op(img, factors[:, op_index]), img)
+    return img
+
+
+def sample_photometric_params(n, blur_p, solarize_p, device=None):
+    """Draws every random choice of the photometric pipeline for n samples of one view, from the global torch RNG."""
+    def uniform(low, high):
+        return torch.empty(n, device=device).uniform_(low, high)
+
+    return dict(
+        jitter=torch.rand(n, device=device) < 0.8,
+        order=torch.rand(n, 4, device=device).argsort(dim=1),  # a random permutation per sample
+        factors=torch.stack([uniform(low, high) for low, high in JITTER_RANGES], dim=1),
+        grayscale=torch.rand(n, device=device) < 0.2,
+        blur=torch.rand(n, device=device) < blur_p,
+        sigma=uniform(*BLUR_SIGMA),
+        solarize=torch.rand(n, device=device) < solarize_p,
+    )
+
+
+def apply_photometric(img, params):
+    """Color jitter, grayscale, blur, solarize with the sampled params, then normalize: [B, 3, H, W] in [0, 1]."""
+    img = _color_jitter(img, params["jitter"], params["order"], params["factors"])
+    img = torch.where(_per_sample(params["grayscale"]), _rgb_to_grayscale(img).expand_as(img), img)
+    img = torch.where(_per_sample(params["blur"]), _gaussian_blur(img, params["sigma"], BLUR_KERNEL_SIZE), img)
+    img = torch.where(_per_sample(params["solarize"]), _solarize(img), img)
+    return _normalize(img)
+
+
+class MultiCropPhotometry:
+    """The photometric half of DataAugmentationDINO on batches of MultiCropGeometry's uint8 crops, on their device.
+
+    Takes the list of 2 + N uint8 batches [B, 3, h, w] and returns normalized float32 batches of the same shapes.
+    No host synchronization, so on a GPU it runs asynchronously.
+    """
+
+    # (blur p, solarize p) of global view 1, global view 2, and the local views
+    PROBS = ((1.0, 0.0), (0.1, 0.2), (0.5, 0.0))
+
+    def __init__(self, local_crops_number):
+        self.local_crops_number = local_crops_number
+
+    def _augment(self, views, probs):
+        """Augments a group of views sharing the same probabilities as one batch."""
+        img = torch.cat(views).float().div(255)
+        img = apply_photometric(img, sample_photometric_params(len(img), *probs, device=img.device))
+        return list(img.split(len(views[0])))
+
+    def __call__(self, views):
+        assert len(views) == 2 + self.local_crops_number
+        out = self._augment(views[:1], self.PROBS[0]) + self._augment(views[1:2], self.PROBS[1])
+        if self.local_crops_number:
+            out += self._augment(views[2:], self.PROBS[2])
+        return out
+
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+
+
+def load_rgb(path):
+    """Open any PIL-readable image as 8-bit RGB (16-bit and float images are rescaled, not clipped)."""
+    with Image.open(path) as img:
+        img.load()
+        if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+            a = np.asarray(img, dtype=np.float64)
+            scale = 65535.0 if img.mode != "F" and a.max() > 255 else 255.0 if img.mode != "F" else max(a.max(), 1.0)
+            img = Image.fromarray((np.clip(a / scale, 0, 1) * 255).round().astype(np.uint8), "L")
+        return img.convert("RGB")
+
+
+def list_images(root):
+    """All image files under root, recursively, in a fixed order."""
+    return sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Every image under `root`, recursively (an ImageFolder's class folders included, labels ignored).
+
+    An unreadable file is replaced by the next readable one and counted, so one bad
+    JPEG costs a warning rather than a two-day run. Items are (transform(img), n_skipped).
+    """
+
+    def __init__(self, root, transform):
+        if not os.path.isdir(root):
+            raise DinoError(f"--data_path {root} is not a directory; point it at a folder of images")
+        self.files = list_images(root)
+        if not self.files:
+            raise DinoError(f"--data_path {root} holds no images ({', '.join(IMG_EXTENSIONS)}); "
+                            f"point it at a folder of images")
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, index):
+        for skipped in range(len(self.files)):
+            path = self.files[(index + skipped) % len(self.files)]
+            try:
+                img = load_rgb(path)
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+                print(f"warning: skipping unreadable image {path}: {e}", file=sys.stderr)
+                continue
+            return self.transform(img), skipped
+        raise DinoError(f"no image under the data path could be read (last tried: {path})")
+
+
+DEMO_CLASSES = ("stripes_h", "stripes_v", "stripes_d", "checker", "rings", "dots")
+
+
+def demo_image(cls, rng, size=64):
+    """A procedural image whose class is its shape pattern, not its colors."""
+    y, x = np.mgrid[0:size, 0:size].astype(np.float64) / size
+    freq = rng.uniform(3, 7)
+    phase = rng.uniform(0, 2 * np.pi)
+    cx, cy = rng.uniform(0.2, 0.8, size=2)
+    pattern = {
+        "stripes_h": lambda: np.sin(2 * np.pi * freq * y + phase),
+        "stripes_v": lambda: np.sin(2 * np.pi * freq * x + phase),
+        "stripes_d": lambda: np.sin(2 * np.pi * freq * (x + y) / np.sqrt(2) + phase),
+        "checker": lambda: np.sin(2 * np.pi * freq * x + phase) * np.sin(2 * np.pi * freq * y + phase),
+        "rings": lambda: np.sin(2 * np.pi * freq * np.hypot(x - cx, y - cy) + phase),
+        "dots": lambda: np.cos(2 * np.pi * freq * x + phase) + np.cos(2 * np.pi * freq * y + phase) - 1,
+    }[cls]()
+    mask = (pattern > 0)[..., None]
+    fg, bg = rng.uniform(0, 255, size=(2, 3))
+    img = np.where(mask, fg, bg) + rng.normal(0, 12, size=(size, size, 3))
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+
+
+def make_demo_dataset(root, n_train=100, n_val=25, seed=0):
+    """Write the demo ImageFolder (root/train/<class>, root/val/<class>) once; return root."""
+    root = Path(root)
+    done = root / ".complete"
+    if not done.exists():
+        rng = np.random.default_rng(seed)
+        for split, n in (("train", n_train), ("val", n_val)):
+            for cls in DEMO_CLASSES:
+                (root / split / cls).mkdir(parents=True, exist_ok=True)
+                for i in range(n):
+                    demo_image(cls, rng).save(root / split / cls / f"{i:04d}.png")
+        done.touch()
+    return str(root)
+
+
+# -----------------------------------------------------------------------------
+# model glue
+
+ARCHS = {"vit_tiny": vits.vit_tiny, "vit_small": vits.vit_small, "vit_base": vits.vit_base}
+
+
+def build_backbone(arch, patch_size, **kwargs):
+    if arch not in ARCHS:
+        raise DinoError(f"unknown --arch {arch}; choose one of {', '.join(ARCHS)}")
+    return ARCHS[arch](patch_size=patch_size, **kwargs)
+
+
+class MultiCropWrapper(nn.Module):
+    """Backbone once per run of equal-resolution crops, head once on all of them."""
+
+    def __init__(self, backbone, head):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, crops):
+        if not isinstance(crops, (list, tuple)):
+            crops = [crops]
+        features = [self.backbone(torch.cat(list(group)))
+                    for _, group in itertools.groupby(crops, key=lambda c: c.shape[-2:])]
+        return self.head(torch.cat(features))
+
+
+def _guess_arch(state_dict):
+    """'vit_small, patch 16' from a backbone state dict, for error messages."""
+    dims = {192: "vit_tiny", 384: "vit_small", 768: "vit_base"}
+    try:
+        dim = state_dict["cls_token"].shape[-1]
+        patch = state_dict["patch_embed.proj.weight"].shape[-1]
+    except (KeyError, AttributeError, IndexError):
+        return None
+    return f"--arch {dims.get(dim, f'(embed dim {dim})')} --patch_size {patch}"
+
+
+def load_pretrained_weights(model, path, checkpoint_key=None):
+    """Load a published DINO backbone, a plain state dict, or one of our training checkpoints.
+
+    `model` is a VisionTransformer, a DINOHead or a MultiCropWrapper. From a full
+    checkpoint ({'student', 'teacher', ...}) `checkpoint_key` picks the network
+    (default: teacher); `module.` and `backbone.` / `head.` prefixes are stripped
+    as the model needs. Any mismatch raises a one-line DinoError.
+    """
+    state = load_checkpoint_file(path)
+    if isinstance(state, dict) and checkpoint_key is None and "teacher" in state:
+        checkpoint_key = "teacher"
+    if checkpoint_key is not None:
+        if not isinstance(state, dict) or checkpoint_key not in state:
+            keys = ", ".join(k for k in state if isinstance(state[k], dict)) if isinstance(state, dict) else ""
+            raise DinoError(f"{path} has no '{checkpoint_key}' entry (it has: {keys or 'none'}); "
+                            f"pass --checkpoint_key with one of those")
+        state = state[checkpoint_key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise DinoError(f"{path} is not a state dict of tensors; pass --checkpoint_key to pick one")
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    if isinstance(model, vits.VisionTransformer):
+        state = {k.removeprefix("backbone."): v for k, v in state.items() if not k.startswith("head.")}
+    elif isinstance(model, vits.DINOHead):
+        state = {k.removeprefix("head."): v for k, v in state.items() if k.startswith("head.")} or state
+    model_state = model.state_dict()
+    renamed = {k.replace("parametrizations.weight.original0", "weight_g")
+                .replace("parametrizations.weight.original1", "weight_v"): v for k, v in state.items()}
+    missing = sorted(set(model_state) - set(renamed))
+    unexpected = sorted(set(renamed) - set(model_state))
+    wrong_shape = [f"{k} {tuple(renamed[k].shape)} vs {tuple(model_state[k].shape)}"
+                   for k in model_state if k in renamed and renamed[k].shape != model_state[k].shape]
+    if missing or unexpected or wrong_shape:
+        backbone_keys = {k.removeprefix("backbone."): v for k, v in renamed.items()}
+        guess = _guess_arch(backbone_keys)
+        problems = []
+        if wrong_shape:
+            problems.append(f"{len(wrong_shape)} shape mismatches (e.g. {wrong_shape[0]})")
+        if missing:
+            problems.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
+        if unexpected:
+            problems.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
+        hint = f"the checkpoint looks like {guess}: pass that" if guess else "check --arch and --patch_size"
+        raise DinoError(f"{path} does not fit the model: {'; '.join(problems)}; {hint}")
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+# -----------------------------------------------------------------------------
+# loss
+
+class DINOLoss(nn.Module):
+    """Cross-entropy between the sharpened, centered teacher and the student, over all pairs of different views.
+
+    Each crop's log-softmax and each teacher view's softmax is computed once; the
+    sum over pairs (teacher view t, student view s != t) is sum_t q_t . (sum_s log p_s - log p_t).
+    """
+
+    def __init__(self, out_dim, ncrops, warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, nepochs,
+                 student_temp=0.1, center_momentum=0.9):
+        super().__init__()
+        self.student_temp = student_temp
+        self.center_momentum = center_momentum
+        self.ncrops = ncrops
+        self.register_buffer("center", torch.zeros(1, out_dim))
+        self.teacher_temp_schedule = np.concatenate((
+            np.linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs),
+            np.ones(max(nepochs - warmup_teacher_temp_epochs, 0)) * teacher_temp))
+        self.stats = {}  # detached collapse indicators of the last call; read them only when logging
+
+    def forward(self, student_output, teacher_output, epoch):
+        temp = self.teacher_temp_schedule[min(epoch, len(self.teacher_temp_schedule) - 1)]
+        log_p = F.log_softmax(student_output.float() / self.student_temp, dim=-1).unflatten(0, (self.ncrops, -1))
+        log_q = F.log_softmax((teacher_output.float() - self.center) / temp, dim=-1).unflatten(0, (2, -1))
+        q = log_q.exp()
+        batch = q.shape[1]
+        n_pairs = 2 * (self.ncrops - 1)
+        cross = (q * (log_p.sum(0, keepdim=True) - log_p[:2])).sum()
+        loss = -cross / (batch * n_pairs)
+        self._record_stats(loss, q, log_q)
+        self.update_center(teacher_output)
+        return loss
+
+    @torch.no_grad()
+    def _record_stats(self, loss, q, log_q):
+        # The paper's collapse study: loss = h(P_t) + KL(P_t || P_s).
+        teacher_entropy = -(q * log_q).sum(-1).mean()
+        mean_q = q.mean(dim=(0, 1))
+        self.stats = {"teacher_entropy": teacher_entropy, "kl": loss.detach() - teacher_entropy,
+                      "batch_mean_entropy": -(mean_q * mean_q.clamp_min(1e-12).log()).sum()}
+
+    @torch.no_grad()
+    def update_center(self, teacher_output):
+        batch_center = teacher_output.float().sum(dim=0, keepdim=True)
+        count = torch.tensor([float(len(teacher_output))], device=batch_center.device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(batch_center)
+            count = count * dist.get_world_size()
+        self.center.mul_(self.center_momentum).add_(batch_center / count, alpha=1 - self.center_momentum)
+
+
+# -----------------------------------------------------------------------------
+# schedules and optimization
+
+def cosine_scheduler(base_value, final_value, epochs, niter_per_ep, warmup_epochs=0, start_warmup_value=0):
+    """One value per iteration: linear warmup from start_warmup_value, then a half cosine to final_value."""
+    warmup_iters = warmup_epochs * niter_per_ep
+    warmup = np.linspace(start_warmup_value, base_value, warmup_iters)
+    iters = np.arange(epochs * niter_per_ep - warmup_iters)
+    cosine = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * iters / len(iters)))
+    return np.concatenate((warmup, cosine))
+
+
+def get_params_groups(model):
+    """Weight decay on weight matrices only: none on biases, norms, tokens and other 1-D parameters."""
+    regularized, not_regularized = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        (not_regularized if name.endswith(".bias") or param.ndim <= 1 else regularized).append(param)
+    return [{"params": regularized}, {"params": not_regularized, "weight_decay": 0.0}]
+
+
+@torch.no_grad()
+def clip_gradients(params, clip):
+    """Clip each parameter tensor's gradient to norm `clip` (the DINO rule), with no host sync; returns the norms."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(0)
+    norms = torch.stack(torch._foreach_norm(grads))
+    coefs = (clip / (norms + 1e-6)).clamp(max=1.0)
+    torch._foreach_mul_(grads, list(coefs.unbind()))
+    return norms
+
+
+@torch.no_grad()
+def update_teacher(student_params, teacher_params, momentum):
+    """EMA: teacher <- momentum * teacher + (1 - momentum) * student, one fused op for all parameters."""
+    torch._foreach_lerp_(teacher_params, student_params, 1.0 - momentum)
+
+
+# -----------------------------------------------------------------------------
+# distributed
+
+def get_world_size():
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def get_rank():
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def is_main_process():
+    return get_rank() == 0
+
+
+def init_distributed(timeout_minutes=30):
+    """(rank, world_size, device). Joins the process group when launched by torchrun or `launch`."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        return 0, 1, device
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes),
+                                device_id=device if backend == "nccl" else None)
+    return rank, world_size, device
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawned_worker(local_rank, fn, args, world_size):
+    os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world_size))
+    try:
+        fn(args)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def launch(fn, args):
+    """Run fn(args) in one process per visible GPU, or once (under torchrun, or on one GPU / the CPU)."""
+    n_gpus = torch.cuda.device_count()
+    if "RANK" in os.environ or n_gpus <= 1:
+        return fn(args)
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    torch.multiprocessing.spawn(_spawned_worker, args=(fn, args, n_gpus), nprocs=n_gpus)
+
+
+# -----------------------------------------------------------------------------
+# checkpoints
+
+def load_checkpoint_file(path):
+    """torch.load that never runs code from the file and fails with one line naming the file."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise DinoError(f"checkpoint {path} does not exist; check the path")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "weights_only" in str(e) or "Unsupported global" in str(e):
+            raise DinoError(f"refusing to load {path}: it holds Python objects beyond tensors and plain data, "
+                            f"and unpickling them could run code; re-save it as a plain state dict") from None
+        raise DinoError(f"{path} is not a readable checkpoint ({str(e).splitlines()[0]}); "
+                        f"re-download or delete it") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
+        first_line = (str(e).splitlines() or [type(e).__name__])[0]
+        raise DinoError(f"{path} is not a readable checkpoint (truncated or corrupt: {first_line}); "
+                        f"re-download or delete it") from None
+
+
+def save_checkpoint(state, path):
+    """Write to a temporary file, flush to disk, then rename: a crash never leaves a half-written checkpoint."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# -----------------------------------------------------------------------------
+# train
+
+class MultiCropCollate:
+    """Stack the i-th crop of every sample into batch i; on the CPU path also run the photometric augmentation here, in the loader workers."""
+
+    def __init__(self, photometry=None):
+        self.photometry = photometry
+
+    def __call__(self, items):
+        crops = [torch.stack(views) for views in zip(*(views for views, _ in items))]
+        if self.photometry is not None:
+            crops = self.photometry(crops)
+        return crops, sum(skipped for _, skipped in items)
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def prepare_output_dir(path):
+    """Create the output dir and prove it is writable, before any work starts."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write_test{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except FileExistsError:
+        raise DinoError(f"--output_dir {path} is a file, not a directory; pass a directory path") from None
+    except OSError as e:
+        raise DinoError(f"--output_dir {path} is not writable ({e.strerror}); pass a writable directory") from None
+
+
+def build_dino_networks(args):
+    """Student (with drop path) and teacher (a copy without it), each backbone + DINO head."""
+    student = build_backbone(args.arch, args.patch_size, drop_path_rate=args.drop_path_rate)
+    teacher = build_backbone(args.arch, args.patch_size)
+    embed_dim = student.embed_dim
+    student = MultiCropWrapper(student, vits.DINOHead(embed_dim, args.out_dim, args.use_bn_in_head,
+                                                      args.norm_last_layer))
+    teacher = MultiCropWrapper(teacher, vits.DINOHead(embed_dim, args.out_dim, args.use_bn_in_head))
+    teacher.load_state_dict(student.state_dict())
+    teacher.requires_grad_(False)  # the teacher only ever moves by EMA
+    return student, teacher
+
+
+def build_loader(args, photometry, photometry_in_workers, rank, world_size):
+    geometry = MultiCropGeometry(args.global_crops_scale, args.local_crops_scale, args.local_crops_number,
+                                 args.global_crops_size, args.local_crops_size)
+    dataset = ImageDataset(args.data_path, geometry)
+    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
+                                                  seed=args.seed)
+    loader = torch.utils.data.DataLoader(
+        dataset, sampler=sampler, batch_size=args.batch_size_per_gpu, num_workers=args.num_workers,
+        pin_memory=torch.cuda.is_available(), drop_last=True, persistent_workers=args.num_workers > 0,
+        collate_fn=MultiCropCollate(photometry if photometry_in_workers else None))
+    if len(loader) == 0:
+        raise DinoError(f"{len(dataset)} images split over {world_size} process(es) do not fill one batch of "
+                        f"--batch_size_per_gpu {args.batch_size_per_gpu}; lower it or add images")
+    return loader, sampler
+
+
+STRUCTURAL_FLAGS = ("arch", "patch_size", "out_dim", "norm_last_layer", "use_bn_in_head")
+
+
+def restore_training(path, args, student, teacher, optimizer, scaler, dino_loss):
+    """Resume from `path` if it exists; returns the epoch to start at."""
+    if not os.path.exists(path):
+        return 0
+    try:
+        ckpt = load_checkpoint_file(path)
+    except DinoError as e:
+        raise DinoError(f"cannot resume: {e}; to start fresh, move it away or pass another --output_dir") from None
+    old = ckpt.get("args", {})
+    clash = [f"--{k} {old[k]} (now {getattr(args, k)})" for k in STRUCTURAL_FLAGS
+             if k in old and old[k] != getattr(args, k)]
+    if clash:
+        raise DinoError(f"{path} was trained with {', '.join(clash)}; pass the checkpoint's flags, "
+                        f"or another --output_dir to start fresh")
+    changed = [f"{k} {old[k]} -> {v}" for k, v in vars(args).items() if k in old and old[k] != v]
+    if changed and is_main_process():
+        print(f"resuming with changed flags: {', '.join(changed)}")
+    student.load_state_dict(ckpt["student"])
+    teacher.load_state_dict(ckpt["teacher"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    dino_loss.load_state_dict(ckpt["dino_loss"])
+    if scaler is not None and "scaler" in ckpt:
+        scaler.load_state_dict(ckpt["scaler"])
+    if is_main_process():
+        print(f"resumed from {path} at epoch {ckpt['epoch']}")
+    return ckpt["epoch"]
+
+
+def plain_args(args):
+    """argparse Namespace -> dict of plain values, safe for weights_only loading."""
+    return {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, tuple, type(None)))}
+
+
+def autocast_dtype(precision, device):
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else \
+            "fp16" if device.type == "cuda" else "fp32"
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+
+
+def train(args):
+    rank, world_size, device = init_distributed(args.dist_timeout)
+    if is_main_process():
+        prepare_output_dir(args.output_dir)
+    seed_everything(args.seed)  # same initial weights on every rank
+    amp_dtype = autocast_dtype(args.precision, device)
+    photometry = MultiCropPhotometry(args.local_crops_number)
+    loader, sampler = build_loader(args, photometry, device.type != "cuda", rank, world_size)
+
+    student, teacher = build_dino_networks(args)
+    if args.use_bn_in_head and world_size > 1:
+        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
+        teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
+    student, teacher = student.to(device), teacher.to(device)
+    ddp_student = nn.parallel.DistributedDataParallel(student) if world_size > 1 else student
+    optimizer = torch.optim.AdamW(get_params_groups(student), fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
+    ncrops = 2 + args.local_crops_number
+    dino_loss = DINOLoss(args.out_dim, ncrops, args.warmup_teacher_temp, args.teacher_temp,
+                         args.warmup_teacher_temp_epochs, args.epochs).to(device)
+
+    n_iter = len(loader)
+    total_batch = args.batch_size_per_gpu * world_size
+    schedules = {
+        "lr": cosine_scheduler(args.lr * total_batch / 256.0, args.min_lr, args.epochs, n_iter, args.warmup_epochs),
+        "wd": cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, n_iter),
+        "momentum": cosine_scheduler(args.momentum_teacher, 1.0, args.epochs, n_iter),
+    }
+    checkpoint_path = os.path.join(args.output_dir, "checkpoint.pth")
+    start_epoch = restore_training(checkpoint_path, args, student, teacher, optimizer, scaler, dino_loss)
+    step_fn = make_train_step(ddp_student, student, teacher, dino_loss, optimizer, scaler, amp_dtype, args)
+    if is_main_process():
+        print(f"training {args.arch}/{args.patch_size} on {len(loader.dataset)} images, {world_size} process(es) on "
+              f"{device.type}, batch {total_batch}, {n_iter} it/epoch, precision {args.precision}")
+
+    for epoch in range(start_epoch, args.epochs):
+        sampler.set_epoch(epoch)
+        seed_everything(args.seed + 1000 * epoch + rank)  # augmentations and drop path differ per rank, replay on resume
+        stats = train_one_epoch(step_fn, loader, photometry if device.type == "cuda" else None, schedules,
+                                optimizer, dino_loss, epoch, n_iter, args, device)
+        if is_main_process():
+            save_epoch(args, epoch, stats, student, teacher, optimizer, scaler, dino_loss)
+    if world_size > 1:
+        dist.barrier()
+
+
+
+def make_train_step(ddp_student, student, teacher, dino_loss, optimizer, scaler, amp_dtype, args):
+    """One iteration of the paper's Algorithm 1, returning the loss as a device tensor (no host sync)."""
+    student_params, teacher_params = list(student.parameters()), list(teacher.parameters())
+    last_layer_params = list(student.head.last_layer.parameters())
+    if args.compile:
+        ddp_student, teacher = torch.compile(ddp_student), torch.compile(teacher)
+
+    def step(crops, epoch, momentum):
+        device_type = crops[0].device.type
+        with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            with torch.no_grad():
+                teacher_output = teacher(crops[:2])  # the teacher sees only the 2 global views
+            student_output = ddp_student(crops)
+            loss = dino_loss(student_output, teacher_output, epoch)  # also moves the center
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        if args.clip_grad:
+            clip_gradients(student_params, args.clip_grad)
+        if epoch < args.freeze_last_layer:  # a fixed last layer early on keeps training from collapsing
+            for p in last_layer_params:
+                p.grad = None
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        update_teacher(student_params, teacher_params, momentum)
+        return loss.detach()
+
+    return step
+
+
+def stop_if_not_finite(bad_iter, epoch, args):
+    """Check, at log intervals only, whether any loss so far was inf/nan; then stop every rank."""
+    if get_world_size() > 1:
+        dist.all_reduce(bad_iter, op=dist.ReduceOp.MAX)
+    if bad_iter.item() >= 0:
+        raise DinoError(f"loss is not finite at epoch {epoch}, iteration {bad_iter.item()}; nothing was saved since, "
+                        f"{os.path.join(args.output_dir, 'checkpoint.pth')} holds the last good state. Try "
+                        f"--precision fp32, a lower --lr, or a larger --freeze_last_layer")
+
+
+def train_one_epoch(step, loader, photometry, schedules, optimizer, dino_loss, epoch, n_iter, args, device):
+    sums = {}
+    skipped = 0
+    bad_iter = torch.tensor(-1, device=device)
+    start = time.time()
+    for it, (crops, n_skipped) in enumerate(loader):
+        i = epoch * n_iter + it
+        for group in optimizer.param_groups:
+            group["lr"] = schedules["lr"][i]
+        optimizer.param_groups[0]["weight_decay"] = schedules["wd"][i]  # group 0 is the regularized one
+        crops = [c.to(device, non_blocking=True) for c in crops]
+        if photometry is not None:  # GPU path: colour, blur, solarize batched on the device
+            crops = photometry(crops)
+        loss = step(crops, epoch, schedules["momentum"][i])
+
+        bad_iter = torch.where((bad_iter < 0) & ~torch.isfinite(loss), it, bad_iter)
+        for k, v in {"loss": loss, **dino_loss.stats}.items():
+            sums[k] = sums.get(k, 0.0) + v
+        skipped += n_skipped
+        if (it + 1) % args.log_every == 0 or it + 1 == n_iter:
+            stop_if_not_finite(bad_iter, epoch, args)
+            if is_main_process():
+                elapsed = time.time() - start
+                eta = elapsed / (it + 1) * ((args.epochs - epoch) * n_iter - it - 1)
+                print(f"epoch {epoch}/{args.epochs} it {it + 1}/{n_iter} loss {sums['loss'].item() / (it + 1):.4f} "
+                      f"lr {schedules['lr'][i]:.2e} wd {schedules['wd'][i]:.3f} "
+                      f"momentum {schedules['momentum'][i]:.4f} "
+                      f"{(it + 1) * len(crops[0]) * get_world_size() / elapsed:.1f} img/s "
+                      f"eta {datetime.timedelta(seconds=int(eta))}", flush=True)
+    means = torch.stack([sums[k] for k in sums]).float() / n_iter
+    skipped_total = torch.tensor(float(skipped), device=device)
+    if get_world_size() > 1:
+        dist.all_reduce(means)
+        means /= get_world_size()
+        dist.all_reduce(skipped_total)
+    stats = {k: v.item() for k, v in zip(sums, means)}
+    elapsed = time.time() - start
+    stats.update(epoch=epoch, lr=schedules["lr"][i], wd=schedules["wd"][i], momentum=schedules["momentum"][i],
+                 images_per_s=n_iter * len(crops[0]) * get_world_size() / elapsed, epoch_time_s=elapsed,
+                 skipped_images=int(skipped_total.item()))
+    return stats
+
+
+def save_epoch(args, epoch, stats, student, teacher, optimizer, scaler, dino_loss):
+    """Checkpoint (atomically), append one JSON line to log.txt, and warn when the stats show collapse."""
+    state = {"student": student.state_dict(), "teacher": teacher.state_dict(), "optimizer": optimizer.state_dict(),
+             "dino_loss": dino_loss.state_dict(), "epoch": epoch + 1, "args": plain_args(args)}
+    if scaler is not None:
+        state["scaler"] = scaler.state_dict()
+    save_checkpoint(state, os.path.join(args.output_dir, "checkpoint.pth"))
+    if args.saveckp_freq and epoch % args.saveckp_freq == 0:
+        save_checkpoint(state, os.path.join(args.output_dir, f"checkpoint{epoch:04d}.pth"))
+    with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
+        f.write(json.dumps(stats) + "\n")
+    print(f"epoch {epoch} done: loss {stats['loss']:.4f}, teacher entropy {stats['teacher_entropy']:.3f}, "
+          f"KL {stats['kl']:.3f}, batch-mean entropy {stats['batch_mean_entropy']:.3f} "
+          f"(max {math.log(args.out_dim):.3f}), {stats['skipped_images']} unreadable images skipped", flush=True)
+    if stats["kl"] < 1e-3 or abs(stats["loss"] - math.log(args.out_dim)) < 1e-3 * math.log(args.out_dim):
+        print(f"warning: the outputs look collapsed (KL(teacher||student) {stats['kl']:.2e}, loss {stats['loss']:.3f} "
+              f"vs ln(out_dim) {math.log(args.out_dim):.3f}); try a lower --teacher_temp, a higher "
+              f"--momentum_teacher (e.g. 0.9995 with small batches), or a larger batch", flush=True)
+
+
+# -----------------------------------------------------------------------------
+# CLI
+
+# The paper's ImageNet ViT-S/16 run (100 epochs), used with --data_path.
+RECIPE = dict(arch="vit_small", patch_size=16, out_dim=65536, epochs=100, batch_size_per_gpu=64, lr=0.0005,
+              warmup_epochs=10, min_lr=1e-6, momentum_teacher=0.996, teacher_temp=0.04, warmup_teacher_temp=0.04,
+              warmup_teacher_temp_epochs=0, global_crops_size=224, local_crops_size=96, local_crops_number=8,
+              global_crops_scale=(0.4, 1.0), local_crops_scale=(0.05, 0.4), num_workers=10, saveckp_freq=20)
+# Without --data_path: the built-in demo dataset, sized to finish in minutes on a laptop CPU.
+DEMO = dict(RECIPE, arch="vit_tiny", patch_size=8, out_dim=1024, epochs=10, batch_size_per_gpu=32, lr=0.002,
+            warmup_epochs=1, momentum_teacher=0.99, global_crops_size=32, local_crops_size=16, local_crops_number=4,
+            local_crops_scale=(0.1, 0.4), num_workers=2, saveckp_freq=5)
+
+
+def bool_flag(s):
+    if s.lower() in ("1", "true", "on", "yes"):
+        return True
+    if s.lower() in ("0", "false", "off", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {s}")
+
+
+def add_train_args(p):
+    p.add_argument("--data_path", default=None, help="folder of images (ImageFolder or flat, recursive); "
+                                                     "omit for the built-in demo dataset")
+    p.add_argument("--output_dir", default="output", help="checkpoints and log.txt; resumes from checkpoint.pth here")
+    p.add_argument("--arch", default=None, choices=list(ARCHS))
+    p.add_argument("--patch_size", type=int, default=None)
+    p.add_argument("--out_dim", type=int, default=None, help="dimension of the DINO head output")
+    p.add_argument("--norm_last_layer", type=bool_flag, default=True, help="weight-normalize the head's last "
+                   "layer with g fixed at 1 (more stable); false can train better for small models")
+    p.add_argument("--use_bn_in_head", type=bool_flag, default=False)
+    p.add_argument("--momentum_teacher", type=float, default=None, help="base EMA momentum, cosine to 1")
+    p.add_argument("--warmup_teacher_temp", type=float, default=None)
+    p.add_argument("--teacher_temp", type=float, default=None)
+    p.add_argument("--warmup_teacher_temp_epochs", type=int, default=None)
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="auto: bf16 autocast on GPUs that support it, fp16 on older GPUs, fp32 on the CPU")
+    p.add_argument("--weight_decay", type=float, default=0.04)
+    p.add_argument("--weight_decay_end", type=float, default=0.4)
+    p.add_argument("--clip_grad", type=float, default=3.0, help="max gradient norm per parameter tensor; 0 disables")
+    p.add_argument("--batch_size_per_gpu", type=int, default=None)
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--freeze_last_layer", type=int, default=1, help="epochs during which the head's last layer is fixed")
+    p.add_argument("--lr", type=float, default=None, help="peak lr for a total batch of 256, scaled linearly")
+    p.add_argument("--warmup_epochs", type=int, default=None)
+    p.add_argument("--min_lr", type=float, default=None)
+    p.add_argument("--drop_path_rate", type=float, default=0.1, help="stochastic depth of the student")
+    p.add_argument("--global_crops_scale", type=float, nargs=2, default=None)
+    p.add_argument("--local_crops_number", type=int, default=None)
+    p.add_argument("--local_crops_scale", type=float, nargs=2, default=None)
+    p.add_argument("--global_crops_size", type=int, default=None)
+    p.add_argument("--local_crops_size", type=int, default=None)
+    p.add_argument("--saveckp_freq", type=int, default=None, help="also keep checkpointNNNN.pth every this many epochs")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num_workers", type=int, default=None, help="data loader processes per GPU")
+    p.add_argument("--log_every", type=int, default=10, help="iterations between progress lines")
+    p.add_argument("--compile", action="store_true", help="torch.compile the student and teacher")
+    p.add_argument("--dist_timeout", type=float, default=30, help="minutes a collective may wait for a lost process")
+
+
+def resolve_train_args(args):
+    """Fill every flag left unset from the recipe, or from the demo configuration when there is no --data_path."""
+    defaults = RECIPE if args.data_path else DEMO
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, list(v) if isinstance(v, tuple) else v)
+    if args.data_path is None:
+        args.data_path = os.path.join(make_demo_dataset(os.path.join(args.output_dir, "demo_data")), "train")
+        print(f"no --data_path: using the demo dataset in {args.data_path} and the demo configuration "
+              f"({args.arch}/{args.patch_size}, crops {args.global_crops_size}/{args.local_crops_size}, "
+              f"out_dim {args.out_dim}, {args.epochs} epochs)")
+    else:
+        print(f"using the paper's recipe defaults for unset flags ({args.arch}/{args.patch_size}, "
+              f"{args.epochs} epochs, out_dim {args.out_dim})")
+    return args
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description="DINO: self-supervised ViT training and evaluation")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_train_args(sub.add_parser("train", help="self-supervised pre-training"))
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "train":
+            launch(train, resolve_train_args(args))
+    except DinoError as e:
+        if is_main_process():
+            print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -779,6 +779,7 @@ def train(args):
             save_epoch(args, epoch, stats, student, teacher, optimizer, scaler, dino_loss)
     if world_size > 1:
         dist.barrier()
+    return student, teacher, dino_loss
 
 
 

@@ -230,3 +230,291 @@ def test_load_pretrained_weights_wrong_arch_is_one_line(tmp_path):
     assert "\n" not in msg and "--arch vit_tiny --patch_size 16" in msg and "shape mismatch" in msg
     with pytest.raises(DinoError, match="no 'nope' entry"):
         dino.load_pretrained_weights(vits.vit_tiny(patch_size=16), files["full"], "nope")
+
+
+# -----------------------------------------------------------------------------
+# multi-crop augmentation
+
+LOW = torch.tensor([(0 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]).view(3, 1, 1)
+HIGH = torch.tensor([(1 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]).view(3, 1, 1)
+TV_JITTER = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+
+
+def natural_image(w=48, h=40, mode="RGB"):
+    """Smooth gradients plus a sine pattern, so crops, flips and blurs all change it."""
+    y, x = np.mgrid[0:h, 0:w]
+    rgb = np.stack([255 * x / w, 255 * y / h, 128 + 100 * np.sin(x / 3.0 + y / 5.0)], axis=-1)
+    return Image.fromarray(rgb.astype(np.uint8)).convert(mode)
+
+
+def images(n=6, h=40, w=48, seed=0):
+    """uint8-valued float batch in [0, 1] with some exactly gray pixels (the hue edge case)."""
+    g = torch.Generator().manual_seed(seed)
+    img = torch.randint(0, 256, (n, 3, h, w), generator=g).float() / 255
+    img[:, :, :5] = img[:, :1, :5]
+    return img
+
+
+def factors(n, low, high, seed=1):
+    return torch.empty(n).uniform_(low, high, generator=torch.Generator().manual_seed(seed))
+
+
+def per_sample(fn, img, *args):
+    """torchvision reference: fn applied to each sample with its own scalar args."""
+    return torch.stack([fn(img[i], *[a[i].item() for a in args]) for i in range(len(img))])
+
+
+def in_normalized_range(t):
+    return bool(((t >= LOW - 1e-5) & (t <= HIGH + 1e-5)).all())
+
+
+def test_data_augmentation_dino():
+    aug = DataAugmentationDINO((0.4, 1.0), (0.05, 0.4), 3, global_crops_size=32, local_crops_size=16)
+    crops = aug(natural_image())
+    assert [tuple(c.shape) for c in crops] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 3
+    assert all(c.dtype == torch.float32 and in_normalized_range(c) for c in crops)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA"])
+def test_multi_crop_geometry(mode):
+    geometry = MultiCropGeometry((0.4, 1.0), (0.05, 0.4), 4, global_crops_size=32, local_crops_size=16)
+    crops = geometry(natural_image(mode=mode).convert("RGB"))
+    assert [tuple(c.shape) for c in crops] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 4
+    assert all(c.dtype == torch.uint8 for c in crops)
+
+
+def test_geometry_equals_torchvision_crop_and_flip():
+    img = natural_image()
+    torch.manual_seed(0)
+    crops = MultiCropGeometry((0.4, 1.0), (0.05, 0.4), 2, global_crops_size=32, local_crops_size=16)(img)
+    torch.manual_seed(0)
+    for crop, size, scale in zip(crops, [32, 32, 16, 16], [(0.4, 1.0)] * 2 + [(0.05, 0.4)] * 2):
+        i, j, h, w = T.RandomResizedCrop.get_params(img, scale, ratio=(3 / 4, 4 / 3))
+        ref = TF.resized_crop(img, i, j, h, w, [size, size], TF.InterpolationMode.BICUBIC)
+        if torch.rand(1) < 0.5:
+            ref = TF.hflip(ref)
+        assert torch.equal(crop, TF.pil_to_tensor(ref))
+
+
+@pytest.mark.parametrize("op, tv_op, low, high", [
+    (_adjust_brightness, TF.adjust_brightness, 0.0, 2.0),
+    (_adjust_contrast, TF.adjust_contrast, 0.0, 2.0),
+    (_adjust_saturation, TF.adjust_saturation, 0.0, 2.0),
+    (_adjust_hue, TF.adjust_hue, -0.5, 0.5),
+])
+def test_jitter_ops_match_torchvision(op, tv_op, low, high):
+    img, f = images(), factors(6, low, high)
+    torch.testing.assert_close(op(img, f), per_sample(tv_op, img, f), atol=1e-5, rtol=0)
+
+
+def test_grayscale_solarize_normalize_match_torchvision():
+    img = images()
+    torch.testing.assert_close(_rgb_to_grayscale(img), TF.rgb_to_grayscale(img), atol=1e-6, rtol=0)
+    torch.testing.assert_close(_solarize(img), TF.solarize(img, 0.5), atol=0, rtol=0)
+    torch.testing.assert_close(_normalize(img), TF.normalize(img, IMAGENET_MEAN, IMAGENET_STD), atol=1e-6, rtol=0)
+
+
+def test_solarize_threshold_equals_pil_128():
+    img = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16).expand(1, 3, 16, 16)
+    ref = TF.pil_to_tensor(TF.solarize(TF.to_pil_image(img[0]), 128))
+    assert torch.equal((_solarize(img.float() / 255) * 255).round().to(torch.uint8)[0], ref)
+
+
+def test_blur_matches_torchvision():
+    img, sigma = images(), factors(6, 0.1, 2.0)
+    ref = torch.stack([TF.gaussian_blur(img[i], [BLUR_KERNEL_SIZE] * 2, [s.item()] * 2) for i, s in enumerate(sigma)])
+    torch.testing.assert_close(_gaussian_blur(img, sigma, BLUR_KERNEL_SIZE), ref, atol=1e-5, rtol=0)
+
+
+def test_jitter_order_varies_and_matches_sequential_torchvision():
+    torch.manual_seed(0)
+    img = images(n=16)
+    params = sample_photometric_params(16, blur_p=0.0, solarize_p=0.0)
+    params["jitter"][:], params["grayscale"][:] = True, False
+    orders = params["order"]
+    assert len({tuple(o.tolist()) for o in orders}) > 8
+    assert all(sorted(o.tolist()) == [0, 1, 2, 3] for o in orders)
+    ref = img.clone()
+    for i in range(16):
+        for op_index in orders[i].tolist():
+            ref[i] = TV_JITTER[op_index](ref[i], params["factors"][i, op_index].item())
+    torch.testing.assert_close(apply_photometric(img, params), TF.normalize(ref, IMAGENET_MEAN, IMAGENET_STD),
+                               atol=1e-4, rtol=0)
+
+
+def test_apply_photometric_matches_torchvision_pipeline():
+    torch.manual_seed(1)
+    img = images(n=32)
+    params = sample_photometric_params(32, blur_p=0.5, solarize_p=0.5)
+    ref = []
+    for i, x in enumerate(img):
+        p = {k: v[i] for k, v in params.items()}
+        if p["jitter"]:
+            for op_index in p["order"].tolist():
+                x = TV_JITTER[op_index](x, p["factors"][op_index].item())
+        if p["grayscale"]:
+            x = TF.rgb_to_grayscale(x, num_output_channels=3)
+        if p["blur"]:
+            x = TF.gaussian_blur(x, [BLUR_KERNEL_SIZE] * 2, [p["sigma"].item()] * 2)
+        if p["solarize"]:
+            x = TF.solarize(x, 0.5)
+        ref.append(TF.normalize(x, IMAGENET_MEAN, IMAGENET_STD))
+    torch.testing.assert_close(apply_photometric(img, params), torch.stack(ref), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("view, blur_p, solarize_p", [(0, 1.0, 0.0), (1, 0.1, 0.2), (2, 0.5, 0.0)])
+def test_application_frequencies(view, blur_p, solarize_p):
+    torch.manual_seed(view)
+    n = 4000
+    params = sample_photometric_params(n, *MultiCropPhotometry.PROBS[view])
+    for key, p in [("jitter", 0.8), ("grayscale", 0.2), ("blur", blur_p), ("solarize", solarize_p)]:
+        rate, stderr = params[key].float().mean().item(), max((p * (1 - p) / n) ** 0.5, 1e-9)
+        assert abs(rate - p) <= 4 * stderr, (key, rate, p)
+    sigma = params["sigma"]
+    assert 0.1 <= sigma.min() and sigma.max() <= 2.0 and abs(sigma.mean().item() - 1.05) < 0.03
+    for j, (low, high) in enumerate([(0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-0.1, 0.1)]):
+        f = params["factors"][:, j]
+        assert low <= f.min() and f.max() <= high and abs(f.mean().item() - (low + high) / 2) < 0.05 * (high - low)
+    first_ops = params["order"][:, 0]
+    assert all(abs((first_ops == k).float().mean().item() - 0.25) < 4 * (0.1875 / n) ** 0.5 for k in range(4))
+
+
+def test_photometry_call_shapes_range_and_sampling():
+    geometry = MultiCropGeometry((0.4, 1.0), (0.05, 0.4), 3, global_crops_size=32, local_crops_size=16)
+    batch = [torch.stack(v) for v in zip(*[geometry(natural_image()) for _ in range(4)])]
+    photometry = MultiCropPhotometry(3)
+    torch.manual_seed(0)
+    out = photometry(batch)
+    assert [o.shape for o in out] == [b.shape for b in batch]
+    assert all(o.dtype == torch.float32 and in_normalized_range(o) for o in out)
+    # __call__ draws view 1, view 2, then all locals as one group, with PROBS
+    torch.manual_seed(0)
+    probs = MultiCropPhotometry.PROBS
+    ref = [apply_photometric(b.float() / 255, sample_photometric_params(4, *probs[k])) for k, b in enumerate(batch[:2])]
+    locals_ = torch.cat(batch[2:]).float() / 255
+    ref += apply_photometric(locals_, sample_photometric_params(12, *probs[2])).split(4)
+    for o, r in zip(out, ref):
+        torch.testing.assert_close(o, r, atol=0, rtol=0)
+
+
+def test_photometry_has_no_host_sync():
+    # meta tensors have no data: any .item(), .cpu() or data-dependent branch would raise
+    views = [torch.empty(2, 3, 32, 32, dtype=torch.uint8, device="meta")] * 2
+    views += [torch.empty(2, 3, 16, 16, dtype=torch.uint8, device="meta")] * 2
+    out = MultiCropPhotometry(2)(views)
+    assert [(o.shape, o.dtype, o.device.type) for o in out] == [(v.shape, torch.float32, "meta") for v in views]
+
+
+# -----------------------------------------------------------------------------
+# loss, schedules, optimization
+
+def reference_dino_loss(student_out, teacher_out, center, ncrops, student_temp, teacher_temp):
+    """The DINO loss pair by pair, as in the paper's Algorithm 1."""
+    s = student_out.chunk(ncrops)
+    t = torch.softmax((teacher_out - center) / teacher_temp, dim=-1).chunk(2)
+    total, n = 0.0, 0
+    for iq, q in enumerate(t):
+        for v in range(ncrops):
+            if v == iq:
+                continue
+            total += torch.sum(-q * torch.log_softmax(s[v] / student_temp, dim=-1), dim=-1).mean()
+            n += 1
+    return total / n
+
+
+def test_dino_loss_equals_pairwise_reference_with_center_and_temperature_schedule():
+    torch.manual_seed(0)
+    ncrops, batch, K = 5, 3, 11
+    loss_fn = dino.DINOLoss(K, ncrops, warmup_teacher_temp=0.04, teacher_temp=0.07, warmup_teacher_temp_epochs=4,
+                            nepochs=10, student_temp=0.1, center_momentum=0.9)
+    temps = {0: 0.04, 2: 0.06, 3: 0.07, 9: 0.07}  # linspace(0.04, 0.07, 4), then constant
+    center = torch.zeros(1, K)
+    for epoch, temp in temps.items():
+        student = torch.randn(ncrops * batch, K, requires_grad=True)
+        teacher = torch.randn(2 * batch, K)
+        loss = loss_fn(student, teacher, epoch)
+        ref = reference_dino_loss(student, teacher, center, ncrops, 0.1, temp)
+        torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(torch.autograd.grad(loss, student)[0], torch.autograd.grad(ref, student)[0],
+                                   atol=1e-6, rtol=1e-4)
+        center = 0.9 * center + 0.1 * teacher.mean(dim=0, keepdim=True)
+        torch.testing.assert_close(loss_fn.center, center)
+    # collapse indicators: loss = teacher entropy + KL
+    q = torch.softmax((teacher - loss_fn.center) / 0.07, dim=-1)
+    stats = loss_fn.stats
+    torch.testing.assert_close(stats["teacher_entropy"] + stats["kl"], loss.detach())
+
+
+def test_dino_loss_collapse_indicators_on_collapsed_outputs():
+    loss_fn = dino.DINOLoss(8, 4, 0.04, 0.04, 0, 1)
+    same = torch.zeros(4 * 2, 8)  # every output identical and uniform: a collapsed network
+    loss = loss_fn(same, same[:4], 0)
+    assert abs(loss.item() - math.log(8)) < 1e-5
+    assert abs(loss_fn.stats["kl"].item()) < 1e-5
+    assert abs(loss_fn.stats["batch_mean_entropy"].item() - math.log(8)) < 1e-5
+
+
+def test_cosine_scheduler_values():
+    s = dino.cosine_scheduler(1.0, 0.0, epochs=10, niter_per_ep=2, warmup_epochs=2, start_warmup_value=0.0)
+    assert len(s) == 20
+    assert s[0] == 0.0 and s[3] == pytest.approx(1.0) and s[1] == pytest.approx(1 / 3)  # linear warmup over 4 iters
+    assert s[4] == pytest.approx(1.0)  # cosine starts at the base value
+    assert s[4 + 8] == pytest.approx(0.5)  # halfway through the 16 cosine iterations
+    assert s[19] == pytest.approx(0.5 * (1 + math.cos(math.pi * 15 / 16)))
+    assert np.all(np.diff(s[4:]) < 0)
+
+
+def test_teacher_ema_update_matches_per_parameter_formula():
+    torch.manual_seed(0)
+    student, teacher = vits.DINOHead(8, 16, hidden_dim=12, bottleneck_dim=4), vits.DINOHead(8, 16, hidden_dim=12,
+                                                                                          bottleneck_dim=4)
+    before = [p.detach().clone() for p in teacher.parameters()]
+    dino.update_teacher(list(student.parameters()), list(teacher.parameters()), 0.996)
+    for t, t0, s in zip(teacher.parameters(), before, student.parameters()):
+        torch.testing.assert_close(t, 0.996 * t0 + (1 - 0.996) * s, atol=1e-7, rtol=1e-6)
+
+
+def test_clip_gradients_matches_per_parameter_loop():
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(n)) for n in (3, 50, 7)]
+    for p, scale in zip(params, (0.01, 10.0, 1.0)):
+        p.grad = torch.randn_like(p) * scale
+    expected = []
+    for p in params:  # the published rule, one tensor at a time
+        norm = p.grad.norm(2)
+        coef = 3.0 / (norm + 1e-6)
+        expected.append(p.grad * coef if coef < 1 else p.grad.clone())
+    norms = dino.clip_gradients(params, 3.0)
+    assert norms.shape == (3,)
+    for p, e in zip(params, expected):
+        torch.testing.assert_close(p.grad, e)
+    assert params[1].grad.norm() == pytest.approx(3.0, rel=1e-5)
+
+
+def test_params_groups_exclude_biases_and_1d_from_weight_decay():
+    model = dino.MultiCropWrapper(vits.VisionTransformer(embed_dim=16, depth=1, num_heads=2, qkv_bias=True),
+                                   vits.DINOHead(16, 8))
+    regularized, not_regularized = dino.get_params_groups(model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert not_regularized["weight_decay"] == 0.0
+    assert all(p.ndim > 1 and not names[id(p)].endswith(".bias") for p in regularized["params"])
+    no_wd = {names[id(p)] for p in not_regularized["params"]}
+    assert {"backbone.cls_token", "backbone.pos_embed"}.isdisjoint(no_wd)  # 3-D tokens are regularized, as published
+    assert {"backbone.norm.weight", "backbone.blocks.0.attn.qkv.bias", "head.mlp.0.bias"} <= no_wd
+    assert "head.last_layer.weight_g" not in no_wd  # frozen: in no group
+
+
+def test_multicrop_wrapper_runs_backbone_once_per_resolution():
+    torch.manual_seed(0)
+    backbone = vits.vit_tiny(patch_size=16).eval()
+    head = vits.DINOHead(192, 10)
+    wrapper = dino.MultiCropWrapper(backbone, head)
+    calls = []
+    backbone.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    crops = [torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)] + [torch.randn(2, 3, 16, 16) for _ in range(3)]
+    with torch.no_grad():
+        out = wrapper(crops)
+        calls_batched = list(calls)
+        per_crop = torch.cat([head(backbone(c)) for c in crops])
+    assert calls_batched == [4, 6]
+    torch.testing.assert_close(out, per_crop, atol=1e-5, rtol=1e-4)

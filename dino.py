@@ -758,11 +758,12 @@ def train(args):
 
     n_iter = len(loader)
     total_batch = args.batch_size_per_gpu * world_size
-    schedules = {
+    schedules = {  # plain floats (not numpy) so the optimizer state stays loadable with weights_only
         "lr": cosine_scheduler(args.lr * total_batch / 256.0, args.min_lr, args.epochs, n_iter, args.warmup_epochs),
         "wd": cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, n_iter),
         "momentum": cosine_scheduler(args.momentum_teacher, 1.0, args.epochs, n_iter),
     }
+    schedules = {k: v.tolist() for k, v in schedules.items()}
     checkpoint_path = os.path.join(args.output_dir, "checkpoint.pth")
     start_epoch = restore_training(checkpoint_path, args, student, teacher, optimizer, scaler, dino_loss)
     step_fn = make_train_step(ddp_student, student, teacher, dino_loss, optimizer, scaler, amp_dtype, args)

@@ -518,3 +518,111 @@ def test_multicrop_wrapper_runs_backbone_once_per_resolution():
         per_crop = torch.cat([head(backbone(c)) for c in crops])
     assert calls_batched == [4, 6]
     torch.testing.assert_close(out, per_crop, atol=1e-5, rtol=1e-4)
+
+
+# -----------------------------------------------------------------------------
+# training
+
+def tiny_folder(root, n=8, size=40, classes=2):
+    """An ImageFolder of small procedural images."""
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        cls = dino.DEMO_CLASSES[i % classes]
+        os.makedirs(root / cls, exist_ok=True)
+        dino.demo_image(cls, rng, size).save(root / cls / f"{i}.png")
+    return root
+
+
+def train_argv(data, out, *extra):
+    return ["train", "--data_path", str(data), "--output_dir", str(out), "--arch", "vit_tiny", "--patch_size", "16",
+            "--out_dim", "32", "--epochs", "2", "--batch_size_per_gpu", "4", "--global_crops_size", "32",
+            "--local_crops_size", "16", "--local_crops_number", "2", "--num_workers", "0", "--warmup_epochs", "1",
+            "--log_every", "1", *extra]
+
+
+def run_cli(argv, cwd=HERE, timeout=240):
+    """The CLI as a user runs it: a separate process; returns (exit code, stdout, stderr)."""
+    p = subprocess.run([sys.executable, os.path.join(HERE, "dino.py"), *argv], cwd=cwd, capture_output=True,
+                       text=True, timeout=timeout)
+    return p.returncode, p.stdout, p.stderr
+
+
+def read_log(out):
+    with open(out / "log.txt") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_short_training_run_writes_checkpoint_and_json_log(tmp_path, capsys):
+    data = tiny_folder(tmp_path / "data")
+    dino.main(train_argv(data, tmp_path / "out", "--saveckp_freq", "1"))
+    log = read_log(tmp_path / "out")
+    assert [entry["epoch"] for entry in log] == [0, 1]
+    for entry in log:
+        assert math.isfinite(entry["loss"]) and entry["skipped_images"] == 0
+        assert {"teacher_entropy", "kl", "batch_mean_entropy", "lr", "wd", "momentum", "images_per_s"} <= set(entry)
+        assert entry["loss"] == pytest.approx(entry["teacher_entropy"] + entry["kl"], rel=1e-4)
+    ckpt = torch.load(tmp_path / "out" / "checkpoint.pth", weights_only=True)
+    assert ckpt["epoch"] == 2 and ckpt["args"]["arch"] == "vit_tiny"
+    assert {"student", "teacher", "optimizer", "dino_loss"} <= set(ckpt)
+    assert (tmp_path / "out" / "checkpoint0000.pth").exists() and (tmp_path / "out" / "checkpoint0001.pth").exists()
+    assert not list((tmp_path / "out").glob("*.tmp*"))
+    printed = capsys.readouterr().out
+    assert "it 2/2 loss" in printed and "img/s" in printed and "eta" in printed
+
+
+def test_resume_is_bit_exact(tmp_path):
+    data = tiny_folder(tmp_path / "data")
+    dino.main(train_argv(data, tmp_path / "straight", "--saveckp_freq", "1"))
+    # An interrupted run: only the state after epoch 0 exists; rerunning the same command finishes it.
+    os.makedirs(tmp_path / "resumed")
+    os.replace(tmp_path / "straight" / "checkpoint0000.pth", tmp_path / "resumed" / "checkpoint.pth")
+    dino.main(train_argv(data, tmp_path / "resumed", "--saveckp_freq", "1"))
+    a = torch.load(tmp_path / "straight" / "checkpoint.pth", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "checkpoint.pth", weights_only=True)
+    for net in ("teacher", "student"):
+        for k in a[net]:
+            assert torch.equal(a[net][k], b[net][k]), f"{net} {k}"
+    assert torch.equal(a["dino_loss"]["center"], b["dino_loss"]["center"])
+    assert read_log(tmp_path / "straight")[1]["loss"] == read_log(tmp_path / "resumed")[0]["loss"]
+
+
+def test_teacher_starts_as_student_copy_and_gets_no_gradients():
+    args = dino.build_parser().parse_args(train_argv("x", "y"))
+    args.drop_path_rate = 0.1
+    args = dino.resolve_train_args.__wrapped__(args) if hasattr(dino.resolve_train_args, "__wrapped__") else args
+    student, teacher = dino.build_dino_networks(args)
+    for (n, s), t in zip(student.state_dict().items(), teacher.state_dict().values()):
+        assert torch.equal(s, t), n
+    assert not any(p.requires_grad for p in teacher.parameters())
+    assert student.backbone.blocks[-1].drop_path.drop_prob == pytest.approx(0.1)
+    assert all(b.drop_path.drop_prob == 0 for b in teacher.backbone.blocks)
+
+
+def _two_rank_worker(rank, data, out, port, results):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    args = dino.resolve_train_args(dino.build_parser().parse_args(train_argv(data, out, "--epochs", "1")))
+    student, teacher, loss = dino.train(args)
+    # the center must equal the EMA of the all-process batch means: check one update by hand
+    center = loss.center.clone()
+    teacher_out = torch.randn(3, 32) + rank
+    loss.update_center(teacher_out)
+    all_means = (torch.randn(0).new_tensor(0.0) + torch.cat([torch.randn(3, 32) * 0 + r for r in (0, 1)]))
+    results[rank] = {"teacher": {k: v.clone() for k, v in teacher.state_dict().items()}, "center_before": center,
+                     "center_after": loss.center.clone(), "teacher_out": teacher_out}
+    torch.distributed.destroy_process_group()
+
+
+def test_two_processes_train_together(tmp_path):
+    data = tiny_folder(tmp_path / "data", n=16)
+    results = torch.multiprocessing.Manager().dict()
+    torch.multiprocessing.spawn(_two_rank_worker, args=(data, tmp_path / "out", dino._free_port(), results), nprocs=2)
+    r0, r1 = results[0], results[1]
+    for k in r0["teacher"]:
+        assert torch.equal(r0["teacher"][k], r1["teacher"][k]), k
+    assert torch.equal(r0["center_before"], r1["center_before"])
+    mean = torch.cat([r0["teacher_out"], r1["teacher_out"]]).mean(0, keepdim=True)
+    torch.testing.assert_close(r0["center_after"], 0.9 * r0["center_before"] + 0.1 * mean)
+    torch.testing.assert_close(r1["center_after"], r0["center_after"])
+    assert read_log(tmp_path / "out")[0]["epoch"] == 0

@@ -626,3 +626,65 @@ def test_two_processes_train_together(tmp_path):
     torch.testing.assert_close(r0["center_after"], 0.9 * r0["center_before"] + 0.1 * mean)
     torch.testing.assert_close(r1["center_after"], r0["center_after"])
     assert read_log(tmp_path / "out")[0]["epoch"] == 0
+
+
+def main_error(argv, capsys):
+    """Run the CLI in-process; it must exit with status 2 and a one-line 'error: ...' message."""
+    with pytest.raises(SystemExit) as e:
+        dino.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def test_bad_data_paths_and_output_dirs(tmp_path, capsys):
+    assert "is not a directory" in main_error(train_argv(tmp_path / "missing", tmp_path / "out"), capsys)
+    os.makedirs(tmp_path / "empty" / "cls")
+    (tmp_path / "empty" / "notes.txt").write_text("no images here")
+    assert "holds no images" in main_error(train_argv(tmp_path / "empty", tmp_path / "out"), capsys)
+    data = tiny_folder(tmp_path / "data", n=4)
+    (tmp_path / "a_file").write_text("")
+    assert "is a file" in main_error(train_argv(data, tmp_path / "a_file"), capsys)
+    assert "not writable" in main_error(train_argv(data, tmp_path / "a_file" / "sub"), capsys)
+    assert "do not fill one batch" in main_error(train_argv(data, tmp_path / "out", "--batch_size_per_gpu", "5"),
+                                                 capsys)
+    assert not (tmp_path / "out" / "checkpoint.pth").exists()
+
+
+def test_cli_error_is_one_line_with_exit_code(tmp_path):
+    code, out, err = run_cli(train_argv(tmp_path / "missing", tmp_path / "out"))
+    assert code == 2 and err.strip().count("\n") == 0 and "error: --data_path" in err and "Traceback" not in err
+
+
+def test_corrupt_and_odd_images_are_handled(tmp_path, capsys):
+    data = tiny_folder(tmp_path / "data", n=7)
+    (data / "dots").mkdir(exist_ok=True)
+    good = (data / "stripes_h" / "0.png").read_bytes()
+    (data / "dots" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0" + os.urandom(200))  # a JPEG header, then noise
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 30), dtype=np.uint8), "L").save(data / "gray.png")
+    Image.fromarray(np.full((20, 20), 40000, dtype=np.uint16)).save(data / "sixteen.png")
+    Image.new("P", (33, 41), 3).save(data / "palette.gif")
+    Image.new("RGBA", (50, 30), (255, 0, 0, 128)).save(data / "rgba.png")
+    dino.main(train_argv(data, tmp_path / "out", "--epochs", "1", "--batch_size_per_gpu", "2"))
+    log = read_log(tmp_path / "out")
+    assert log[0]["skipped_images"] >= 1 and math.isfinite(log[0]["loss"])
+    assert "skipping unreadable image" in capsys.readouterr().err
+    assert dino.load_rgb(data / "sixteen.png").getpixel((0, 0)) == (156, 156, 156)  # 40000 / 65535 * 255, not clipped
+    assert good  # the good files were left alone
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys, monkeypatch):
+    data = tiny_folder(tmp_path / "data")
+    forward = dino.DINOLoss.forward
+
+    def nan_in_epoch_1(self, student_output, teacher_output, epoch):
+        loss = forward(self, student_output, teacher_output, epoch)
+        return loss * float("nan") if epoch == 1 else loss
+
+    monkeypatch.setattr(dino.DINOLoss, "forward", nan_in_epoch_1)
+    err = main_error(train_argv(data, tmp_path / "out"), capsys)
+    assert "loss is not finite at epoch 1, iteration 0" in err and "--precision fp32" in err
+    ckpt = dino.load_checkpoint_file(tmp_path / "out" / "checkpoint.pth")
+    assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["teacher"].values())
+    assert len(read_log(tmp_path / "out")) == 1

@@ -750,7 +750,7 @@ def train(args):
         teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
     student, teacher = student.to(device), teacher.to(device)
     ddp_student = nn.parallel.DistributedDataParallel(student) if world_size > 1 else student
-    optimizer = torch.optim.AdamW(get_params_groups(student), fused=device.type == "cuda")
+    optimizer = torch.optim.AdamW(get_params_groups(student), fused=True)  # one kernel for all parameters, CPU or GPU
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     ncrops = 2 + args.local_crops_number
     dino_loss = DINOLoss(args.out_dim, ncrops, args.warmup_teacher_temp, args.teacher_temp,

@@ -1,27 +1,28 @@
 """
 bench.py: DINO training throughput and memory, the straightforward baseline and ours (dino.py) measured side by
-side in one process. Prints one markdown table (and --json PATH writes the numbers).
+side in one process. Prints one markdown table (--json PATH also writes the numbers).
 
-    python bench.py                                                 # CPU: vit_tiny, batch 8, out_dim 4096, ~2 min
+    python bench.py                                                 # CPU: vit_tiny, batch 8, out_dim 4096
+    python bench.py --threads 1                                     # CPU shared with other jobs: steadier
     python bench.py --arch vit_small --batch_size 64 --workers 15   # one GPU (H100): the targets
-    python bench.py --arch vit_base --only step                     # model step alone, ViT-B/16
+    python bench.py --arch vit_base --only step                     # the model step alone, ViT-B/16
 
 Parts: the train step on synthetic crops already on the device (images/s, ms/step, model FLOP utilization from an
-analytic FLOP count, peak memory); the data pipeline per worker (one process, one thread) on a folder of JPEGs
-(generated, 500x375, unless --data_dir); end to end (DataLoader with --workers feeding the step).
+analytic FLOP count, peak memory); the data pipeline per worker (in this process, one thread) on a folder of JPEGs
+(generated, 500x375, unless --data_dir); end to end (a DataLoader with --workers feeding the step).
 
 Baseline, as the published DINO code does it: explicit softmax(q k^T) v attention, fp16 autocast + GradScaler on a
 GPU (fp32 on the CPU), the loss pair by pair, per-parameter gradient clipping with a .item() each, a finite-loss
 .item() every step, AdamW(foreach=False, fused=False), a Python-loop EMA, the full augmentation in the workers
-(dino.DataAugmentationDINO). Ours: what `python dino.py train` runs (dino.make_train_step and friends, bf16 autocast,
-MultiCropGeometry in the workers and MultiCropPhotometry on the device, or in the workers without a GPU).
+(dino.DataAugmentationDINO). Ours: what `python dino.py train` runs (dino.make_train_step and its parts, bf16
+autocast on a GPU; MultiCropGeometry in the workers, MultiCropPhotometry on the device, or in the workers without one).
 """
 import argparse
 import datetime
 import json
 import math
+import multiprocessing
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -34,7 +35,6 @@ from PIL import Image, ImageDraw, ImageFilter
 
 import dino
 import vision_transformer as vits
-
 
 # -----------------------------------------------------------------------------
 # the baseline
@@ -51,8 +51,7 @@ class ExplicitAttention(vits.Attention):
             return attn
         if self.training and self.attn_drop > 0:
             attn = F.dropout(attn, self.attn_drop)
-        x = (attn @ v).transpose(1, 2).reshape(B, N, C)
-        return self.proj_drop(self.proj(x))
+        return self.proj_drop(self.proj((attn @ v).transpose(1, 2).reshape(B, N, C)))
 
 
 class PairwiseDINOLoss(nn.Module):
@@ -60,7 +59,7 @@ class PairwiseDINOLoss(nn.Module):
 
     def __init__(self, out_dim, ncrops, teacher_temp, student_temp=0.1, center_momentum=0.9):
         super().__init__()
-        self.ncrops, self.teacher_temp, self.student_temp, self.center_momentum = \
+        self.ncrops, self.teacher_temp, self.student_temp, self.momentum = \
             ncrops, teacher_temp, student_temp, center_momentum
         self.register_buffer("center", torch.zeros(1, out_dim))
 
@@ -75,7 +74,7 @@ class PairwiseDINOLoss(nn.Module):
                     n_terms += 1
         with torch.no_grad():
             batch_center = teacher_output.sum(dim=0, keepdim=True) / len(teacher_output)
-            self.center = self.center * self.center_momentum + batch_center * (1 - self.center_momentum)
+            self.center = self.center * self.momentum + batch_center * (1 - self.momentum)
         return total / n_terms
 
 
@@ -83,8 +82,7 @@ def make_baseline_step(student, teacher, loss_fn, optimizer, scaler, amp_dtype, 
     def step(crops, epoch, momentum):
         with torch.autocast(crops[0].device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             teacher_output = teacher(crops[:2])
-            student_output = student(crops)
-            loss = loss_fn(student_output, teacher_output)
+            loss = loss_fn(student(crops), teacher_output)
         if not math.isfinite(loss.item()):
             sys.exit("loss is not finite")
         optimizer.zero_grad()
@@ -93,7 +91,7 @@ def make_baseline_step(student, teacher, loss_fn, optimizer, scaler, amp_dtype, 
             scaler.unscale_(optimizer)
         else:
             loss.backward()
-        for p in student.parameters():  # the published clip_gradients: one host sync per parameter tensor
+        for p in student.parameters():  # the published clip_gradients: a host sync per parameter tensor
             if p.grad is not None:
                 norm = p.grad.norm(2)
                 norm.item()
@@ -115,13 +113,12 @@ def make_baseline_step(student, teacher, loss_fn, optimizer, scaler, amp_dtype, 
 
     return step
 
-
 # -----------------------------------------------------------------------------
 # building both
 
 
 def dino_args(a, **overrides):
-    """dino.py's train flags for this benchmark, unset ones from the paper's recipe (nothing duplicated here)."""
+    """dino.py's train flags for this benchmark, the unset ones from its paper recipe (nothing duplicated here)."""
     argv = ["train", "--data_path", a.data_dir or "unused", "--arch", a.arch, "--patch_size", str(a.patch_size),
             "--out_dim", str(a.out_dim), "--batch_size_per_gpu", str(a.batch_size), "--precision", a.precision,
             "--global_crops_size", str(a.global_crops_size), "--local_crops_size", str(a.local_crops_size),
@@ -135,7 +132,7 @@ def dino_args(a, **overrides):
 
 
 def build(args, device, amp_dtype, baseline):
-    """(step, objects it owns): same seed, so the baseline and ours start from the same weights."""
+    """(step, the objects it owns); the same seed, so the baseline and ours start from the same weights."""
     torch.manual_seed(0)
     student, teacher = (m.to(device) for m in dino.build_dino_networks(args))
     ncrops = 2 + args.local_crops_number
@@ -153,8 +150,7 @@ def build(args, device, amp_dtype, baseline):
         group["lr"] = args.lr * args.batch_size_per_gpu / 256
     optimizer.param_groups[0]["weight_decay"] = args.weight_decay
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
-    make = make_baseline_step if baseline else \
-        lambda s, t, *rest: dino.make_train_step(s, s, t, *rest)
+    make = make_baseline_step if baseline else lambda s, t, *rest: dino.make_train_step(s, s, t, *rest)
     return make(student, teacher, loss, optimizer, scaler, amp_dtype, args), (student, teacher, optimizer, loss)
 
 
@@ -170,12 +166,9 @@ def resident_bytes(objs):
     for o in objs:
         if isinstance(o, nn.Module):
             ts = [*o.parameters(), *o.buffers(), *(p.grad for p in o.parameters() if p.grad is not None)]
-        elif isinstance(o, torch.optim.Optimizer):
-            ts = [v for s in o.state.values() for v in s.values() if torch.is_tensor(v)]
         else:
-            ts = [o]
-        for t in ts:
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            ts = [v for s in o.state.values() for v in s.values()] if isinstance(o, torch.optim.Optimizer) else [o]
+        storages.update({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in ts if torch.is_tensor(t)})
     return sum(storages.values())
 
 
@@ -186,24 +179,22 @@ def flops_per_image(model, patch, gsize, lsize, nlocal, head):
     16ND^2: 24ND^2 + 4N^2D. Patch embedding 2 * n_patches * 3p^2 * D. DINO head on the CLS token:
     2 (D h + h h + h b + b out_dim), h = 2048, b = 256. Student: forward + backward = 3x forward over all crops,
     except the patch embedding, 2x (the images need no gradient). Teacher: forward over the 2 global crops.
+    ViT-S/16, 2x224 + 8x96 crops, out_dim 65536: 113.4 GFLOP per image.
     """
     D, depth = model.embed_dim, len(model.blocks)
 
-    def backbone(size):
+    def backbone(size):  # (patch embedding, blocks)
         n = (size // patch) ** 2
-        N = n + 1
-        return 2 * n * 3 * patch ** 2 * D, depth * (24 * N * D ** 2 + 4 * N ** 2 * D)
+        return 2 * n * 3 * patch ** 2 * D, depth * (24 * (n + 1) * D ** 2 + 4 * (n + 1) ** 2 * D)
 
     lin = [m for m in head.mlp.modules() if isinstance(m, nn.Linear)]
     head = 2 * (sum(m.in_features * m.out_features for m in lin) + head.last_layer.weight_v.numel())
     (gp, gb), (lp, lb) = backbone(gsize), backbone(lsize)
     student = 2 * (3 * gb + 2 * gp) + nlocal * (3 * lb + 2 * lp) + 3 * (2 + nlocal) * head
-    teacher = 2 * (gp + gb + head)
-    return student + teacher
-
+    return student + 2 * (gp + gb + head)
 
 # -----------------------------------------------------------------------------
-# parts
+# the three parts
 
 
 def sync(device):
@@ -212,7 +203,7 @@ def sync(device):
 
 
 def check_same_loss(a, device, res):
-    """Guard: same init, same inputs, fp32 eager: both steps give the same loss (step 1 also checks the update)."""
+    """Guard: same init, same inputs, fp32, eager: both steps give the same loss (step 1 also checks the update)."""
     check = dino_args(a, compile=False)
     crops = synthetic_crops(check, min(a.batch_size, 4), device)
     steps = {name: build(check, device, None, name == "baseline")[0] for name in ("baseline", "ours")}
@@ -222,8 +213,7 @@ def check_same_loss(a, device, res):
             torch.manual_seed(100 + i)  # the same drop-path masks
             losses[name].append(step(crops, 0, 0.996).item())
     res["check"] = [abs(o - b) for o, b in zip(losses["ours"], losses["baseline"])]
-    print(f"check (fp32, same init and inputs): loss ours {losses['ours'][0]:.6f} baseline "
-          f"{losses['baseline'][0]:.6f}, |diff| {res['check'][0]:.2e} at step 0, {res['check'][1]:.2e} at step 1")
+    print(f"check: loss ours {losses['ours'][0]:.6f} baseline {losses['baseline'][0]:.6f}", flush=True)
 
 
 def bench_step(a, device, runners, res):
@@ -232,11 +222,11 @@ def bench_step(a, device, runners, res):
     flops = flops_per_image(model.backbone, a.patch_size, a.global_crops_size, a.local_crops_size,
                             a.local_crops_number, model.head)
     res["gflop_per_image"] = flops / 1e9
-    for name, (step, _) in runners.items():
+    for step, _ in runners.values():
         for _ in range(a.warmup):
             step(crops, 0, 0.996)
     sync(device)
-    rounds = min(a.steps, 3)  # interleaved rounds, so a load change on the machine hits both alike
+    rounds = min(a.steps, 3)  # interleaved, best of: a load change on a shared machine hits both alike
     ms, peak = {n: [] for n in runners}, {n: 0 for n in runners}
     for r in range(rounds):
         n_steps = a.steps // rounds + (r < a.steps % rounds)
@@ -249,81 +239,77 @@ def bench_step(a, device, runners, res):
                 step(crops, 0, 0.996)
             sync(device)
             ms[name].append((time.perf_counter() - t0) * 1000 / n_steps)
-            if device.type == "cuda":  # this run's peak without what the other one holds between its steps
+            if device.type == "cuda":  # this run's peak, less what the other one holds between its steps
                 peak[name] = max(peak[name], torch.cuda.max_memory_allocated(device) - rest
                                  + resident_bytes([*owned, *crops]))
     for name in runners:
-        res[name]["ms_per_step"] = statistics.median(ms[name])
-        res[name]["step_img_s"] = a.batch_size * 1000 / res[name]["ms_per_step"]
-        res[name]["mfu"] = res[name]["step_img_s"] * flops / (a.peak_tflops * 1e12) if a.peak_tflops else None
-        res[name]["peak_mem_gib"] = peak[name] / 2 ** 30 if device.type == "cuda" else None
+        r = res[name]
+        r["ms_per_step"] = min(ms[name])
+        r["step_img_s"] = a.batch_size * 1000 / r["ms_per_step"]
+        r["mfu"] = r["step_img_s"] * flops / (a.peak_tflops * 1e12) if a.peak_tflops else None
+        r["peak_mem_gib"] = peak[name] / 2 ** 30 if device.type == "cuda" else None
 
 
-def make_jpegs(root, n, seed=0):
-    """n photo-like 500x375 JPEGs (quality 90, ~100 KB like ImageNet's): gradient, shapes, texture, noise."""
+def make_jpeg(path, seed):
+    """A photo-like 500x375 JPEG (quality 90, ~75 KB): gradient, blurred shapes, texture, noise."""
     rng = np.random.default_rng(seed)
     y, x = np.mgrid[0:375, 0:500] / 500.0
-    for i in range(n):
-        c0, c1 = rng.uniform(0, 255, (2, 3))
-        angle = rng.uniform(0, 2 * np.pi)
-        t = (x * np.cos(angle) + y * np.sin(angle))[..., None]
-        t = (t - t.min()) / (t.max() - t.min())
-        img = Image.fromarray((c0 + (c1 - c0) * t).astype(np.uint8))
-        draw = ImageDraw.Draw(img)
-        for _ in range(rng.integers(6, 20)):
-            x0, y0 = rng.uniform(-50, 500), rng.uniform(-50, 375)
-            box = [x0, y0, x0 + rng.uniform(20, 250), y0 + rng.uniform(20, 200)]
-            fill = tuple(int(c) for c in rng.integers(0, 256, 3))
-            if rng.random() < 0.5:
-                draw.ellipse(box, fill=fill)
-            else:
-                draw.polygon([tuple(p) for p in rng.uniform(box[:2], box[2:], (rng.integers(3, 7), 2))], fill=fill)
-        img = np.asarray(img.filter(ImageFilter.GaussianBlur(rng.uniform(0.5, 2))), dtype=np.float32)
-        texture = Image.fromarray(rng.integers(0, 256, (94, 125), dtype=np.uint8)).resize((500, 375), Image.BICUBIC)
-        img = img + 0.15 * (np.asarray(texture, np.float32)[..., None] - 128) + rng.normal(0, 12, img.shape)
-        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(os.path.join(root, f"{i:05d}.jpg"), quality=90)
+    c0, c1 = rng.uniform(0, 255, (2, 3))
+    angle = rng.uniform(0, 2 * np.pi)
+    t = (x * np.cos(angle) + y * np.sin(angle))[..., None]
+    img = Image.fromarray((c0 + (c1 - c0) * (t - t.min()) / (t.max() - t.min())).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    for _ in range(rng.integers(6, 20)):
+        x0, y0 = rng.uniform(-50, 500), rng.uniform(-50, 375)
+        box = [x0, y0, x0 + rng.uniform(20, 250), y0 + rng.uniform(20, 200)]
+        fill = tuple(int(c) for c in rng.integers(0, 256, 3))
+        if rng.random() < 0.5:
+            draw.ellipse(box, fill=fill)
+        else:
+            draw.polygon([tuple(p) for p in rng.uniform(box[:2], box[2:], (rng.integers(3, 7), 2))], fill=fill)
+    img = np.asarray(img.filter(ImageFilter.GaussianBlur(rng.uniform(0.5, 2))), dtype=np.float32)
+    texture = Image.fromarray(rng.integers(0, 256, (94, 125), dtype=np.uint8)).resize((500, 375), Image.BICUBIC)
+    img = img + 0.15 * (np.asarray(texture, np.float32)[..., None] - 128) + rng.normal(0, 12, img.shape)
+    Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(path, quality=90)
 
 
 def transforms(args):
     crop_args = (args.global_crops_scale, args.local_crops_scale, args.local_crops_number,
                  args.global_crops_size, args.local_crops_size)
-    return dino.DataAugmentationDINO(*crop_args), dino.MultiCropGeometry(*crop_args), \
-        dino.MultiCropPhotometry(args.local_crops_number)
+    return (dino.DataAugmentationDINO(*crop_args), dino.MultiCropGeometry(*crop_args),
+            dino.MultiCropPhotometry(args.local_crops_number))
 
 
 def bench_data(a, data_dir, res):
-    """What one loader worker does per batch (decode, transform, collate), in this process on one thread."""
-    args = dino_args(a)
-    plain, geometry, photometry = transforms(args)
+    """What one loader worker does per batch (decode, transform, collate), here in this process on one thread."""
+    plain, geometry, photometry = transforms(dino_args(a))
     variants = {"plain": (dino.ImageDataset(data_dir, plain), dino.MultiCropCollate()),
                 "ours": (dino.ImageDataset(data_dir, geometry), dino.MultiCropCollate()),
                 "ours_photometry": (dino.ImageDataset(data_dir, geometry), dino.MultiCropCollate(photometry))}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    n, b = len(variants["plain"][0]), a.batch_size
+    n, b = min(len(variants["plain"][0]), a.images), a.batch_size
     seconds = {k: 0.0 for k in variants}
-    for start in range(-b, n - b + 1, b):  # the first batch warms up; batches interleaved across the variants
+    for start in range(-b, n - b + 1, b):  # the first batch warms up; batches interleave across the variants
         for name, (ds, collate) in variants.items():
             t0 = time.perf_counter()
             collate([ds[i % n] for i in range(start, start + b)])
-            if start >= 0:
-                seconds[name] += time.perf_counter() - t0
+            seconds[name] += (time.perf_counter() - t0) * (start >= 0)
     torch.set_num_threads(threads)
-    measured = (n // b) * b
-    res["baseline"]["data_img_s"] = measured / seconds["plain"]
-    res["ours"]["data_img_s"] = measured / seconds["ours"]
-    res["ours"]["data_photometry_img_s"] = measured / seconds["ours_photometry"]
+    res["baseline"]["data_img_s"] = n // b * b / seconds["plain"]
+    res["ours"]["data_img_s"] = n // b * b / seconds["ours"]
+    res["ours"]["data_photometry_img_s"] = n // b * b / seconds["ours_photometry"]
 
 
 def bench_e2e(a, data_dir, device, runners, res):
-    args = dino_args(a)
-    plain, geometry, photometry = transforms(args)
+    plain, geometry, photometry = transforms(dino_args(a))
     on_device = device.type == "cuda"
-    warmup, steps = max(a.warmup, a.workers), max(a.steps, 3 * a.workers)  # past the loader's start-up burst
+    warmup, steps = max(a.warmup, a.workers), max(a.steps, 3 * a.workers)  # past the workers' start-up burst
+    res["e2e_steps"] = steps
     for name, (step, _) in runners.items():
         baseline = name == "baseline"
         ds = dino.ImageDataset(data_dir, plain if baseline else geometry)
-        loader = torch.utils.data.DataLoader(
+        loader = torch.utils.data.DataLoader(  # as dino.build_loader, cycling over the images
             ds, batch_size=a.batch_size, sampler=[i % len(ds) for i in range((warmup + steps) * a.batch_size)],
             num_workers=a.workers, pin_memory=on_device, drop_last=True,
             collate_fn=dino.MultiCropCollate(None if baseline or on_device else photometry))
@@ -332,51 +318,14 @@ def bench_e2e(a, data_dir, device, runners, res):
                 sync(device)
                 t0 = time.perf_counter()
             crops = [c.to(device, non_blocking=True) for c in crops]
-            if on_device and not baseline:
+            if on_device and not baseline:  # as dino.train_one_epoch
                 crops = photometry(crops)
             step(crops, 0, 0.996)
         sync(device)
         res[name]["e2e_img_s"] = steps * a.batch_size / (time.perf_counter() - t0)
 
-
 # -----------------------------------------------------------------------------
-# main
-
-
-def fmt(x, spec):
-    return "n/a" if x is None else format(x, spec)
-
-
-def table(a, res, device, precisions):
-    b, o = res["baseline"], res["ours"]
-    rows = []
-
-    def row(part, key, spec, bsrc=b, okey=None):
-        if key in bsrc or (okey or key) in o:
-            bv, ov = bsrc.get(key), o.get(okey or key)
-            ratio = f"{ov / bv:.2f}x" if bv and ov else ""
-            rows.append(f"| {part} | {fmt(bv, spec)} | {fmt(ov, spec)} | {ratio} |")
-
-    setting = f"{a.arch}/{a.patch_size}, batch {a.batch_size}, 2x{a.global_crops_size}+{a.local_crops_number}" \
-              f"x{a.local_crops_size} crops, out_dim {a.out_dim}"
-    row(f"train step images/s ({setting})", "step_img_s", ".1f")
-    row("train step ms/step (lower is better)", "ms_per_step", ".1f")
-    if "gflop_per_image" in res:
-        row(f"model FLOP utilization ({res['gflop_per_image']:.1f} GFLOP/image; peak "
-            f"{fmt(a.peak_tflops, 'g')} TFLOPS)", "mfu", ".1%")
-        row("peak memory GiB (lower is better)", "peak_mem_gib", ".2f")
-    row("data images/s per worker (1 thread: decode + augment + collate)", "data_img_s", ".1f")
-    row("data images/s per worker, ours with photometry on the CPU (the no-GPU path)", "data_img_s", ".1f",
-        okey="data_photometry_img_s")
-    row(f"end-to-end images/s ({a.workers} workers)", "e2e_img_s", ".1f")
-    head = [f"device: {device_name(device)}; torch {torch.__version__}; {datetime.datetime.now():%Y-%m-%d %H:%M}",
-            f"command: python {' '.join(sys.argv)}",
-            f"precision: baseline {precisions[0]}, ours {precisions[1]}; compile: ours {a.compile}, baseline eager",
-            "", "| part | baseline | ours | ratio |", "|---|---|---|---|"]
-    if "check" in res:
-        head.insert(3, f"check: |loss_ours - loss_baseline| fp32 {res['check'][0]:.1e} (step 0), "
-                       f"{res['check'][1]:.1e} (step 1)")
-    return "\n".join(head + rows)
+# report
 
 
 def device_name(device):
@@ -385,9 +334,39 @@ def device_name(device):
     return f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
 
 
+def table(a, res, device, precisions):
+    b, o = res["baseline"], res["ours"]
+    rows = [f"device: {device_name(device)}; torch {torch.__version__}; {datetime.datetime.now():%Y-%m-%d %H:%M}",
+            f"command: python {' '.join(sys.argv)}",
+            f"precision: baseline {precisions[0]}, ours {precisions[1]}; compile: ours {a.compile}, baseline no"]
+    if "check" in res:
+        rows.append(f"check (fp32, same init and inputs): |loss_ours - loss_baseline| {res['check'][0]:.1e} at "
+                    f"step 0, {res['check'][1]:.1e} at step 1")
+    rows += ["", "| part | baseline | ours | ours / baseline |", "|---|---|---|---|"]
+
+    def row(part, key, spec, okey=None):
+        bv, ov = b.get(key), o.get(okey or key)
+        if key in b:
+            show = [("n/a" if v is None else format(v, spec)) for v in (bv, ov)]
+            rows.append(f"| {part} | {show[0]} | {show[1]} | {f'{ov / bv:.2f}x' if bv and ov else ''} |")
+
+    row(f"train step images/s ({a.arch}/{a.patch_size}, batch {a.batch_size}, 2x{a.global_crops_size} + "
+        f"{a.local_crops_number}x{a.local_crops_size} crops, out_dim {a.out_dim})", "step_img_s", ".1f")
+    row(f"train step ms/step (best of {min(a.steps, 3)} interleaved rounds)", "ms_per_step", ".1f")
+    if "gflop_per_image" in res:
+        peak = f"of {a.peak_tflops:g} TFLOPS" if a.peak_tflops else "n/a without --peak_tflops"
+        row(f"model FLOP utilization ({res['gflop_per_image']:.1f} GFLOP/image, {peak})", "mfu", ".1%")
+    row("peak memory GiB (allocated, each run's own)", "peak_mem_gib", ".2f")
+    row("data images/s per worker (1 thread: decode + augment + collate)", "data_img_s", ".1f")
+    row("data images/s per worker, ours with the photometry on the CPU (the no-GPU path)", "data_img_s", ".1f",
+        okey="data_photometry_img_s")
+    row(f"end-to-end images/s ({a.workers} workers, {res.get('e2e_steps')} steps)", "e2e_img_s", ".1f")
+    return "\n".join(rows)
+
+
 def main():
     cuda = torch.cuda.is_available()
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", default="vit_small" if cuda else "vit_tiny", choices=list(dino.ARCHS))
     p.add_argument("--patch_size", type=int, default=16)
     p.add_argument("--batch_size", type=int, default=64 if cuda else 8)
@@ -402,30 +381,35 @@ def main():
     p.add_argument("--warmup", type=int, default=10 if cuda else 1)
     p.add_argument("--compile", action="store_true", help="torch.compile ours (the baseline stays eager)")
     p.add_argument("--workers", type=int, default=15 if cuda else 2, help="loader workers, end to end")
-    p.add_argument("--images", type=int, default=1024 if cuda else 64, help="JPEGs to generate")
+    p.add_argument("--images", type=int, default=512 if cuda else 64, help="JPEGs to generate (or to use)")
     p.add_argument("--data_dir", default=None, help="a folder of images to use instead of generated JPEGs")
+    p.add_argument("--threads", type=int, default=None, help="torch threads of this process (default: torch's)")
     p.add_argument("--peak_tflops", type=float, default=989.0 if cuda else None,
-                   help="peak for FLOP utilization (default: H100 SXM dense bf16/fp16, 989; none on the CPU)")
+                   help="peak for FLOP utilization (default on a GPU: H100 SXM dense bf16/fp16, 989)")
     p.add_argument("--only", choices=["step", "data", "e2e"])
-    p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--json", default=None, help="also write the results to this file")
     a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     device = torch.device("cuda" if cuda else "cpu")
     amp = dino.autocast_dtype(a.precision, device)
     amp_base = {"auto": torch.float16 if cuda else None, "fp16": torch.float16, "fp32": None}[a.baseline_precision]
-    precisions = ["fp16 + GradScaler" if amp_base == torch.float16 else "fp32 (no fp16 + GradScaler on the CPU)",
-                  {torch.bfloat16: "bf16 autocast", torch.float16: "fp16 autocast + GradScaler", None: "fp32"}[amp]]
+    precisions = ["fp16 + GradScaler" if amp_base else "fp32" + ("" if cuda else " (fp16 + GradScaler is GPU-only)"),
+                  {torch.bfloat16: "bf16 autocast", torch.float16: "fp16 + GradScaler", None: "fp32"}[amp]]
     res = {"baseline": {}, "ours": {}}
+    if a.only in (None, "step"):
+        check_same_loss(a, device, res)
     if a.only in (None, "step", "e2e"):
         args = dino_args(a)
         runners = {"baseline": build(args, device, amp_base, True), "ours": build(args, device, amp, False)}
     if a.only in (None, "step"):
-        check_same_loss(a, device, res)
         bench_step(a, device, runners, res)
     with tempfile.TemporaryDirectory() as tmp:
         data_dir = a.data_dir
         if a.only != "step" and data_dir is None:
             data_dir = tmp
-            make_jpegs(tmp, a.images)
+            with multiprocessing.Pool() as pool:
+                pool.starmap(make_jpeg, [(os.path.join(tmp, f"{i:05d}.jpg"), i) for i in range(a.images)])
         if a.only in (None, "data"):
             bench_data(a, data_dir, res)
         if a.only in (None, "e2e"):

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision.datasets
 import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageFilter
@@ -894,6 +895,463 @@ def save_epoch(args, epoch, stats, student, teacher, optimizer, scaler, dino_los
 
 
 # -----------------------------------------------------------------------------
+# evaluation plumbing shared by knn, attn and linear
+
+def add_model_args(p):
+    p.add_argument("--pretrained_weights", default=None, help="a backbone state dict, a published DINO "
+                   "checkpoint or one of our training checkpoints; default: <output_dir>/checkpoint.pth")
+    p.add_argument("--checkpoint_key", default=None, help="network to take from a training checkpoint "
+                   "(default: teacher)")
+    p.add_argument("--arch", default=None, choices=list(ARCHS), help="default: the checkpoint's, else vit_small")
+    p.add_argument("--patch_size", type=int, default=None, help="default: the checkpoint's, else 16")
+    p.add_argument("--output_dir", default="output", help="the training run to evaluate (its checkpoint.pth "
+                   "and demo_data/ are the defaults); results are written here (attention maps in attn/)")
+
+
+def resolve_weights(args):
+    """Default to the run in --output_dir; returns the flags it was trained with ({} for other weights)."""
+    if args.pretrained_weights is None:
+        args.pretrained_weights = os.path.join(args.output_dir, "checkpoint.pth")
+        if not os.path.isfile(args.pretrained_weights):
+            raise DinoError(f"no --pretrained_weights given and no trained run at {args.pretrained_weights}; "
+                            f"run `python dino.py train` first, or pass --pretrained_weights")
+    ckpt = load_checkpoint_file(args.pretrained_weights)
+    train_args = ckpt.get("args") if isinstance(ckpt, dict) else None
+    train_args = train_args if isinstance(train_args, dict) else {}
+    # The checkpoint knows its architecture; --arch / --patch_size are only needed for other weights.
+    args.arch = args.arch or train_args.get("arch", RECIPE["arch"])
+    args.patch_size = args.patch_size or train_args.get("patch_size", RECIPE["patch_size"])
+    return train_args
+
+
+def load_backbone(args, device, pretrained=True):
+    """The frozen backbone in eval mode: --pretrained_weights, or a random init (seed 0) as a baseline."""
+    if not pretrained:
+        torch.manual_seed(0)
+    model = build_backbone(args.arch, args.patch_size)
+    if pretrained:
+        load_pretrained_weights(model, args.pretrained_weights, args.checkpoint_key)
+    return model.eval().requires_grad_(False).to(device)
+
+
+def demo_data(args):
+    return make_demo_dataset(os.path.join(args.output_dir, "demo_data"))
+
+
+def add_data_args(p):
+    p.add_argument("--data_path", default=None, help="folder holding train/<class>/ and val/<class>/ images; "
+                   "default: the demo data of --output_dir")
+    p.add_argument("--resize_size", type=int, default=None, help="shorter side before the center crop "
+                   "(default: crop_size * 256 / 224; the demo: crop_size)")
+    p.add_argument("--crop_size", type=int, default=None, help="side of the images fed to the model "
+                   "(default 224; the demo: its global crop size)")
+    p.add_argument("--num_workers", type=int, default=None, help="data loader processes per GPU")
+
+
+def resolve_data(args, train_args):
+    """--data_path (the demo data when unset), its image sizes and loader workers."""
+    args.demo = args.data_path is None
+    if args.demo:
+        args.data_path = demo_data(args)
+    for split in ("train", "val"):
+        if not os.path.isdir(os.path.join(args.data_path, split)):
+            raise DinoError(f"--data_path {args.data_path} has no {split}/ folder; it must hold "
+                            f"train/<class>/ and val/<class>/ image folders")
+    # The demo is evaluated at the resolution it was trained at; otherwise the paper's 256 -> 224 center crop.
+    args.crop_size = args.crop_size or (train_args.get("global_crops_size", DEMO["global_crops_size"])
+                                        if args.demo else 224)
+    args.resize_size = args.resize_size or (args.crop_size if args.demo else round(args.crop_size * 256 / 224))
+    if args.crop_size % args.patch_size:
+        raise DinoError(f"--crop_size {args.crop_size} is not a multiple of --patch_size {args.patch_size}")
+    if args.num_workers is None:
+        args.num_workers = (DEMO if args.demo else RECIPE)["num_workers"]
+    if args.demo:
+        print(f"no --data_path: evaluating {args.pretrained_weights} ({args.arch}/{args.patch_size}) on the demo "
+              f"data in {args.data_path} at {args.crop_size} pixels")
+
+
+def eval_transform(resize_size, crop_size):
+    return T.Compose([T.Resize(resize_size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(crop_size),
+                      T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def image_folders(data_path, train_transform, val_transform):
+    """ImageFolders data_path/train and data_path/val; their class folders must match, or labels would differ."""
+    folders = []
+    for split, transform in (("train", train_transform), ("val", val_transform)):
+        root = os.path.join(data_path, split)
+        try:
+            folders.append(torchvision.datasets.ImageFolder(root, transform, loader=load_rgb))
+        except FileNotFoundError as e:  # no class folders, or a class folder without images
+            raise DinoError(f"{root}: {e}") from None
+    train, val = folders
+    if train.classes != val.classes:
+        differ = sorted(set(train.classes) ^ set(val.classes))
+        raise DinoError(f"train/ and val/ of {data_path} must hold the same class folders "
+                        f"({len(train.classes)} vs {len(val.classes)}; e.g. {differ[0]} is in only one)")
+    return train, val
+
+
+def shard(dataset):
+    """This process's contiguous slice of dataset: sizes differ by at most one, nothing padded or repeated."""
+    rank, world_size, n = get_rank(), get_world_size(), len(dataset)
+    return torch.utils.data.Subset(dataset, range(n * rank // world_size, n * (rank + 1) // world_size))
+
+
+# -----------------------------------------------------------------------------
+# knn
+
+@torch.no_grad()
+def knn_classifier(train_features, train_labels, test_features, test_labels, k, T, num_classes=1000,
+                   chunk_size=256):
+    """Weighted k-NN accuracy (top-1, top-5) in percent, as in the paper.
+
+    Each of the k most similar train features votes for its label with weight exp(cos_sim / T); the
+    features must be L2-normalized, so dot products are cosine similarities. Test features are taken
+    chunk_size at a time: memory is chunk_size x len(train), never test x train.
+    """
+    train_labels = train_labels.long()
+    hits1 = hits5 = 0
+    for i in range(0, len(test_labels), chunk_size):
+        sims, idx = (test_features[i:i + chunk_size] @ train_features.T).topk(k, dim=1)
+        votes = torch.zeros(len(idx), num_classes, dtype=sims.dtype, device=sims.device)
+        votes.scatter_add_(1, train_labels[idx], (sims / T).exp())
+        # A class no neighbour voted for is no hit, even within the top 5 (its rank among zeros is arbitrary).
+        scores, preds = votes.topk(min(5, num_classes), dim=1)
+        hits = (preds == test_labels[i:i + chunk_size, None]) & (scores > 0)
+        hits1 += hits[:, 0].sum().item()
+        hits5 += hits.any(dim=1).sum().item()
+    return 100.0 * hits1 / len(test_labels), 100.0 * hits5 / len(test_labels)
+
+
+@torch.no_grad()
+def extract_features(model, dataset, batch_size, num_workers, device):
+    """L2-normalized float32 CLS features of every image, in dataset order, on the CPU of every process.
+
+    Each process embeds its contiguous shard (no padding, so no image counts twice when len(dataset)
+    is not a multiple of the world size) and the shards are gathered back in rank order.
+    """
+    device = torch.device(device)
+    loader = torch.utils.data.DataLoader(shard(dataset), batch_size=batch_size, num_workers=num_workers,
+                                         pin_memory=device.type == "cuda")
+    features = [F.normalize(model(images.to(device, non_blocking=True)).float(), dim=1).cpu()
+                for images, _ in loader]
+    if get_world_size() > 1:
+        # Object gather: shards differ in length (one may be empty), so no padding bookkeeping is needed.
+        shards = [None] * get_world_size()
+        dist.all_gather_object(shards, features)
+        features = [f for s in shards for f in s]
+    return torch.cat(features)
+
+
+def add_knn_args(p):
+    add_model_args(p)
+    add_data_args(p)
+    p.add_argument("--nb_knn", type=int, nargs="+", default=[10, 20, 100, 200], help="numbers of neighbours k")
+    p.add_argument("--temperature", type=float, default=0.07, help="votes weigh exp(cos_sim / temperature)")
+    p.add_argument("--batch_size_per_gpu", type=int, default=128)
+    p.add_argument("--dump_features", default=None, help="also save the features and labels in this folder")
+    p.add_argument("--load_features", default=None, help="use the features saved by --dump_features in this "
+                   "folder instead of computing them (no model or images needed)")
+
+
+def resolve_knn_args(args):
+    """Fill the flags left at None (see resolve_weights and resolve_data)."""
+    args.demo = False
+    if args.load_features is None:
+        resolve_data(args, resolve_weights(args))
+    return args
+
+
+FEATURE_FILES = ("trainfeat", "trainlabels", "testfeat", "testlabels")  # the published eval_knn.py names
+
+
+def load_features(folder):
+    return tuple(load_checkpoint_file(os.path.join(folder, f"{name}.pth")) for name in FEATURE_FILES)
+
+
+def knn_main(args):
+    """k-NN accuracy for every k in --nb_knn; on the demo data also of a random init, to show what training bought."""
+    _, _, device = init_distributed()
+    if args.load_features:
+        runs = {args.load_features: load_features(args.load_features)}
+    else:
+        transform = eval_transform(args.resize_size, args.crop_size)
+        train_set, val_set = image_folders(args.data_path, transform, transform)
+        train_labels, val_labels = torch.tensor(train_set.targets), torch.tensor(val_set.targets)
+        models = [(args.pretrained_weights, True)]
+        if args.demo:
+            models.append(("random init (seed 0)", False))
+        runs = {}
+        for name, pretrained in models:
+            model = load_backbone(args, device, pretrained)
+            runs[name] = (extract_features(model, train_set, args.batch_size_per_gpu, args.num_workers, device),
+                          train_labels,
+                          extract_features(model, val_set, args.batch_size_per_gpu, args.num_workers, device),
+                          val_labels)
+        if args.dump_features and is_main_process():
+            os.makedirs(args.dump_features, exist_ok=True)
+            for name, tensor in zip(FEATURE_FILES, runs[args.pretrained_weights]):
+                torch.save(tensor, os.path.join(args.dump_features, f"{name}.pth"))
+    if not is_main_process():
+        return
+    rows = []
+    for name, (train_features, train_labels, test_features, test_labels) in runs.items():
+        num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+        # k cannot exceed the number of train images; small data sets get all of them as neighbours.
+        for k in sorted({min(k, len(train_labels)) for k in args.nb_knn}):
+            top1, top5 = knn_classifier(train_features.to(device), train_labels.to(device),
+                                        test_features.to(device), test_labels.to(device), k,
+                                        args.temperature, num_classes)
+            rows.append(dict(model=name, k=k, top1=top1, top5=top5))
+    print(f"weighted k-NN, T={args.temperature}, {len(train_labels)} train / {len(test_labels)} val images")
+    width = max(len(r["model"]) for r in rows)
+    print(f"{'model':<{width}}  {'k':>4}  {'top-1':>6}  {'top-5':>6}")
+    for r in rows:
+        print(f"{r['model']:<{width}}  {r['k']:>4}  {r['top1']:6.2f}  {r['top5']:6.2f}")
+    prepare_output_dir(args.output_dir)
+    path = os.path.join(args.output_dir, "knn_results.json")
+    with open(path, "w") as f:
+        json.dump({"args": plain_args(args), "results": rows}, f, indent=1)
+    print(f"wrote {path}")
+
+
+# -----------------------------------------------------------------------------
+# attn
+
+@torch.no_grad()
+def attention_maps(model, img):
+    """Last block's CLS-to-patch attention for one normalized image [3, H, W] -> [heads, H/p, W/p]."""
+    p = model.patch_size
+    attn = model.get_last_selfattention(img[None])  # [1, heads, N, N], token 0 is CLS
+    return attn[0, :, 0, 1:].reshape(-1, img.shape[-2] // p, img.shape[-1] // p)
+
+
+def threshold_masks(maps, threshold):
+    """Per head, the smallest set of patches holding at least `threshold` of the attention mass (the paper's figure).
+
+    Patches are taken in decreasing attention until the mass reaches the threshold: a patch is kept
+    when the mass of the larger ones before it is still short of it.
+    """
+    flat = maps.flatten(1).double()  # double: the kept mass is compared to the threshold exactly
+    values, order = flat.sort(dim=1, descending=True)
+    mass_before = (values.cumsum(1) - values) / values.sum(1, keepdim=True)
+    keep = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, order, mass_before < threshold)
+    return keep.reshape(maps.shape)
+
+
+# viridis at 0, 1/8, ..., 1: heat maps without a matplotlib dependency
+VIRIDIS = np.array([[68, 1, 84], [71, 44, 123], [59, 82, 139], [44, 114, 142], [33, 145, 140],
+                    [40, 174, 128], [94, 201, 98], [170, 220, 50], [253, 231, 37]], dtype=np.float64)
+
+
+def colorize(a):
+    """2-D array -> uint8 RGB image [H, W, 3], min-max normalized through the viridis colormap."""
+    a = np.asarray(a, dtype=np.float64)
+    a = (a - a.min()) / max(a.max() - a.min(), 1e-12)
+    anchors = np.linspace(0, 1, len(VIRIDIS))
+    rgb = np.stack([np.interp(a, anchors, VIRIDIS[:, c]) for c in range(3)], axis=-1)
+    return rgb.round().astype(np.uint8)
+
+
+def prepare_image(img, image_size, patch_size):
+    """Resize a PIL image to image_size (H, W) and crop it to patch multiples: (PIL image, normalized tensor)."""
+    h, w = image_size
+    img = img.resize((w, h), Image.BICUBIC).crop((0, 0, w - w % patch_size, h - h % patch_size))
+    return img, T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])(img)
+
+
+def save_attention_images(img, maps, masks, patch_size, out_dir):
+    """Write the image, per-head heat maps, their mean, an overlay and the threshold masks; return the paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    up = lambda m: np.asarray(m).repeat(patch_size, axis=0).repeat(patch_size, axis=1)  # nearest, patch -> pixels
+    image = np.asarray(img)
+    mean = colorize(up(maps.mean(0)))
+    pictures = [("img.png", image)] + [(f"attn-head{i}.png", colorize(up(m))) for i, m in enumerate(maps)]
+    pictures += [("attn-mean.png", mean), ("attn-overlay.png", (image * 0.5 + mean * 0.5).round().astype(np.uint8))]
+    if masks is not None:  # the image, darkened outside each head's mask
+        pictures += [(f"mask-head{i}.png", (image * np.where(up(m), 1.0, 0.25)[..., None]).round().astype(np.uint8))
+                     for i, m in enumerate(masks)]
+    paths = []
+    for name, array in pictures:
+        paths.append(os.path.join(out_dir, name))
+        Image.fromarray(array).save(paths[-1])
+    return paths
+
+
+def add_attn_args(p):
+    add_model_args(p)
+    p.add_argument("--image_path", default=None, help="any image PIL reads; default: the first demo val image")
+    p.add_argument("--image_size", type=int, nargs=2, default=None, metavar=("H", "W"),
+                   help="resize to this before cropping to patch multiples (default 480 480; the demo: 4x its "
+                        "global crop size)")
+    p.add_argument("--threshold", type=float, default=None, help="also write per-head masks keeping the "
+                   "smallest set of patches that holds this fraction of the attention mass (e.g. 0.6)")
+
+
+def resolve_attn_args(args):
+    """Fill the flags left at None; the maps are written to <output_dir>/attn."""
+    train_args = resolve_weights(args)
+    if args.image_path is None:
+        args.image_path = str(list_images(os.path.join(demo_data(args), "val"))[0])
+        # Bigger than the demo's training crops, as the paper draws 224-trained maps at 480: finer maps.
+        args.image_size = args.image_size or [4 * train_args.get("global_crops_size", DEMO["global_crops_size"])] * 2
+    args.image_size = args.image_size or [480, 480]
+    if min(args.image_size) < args.patch_size:
+        raise DinoError(f"--image_size {args.image_size[0]} {args.image_size[1]} is smaller than one "
+                        f"{args.patch_size}-pixel patch")
+    if args.threshold is not None and not 0 < args.threshold <= 1:
+        raise DinoError(f"--threshold {args.threshold} is not a fraction of the attention mass in (0, 1]")
+    return args
+
+
+def attn_main(args):
+    """Attention maps of the last block's heads for one image; one process (device: first GPU, else CPU)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        img = load_rgb(args.image_path)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise DinoError(f"--image_path {args.image_path} is not a readable image ({str(e).splitlines()[0]})") from None
+    img, x = prepare_image(img, args.image_size, args.patch_size)
+    model = load_backbone(args, device)
+    maps = attention_maps(model, x.to(device)).float().cpu()
+    masks = None if args.threshold is None else threshold_masks(maps, args.threshold)
+    for path in save_attention_images(img, maps, masks, args.patch_size, os.path.join(args.output_dir, "attn")):
+        print(path)
+
+
+# -----------------------------------------------------------------------------
+# linear
+
+def linear_features(model, images, n_last_blocks, avgpool_patchtokens):
+    """Frozen features for the probe: CLS tokens of the last n blocks [+ the last block's mean patch token]."""
+    blocks = model.get_intermediate_layers(images, n_last_blocks)
+    features = [x[:, 0] for x in blocks]
+    if avgpool_patchtokens:
+        features.append(blocks[-1][:, 1:].mean(dim=1))
+    return torch.cat(features, dim=-1).float()
+
+
+def linear_classifier(dim, num_labels):
+    """nn.Linear initialized as published: weight N(0, 0.01), bias 0, and no BatchNorm in front."""
+    linear = nn.Linear(dim, num_labels)
+    nn.init.normal_(linear.weight, std=0.01)
+    nn.init.zeros_(linear.bias)
+    return linear
+
+
+def train_linear_epoch(model, classifier, loader, optimizer, args, device):
+    """One epoch of SGD on the classifier; the backbone only runs forward. Returns this process's mean loss."""
+    classifier.train()
+    loss_sum, count = torch.zeros((), device=device), 0
+    for images, labels in loader:
+        with torch.no_grad():
+            features = linear_features(model, images.to(device, non_blocking=True), args.n_last_blocks,
+                                       args.avgpool_patchtokens)
+        loss = F.cross_entropy(classifier(features), labels.to(device, non_blocking=True))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.detach() * len(labels)  # no .item(): no host sync per step
+        count += len(labels)
+    return loss_sum.item() / max(count, 1)
+
+
+@torch.no_grad()
+def evaluate_linear(model, classifier, dataset, args, device):
+    """(top-1, top-5) in percent over the whole dataset; each process scores its shard, the counts are summed."""
+    classifier.eval()
+    loader = torch.utils.data.DataLoader(shard(dataset), batch_size=args.batch_size_per_gpu,
+                                         num_workers=args.num_workers, pin_memory=device.type == "cuda")
+    counts = torch.zeros(3, device=device)  # top-1 hits, top-5 hits, images
+    for images, labels in loader:
+        logits = classifier(linear_features(model, images.to(device, non_blocking=True), args.n_last_blocks,
+                                            args.avgpool_patchtokens))
+        hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels.to(device)[:, None]
+        counts += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(), torch.tensor(len(labels), device=device)])
+    if get_world_size() > 1:
+        dist.all_reduce(counts)
+    return (100 * counts[0] / counts[2]).item(), (100 * counts[1] / counts[2]).item()
+
+
+def add_linear_args(p):
+    add_model_args(p)
+    add_data_args(p)
+    p.add_argument("--n_last_blocks", type=int, default=None, help="concatenate the CLS tokens of this many "
+                   "last blocks (default: 4; 1 for vit_base, as published)")
+    p.add_argument("--avgpool_patchtokens", type=bool_flag, default=None, help="also concatenate the last "
+                   "block's average patch token (default: false; true for vit_base, as published)")
+    p.add_argument("--epochs", type=int, default=None, help="default 100; the demo: 10")
+    p.add_argument("--lr", type=float, default=None, help="SGD lr for a total batch of 256, scaled linearly, "
+                   "cosine to 0 (default 0.001; the demo: 0.1)")
+    p.add_argument("--batch_size_per_gpu", type=int, default=None, help="default 128; the demo: 32")
+    p.add_argument("--val_freq", type=int, default=1, help="epochs between validations")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def resolve_linear_args(args):
+    """Fill the flags left at None (see resolve_weights and resolve_data)."""
+    resolve_data(args, resolve_weights(args))
+    base = args.arch == "vit_base"
+    args.n_last_blocks = args.n_last_blocks or (1 if base else 4)
+    args.avgpool_patchtokens = base if args.avgpool_patchtokens is None else args.avgpool_patchtokens
+    # The demo's few hundred images give a few dozen steps: they need a larger lr than ImageNet's 100 epochs.
+    for name, demo, recipe in (("epochs", 10, 100), ("lr", 0.1, 0.001), ("batch_size_per_gpu", 32, 128)):
+        if getattr(args, name) is None:
+            setattr(args, name, demo if args.demo else recipe)
+    return args
+
+
+def linear_main(args):
+    """Train a linear classifier on frozen features, validating every --val_freq epochs; save it as linear.pth."""
+    rank, world_size, device = init_distributed()
+    seed_everything(args.seed)
+    bicubic = T.InterpolationMode.BICUBIC
+    train_transform = T.Compose([T.RandomResizedCrop(args.crop_size, interpolation=bicubic), T.RandomHorizontalFlip(),
+                                 T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    train_set, val_set = image_folders(args.data_path, train_transform,
+                                       eval_transform(args.resize_size, args.crop_size))
+    model = load_backbone(args, device)
+    dim = model.embed_dim * (args.n_last_blocks + int(args.avgpool_patchtokens))
+    classifier = linear_classifier(dim, len(train_set.classes)).to(device)
+    ddp_classifier = classifier if world_size == 1 else nn.parallel.DistributedDataParallel(
+        classifier, device_ids=[device] if device.type == "cuda" else None)
+    lr = args.lr * args.batch_size_per_gpu * world_size / 256
+    optimizer = torch.optim.SGD(ddp_classifier.parameters(), lr, momentum=0.9, weight_decay=0)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.epochs, eta_min=0)
+    sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=world_size, rank=rank, seed=args.seed)
+    loader = torch.utils.data.DataLoader(train_set, sampler=sampler, batch_size=args.batch_size_per_gpu,
+                                         num_workers=args.num_workers, pin_memory=device.type == "cuda",
+                                         persistent_workers=args.num_workers > 0)
+    if is_main_process():
+        prepare_output_dir(args.output_dir)
+        print(f"linear probe of {args.pretrained_weights} ({args.arch}/{args.patch_size}, {dim} features) on "
+              f"{len(train_set)} train / {len(val_set)} val images, {len(train_set.classes)} classes, lr {lr:.2e}")
+    best = dict(top1=0.0, top5=0.0, epoch=0)
+    for epoch in range(args.epochs):
+        start = time.time()
+        sampler.set_epoch(epoch)
+        loss = train_linear_epoch(model, ddp_classifier, loader, optimizer, args, device)
+        scheduler.step()
+        if (epoch + 1) % args.val_freq and epoch + 1 < args.epochs:
+            continue
+        # the plain module: DDP's forward would expect every process to run the same number of batches
+        top1, top5 = evaluate_linear(model, classifier, val_set, args, device)
+        if top1 > best["top1"] or not best["epoch"]:
+            best = dict(top1=top1, top5=top5, epoch=epoch + 1)
+        if is_main_process():
+            print(f"epoch {epoch + 1}/{args.epochs}: loss {loss:.4f}, val top-1 {top1:.2f} top-5 {top5:.2f} "
+                  f"(best top-1 {best['top1']:.2f} at epoch {best['epoch']}), {time.time() - start:.1f}s", flush=True)
+            save_checkpoint({"state_dict": classifier.state_dict(), "classes": train_set.classes,
+                             "epoch": epoch + 1, "top1": top1, "top5": top5, "best": best, "args": plain_args(args)},
+                            os.path.join(args.output_dir, "linear.pth"))
+    if is_main_process():
+        print(f"best val top-1 {best['top1']:.2f} top-5 {best['top5']:.2f} (epoch {best['epoch']}); "
+              f"classifier saved in {os.path.join(args.output_dir, 'linear.pth')}")
+    return best
+
+
+# -----------------------------------------------------------------------------
 # CLI
 
 # The paper's ImageNet ViT-S/16 run (100 epochs), used with --data_path.
@@ -975,14 +1433,24 @@ def build_parser():
     parser = argparse.ArgumentParser(description="DINO: self-supervised ViT training and evaluation")
     sub = parser.add_subparsers(dest="command", required=True)
     add_train_args(sub.add_parser("train", help="self-supervised pre-training"))
+    add_knn_args(sub.add_parser("knn", help="weighted k-NN accuracy of frozen features"))
+    add_attn_args(sub.add_parser("attn", help="last-block attention maps of an image"))
+    add_linear_args(sub.add_parser("linear", help="linear classifier on frozen features"))
     return parser
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
+        # resolve in the launching process: it may write the demo dataset, which must happen once
         if args.command == "train":
             launch(train, resolve_train_args(args))
+        elif args.command == "knn":
+            launch(knn_main, resolve_knn_args(args))
+        elif args.command == "attn":
+            attn_main(resolve_attn_args(args))
+        elif args.command == "linear":
+            launch(linear_main, resolve_linear_args(args))
     except DinoError as e:
         if is_main_process():
             print(f"error: {e}", file=sys.stderr)

@@ -4,15 +4,18 @@ the slow fault-injection tests run with `python -m pytest -q -m slow`.
 Expectations are independent of the code under test: hand-computed values,
 invariants, or explicit slow references written here.
 """
+import argparse
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.transforms as T
@@ -24,11 +27,13 @@ import vision_transformer as vits
 from dino import (
     BLUR_KERNEL_SIZE, IMAGENET_MEAN, IMAGENET_STD, DataAugmentationDINO, DinoError, MultiCropGeometry,
     MultiCropPhotometry, _adjust_brightness, _adjust_contrast, _adjust_hue, _adjust_saturation, _gaussian_blur,
-    _normalize, _rgb_to_grayscale, _solarize, apply_photometric, sample_photometric_params,
+    _normalize, _rgb_to_grayscale, _solarize, add_attn_args, add_knn_args, add_linear_args, apply_photometric,
+    attention_maps, attn_main, extract_features, knn_classifier, knn_main, linear_main, resolve_attn_args,
+    resolve_knn_args, resolve_linear_args, sample_photometric_params, shard, threshold_masks,
 )
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # the spawned two-process tests would otherwise oversubscribe 2 cores
 
 
 # -----------------------------------------------------------------------------
@@ -688,3 +693,259 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys, 
     ckpt = dino.load_checkpoint_file(tmp_path / "out" / "checkpoint.pth")
     assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["teacher"].values())
     assert len(read_log(tmp_path / "out")) == 1
+
+
+# -----------------------------------------------------------------------------
+# evaluation: knn, attn, linear
+
+def tiny_vit():
+    torch.manual_seed(0)
+    return vits.vit_tiny(patch_size=16).eval()
+
+
+def save_png(path, array):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(np.asarray(array, dtype=np.uint8)).save(path)
+
+
+def make_folders(root, n_train=4, n_val=2, classes=("a", "b", "c"), size=32):
+    """root/{train,val}/<class>/*.png: each class a different mean color plus noise."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", n_train), ("val", n_val)):
+        for c, cls in enumerate(classes):
+            for i in range(n):
+                color = 255 * c / max(len(classes) - 1, 1)
+                save_png(os.path.join(root, split, cls, f"{i}.png"),
+                         np.clip(color + rng.normal(0, 10, (size, size, 3)), 0, 255))
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A training-style checkpoint of a random vit_tiny/16 trained at 32 pixels."""
+    path = tmp_path_factory.mktemp("run") / "checkpoint.pth"
+    backbone = {f"backbone.{k}": v for k, v in tiny_vit().state_dict().items()}
+    torch.save({"student": backbone, "teacher": backbone, "epoch": 1,
+                "args": {"arch": "vit_tiny", "patch_size": 16, "global_crops_size": 32}}, path)
+    return str(path)
+
+
+def parse(add_args, argv):
+    parser = argparse.ArgumentParser()
+    add_args(parser)
+    return parser.parse_args(argv)
+
+
+# -----------------------------------------------------------------------------
+# knn
+
+def reference_knn(train_features, train_labels, test_features, test_labels, k, T):
+    """One test sample at a time, in plain Python: k nearest by cosine, votes exp(sim / T)."""
+    hits1 = hits5 = 0
+    for feature, label in zip(test_features.double(), test_labels.tolist()):
+        sims = (train_features.double() @ feature).tolist()
+        nearest = sorted(range(len(sims)), key=lambda j: -sims[j])[:k]
+        votes = {}
+        for j in nearest:
+            votes[train_labels[j].item()] = votes.get(train_labels[j].item(), 0.0) + np.exp(sims[j] / T)
+        ranked = sorted(votes, key=lambda c: -votes[c])
+        hits1 += ranked[0] == label
+        hits5 += label in ranked[:5]
+    return 100.0 * hits1 / len(test_labels), 100.0 * hits5 / len(test_labels)
+
+
+def test_knn_classifier_on_clusters():
+    g = torch.Generator().manual_seed(0)
+    centers = F.normalize(torch.randn(4, 32, generator=g), dim=1)
+    train_labels, test_labels = torch.arange(40) % 4, torch.arange(12) % 4
+    train = F.normalize(centers[train_labels] + 0.05 * torch.randn(40, 32, generator=g), dim=1)
+    test = F.normalize(centers[test_labels] + 0.05 * torch.randn(12, 32, generator=g), dim=1)
+    assert knn_classifier(train, train_labels, test, test_labels, k=5, T=0.07, num_classes=4) == (100.0, 100.0)
+    # with the labels of the test set shifted, nothing is right, not even within the top 5 of 4 classes
+    top1, top5 = knn_classifier(train, train_labels, test, (test_labels + 1) % 4, k=5, T=0.07, num_classes=4)
+    assert top1 == 0.0 and top5 == 0.0
+
+
+def test_knn_classifier_matches_brute_force_and_chunking():
+    g = torch.Generator().manual_seed(1)
+    train = F.normalize(torch.randn(60, 8, generator=g), dim=1)
+    test = F.normalize(torch.randn(23, 8, generator=g), dim=1)
+    for num_classes in (3, 9):
+        train_labels = torch.randint(num_classes, (60,), generator=g)
+        test_labels = torch.randint(num_classes, (23,), generator=g)
+        for k in (1, 4, 10, 60):
+            for T in (0.07, 0.5):
+                expected = reference_knn(train, train_labels, test, test_labels, k, T)
+                for chunk_size in (1, 7, 1000):
+                    got = knn_classifier(train, train_labels, test, test_labels, k, T, num_classes, chunk_size)
+                    assert got == pytest.approx(expected), (num_classes, k, T, chunk_size)
+
+
+def test_shards_cover_the_dataset_once(monkeypatch):
+    for world_size in (1, 2, 3, 5):
+        for n in (0, 1, 4, 7, 10):
+            monkeypatch.setattr(dino, "get_world_size", lambda: world_size)
+            indices = []
+            for rank in range(world_size):
+                monkeypatch.setattr(dino, "get_rank", lambda: rank)
+                indices += list(shard(list(range(n))))
+            assert indices == list(range(n))
+
+
+def images_dataset():
+    g = torch.Generator().manual_seed(0)
+    return torch.utils.data.TensorDataset(torch.randn(7, 3, 32, 32, generator=g), torch.arange(7))
+
+
+def extract_worker(rank, port, out):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        features = extract_features(tiny_vit(), images_dataset(), 2, 0, "cpu")
+        torch.save(features, os.path.join(out, f"rank{rank}.pth"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_extract_features_two_processes_equal_one(tmp_path):
+    single = extract_features(tiny_vit(), images_dataset(), 2, 0, "cpu")
+    assert single.shape == (7, 192) and single.dtype == torch.float32
+    assert torch.allclose(single.norm(dim=1), torch.ones(7))
+    torch.multiprocessing.spawn(extract_worker, args=(dino._free_port(), str(tmp_path)), nprocs=2)
+    for rank in range(2):  # every process gets all 7 features, in dataset order
+        torch.testing.assert_close(torch.load(tmp_path / f"rank{rank}.pth"), single, atol=1e-5, rtol=0)
+
+
+def test_knn_main_demo_run_and_feature_dump(tmp_path, checkpoint, monkeypatch, capsys):
+    out = tmp_path / "run"
+    with pytest.raises(DinoError, match="python dino.py train"):
+        resolve_knn_args(parse(add_knn_args, ["--output_dir", str(out)]))
+    os.makedirs(out)
+    shutil.copy(checkpoint, out / "checkpoint.pth")
+    monkeypatch.setattr(dino, "make_demo_dataset", lambda root: make_folders(root))  # a tiny stand-in demo
+    args = resolve_knn_args(parse(add_knn_args, ["--output_dir", str(out), "--num_workers", "0",
+                                                 "--dump_features", str(tmp_path / "feats")]))
+    assert (args.arch, args.patch_size, args.crop_size, args.resize_size) == ("vit_tiny", 16, 32, 32)
+    knn_main(args)
+    results = json.loads((out / "knn_results.json").read_text())["results"]
+    ks = [10, 12]  # 20, 100 and 200 are capped at the 12 train images
+    assert [(r["model"], r["k"]) for r in results] == [(str(out / "checkpoint.pth"), k) for k in ks] + \
+        [("random init (seed 0)", k) for k in ks]
+    assert results[0]["top1"] == 100.0  # the colors are trivially separable
+    assert "random init (seed 0)" in capsys.readouterr().out
+    knn_main(resolve_knn_args(parse(add_knn_args, ["--load_features", str(tmp_path / "feats"),
+                                                   "--output_dir", str(tmp_path / "reloaded")])))
+    reloaded = json.loads((tmp_path / "reloaded" / "knn_results.json").read_text())["results"]
+    assert [(r["top1"], r["top5"]) for r in reloaded] == [(r["top1"], r["top5"]) for r in results[:2]]
+
+
+# -----------------------------------------------------------------------------
+# attn
+
+def test_attention_maps_non_square():
+    model = tiny_vit()
+    img = torch.randn(3, 48, 64)
+    maps = attention_maps(model, img)
+    assert maps.shape == (3, 3, 4)
+    with torch.no_grad():
+        expected = model.get_last_selfattention(img[None])[0, :, 0, 1:].reshape(3, 3, 4)
+    torch.testing.assert_close(maps, expected)
+
+
+def test_threshold_masks_are_minimal():
+    maps = torch.rand(4, 5, 7) ** 3
+    for threshold in (0.05, 0.3, 0.6, 0.9, 1.0):
+        masks = threshold_masks(maps, threshold)
+        assert masks.shape == maps.shape and masks.dtype == torch.bool
+        for m, keep in zip(maps.double(), masks):
+            fraction = m[keep].sum() / m.sum()
+            assert fraction >= threshold - 1e-12
+            assert fraction - m[keep].min() / m.sum() < threshold  # without the smallest kept patch: short
+            assert (~keep).all() or keep.all() or m[keep].min() >= m[~keep].max()  # the largest patches are kept
+
+
+def test_attn_main_writes_maps(tmp_path, checkpoint, capsys):
+    image = tmp_path / "gray16.png"  # a 16-bit grayscale image, not 8-bit RGB
+    Image.fromarray(np.random.default_rng(0).integers(0, 65535, (50, 70)).astype(np.uint16)).save(image)
+    args = resolve_attn_args(parse(add_attn_args, [
+        "--pretrained_weights", checkpoint, "--image_path", str(image), "--image_size", "40", "72",
+        "--threshold", "0.6", "--output_dir", str(tmp_path)]))
+    attn_main(args)
+    names = sorted(os.listdir(tmp_path / "attn"))
+    assert names == sorted(["img.png", "attn-mean.png", "attn-overlay.png"] +
+                           [f"{kind}-head{i}.png" for kind in ("attn", "mask") for i in range(3)])
+    for name in names:  # 40 x 72 cropped to multiples of 16
+        with Image.open(tmp_path / "attn" / name) as img:
+            assert img.size == (64, 32) and img.mode == "RGB"
+    assert len(capsys.readouterr().out.splitlines()) == len(names)
+
+
+def test_attn_demo_defaults(tmp_path, checkpoint, monkeypatch):
+    shutil.copy(checkpoint, tmp_path / "checkpoint.pth")
+    monkeypatch.setattr(dino, "make_demo_dataset", lambda root: make_folders(root))
+    args = resolve_attn_args(parse(add_attn_args, ["--output_dir", str(tmp_path)]))
+    assert args.image_path == str(tmp_path / "demo_data" / "val" / "a" / "0.png") and args.image_size == [128, 128]
+
+
+# -----------------------------------------------------------------------------
+# linear
+
+def test_linear_probe_separates_bright_from_dark(tmp_path, checkpoint):
+    data = make_folders(tmp_path / "data", n_train=8, n_val=4, classes=("bright", "dark"))
+    args = resolve_linear_args(parse(add_linear_args, [
+        "--data_path", data, "--pretrained_weights", checkpoint, "--crop_size", "32", "--epochs", "4",
+        "--batch_size_per_gpu", "4", "--lr", "1.0", "--num_workers", "0", "--output_dir", str(tmp_path)]))
+    assert (args.n_last_blocks, args.avgpool_patchtokens) == (4, False)
+    best = linear_main(args)
+    assert best["top1"] == 100.0
+    saved = torch.load(tmp_path / "linear.pth", weights_only=True)
+    assert saved["state_dict"]["weight"].shape == (2, 4 * 192) and saved["classes"] == ["bright", "dark"]
+    assert saved["args"]["arch"] == "vit_tiny" and saved["epoch"] == 4
+
+
+def linear_worker(rank, port, args):
+    torch.set_num_threads(1)
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    try:
+        best = linear_main(args)  # joins the gloo group through init_distributed
+        torch.save(best, os.path.join(args.output_dir, f"best{rank}.pth"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_linear_probe_two_processes(tmp_path, checkpoint):
+    data = make_folders(tmp_path / "data", n_train=7, n_val=3, classes=("bright", "dark"))
+    args = resolve_linear_args(parse(add_linear_args, [
+        "--data_path", data, "--pretrained_weights", checkpoint, "--epochs", "3", "--batch_size_per_gpu", "2",
+        "--lr", "1.0", "--num_workers", "0", "--output_dir", str(tmp_path)]))
+    torch.multiprocessing.spawn(linear_worker, args=(dino._free_port(), args), nprocs=2)
+    best = [torch.load(tmp_path / f"best{rank}.pth") for rank in range(2)]
+    assert best[0] == best[1] and best[0]["top1"] == 100.0  # the val counts of both shards were summed
+    assert torch.load(tmp_path / "linear.pth", weights_only=True)["epoch"] == 3
+
+
+# -----------------------------------------------------------------------------
+# bad inputs: one-line DinoErrors
+
+def one_line_error(fn, match):
+    with pytest.raises(DinoError, match=match) as e:
+        fn()
+    assert "\n" not in str(e.value)
+
+
+def test_bad_inputs(tmp_path, checkpoint):
+    data = make_folders(tmp_path / "data")
+    os.rename(os.path.join(data, "val"), os.path.join(data, "validation"))
+    for add, resolve in ((add_knn_args, resolve_knn_args), (add_linear_args, resolve_linear_args)):
+        one_line_error(lambda: resolve(parse(add, ["--data_path", data, "--pretrained_weights", checkpoint])),
+                       "no val/ folder")
+    args = resolve_attn_args(parse(add_attn_args, ["--pretrained_weights", checkpoint, "--arch", "vit_small",
+                                                   "--image_path", str(tmp_path), "--output_dir", str(tmp_path)]))
+    one_line_error(lambda: attn_main(args), "not a readable image")
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("hello")
+    args.image_path = str(not_an_image)
+    one_line_error(lambda: attn_main(args), "not a readable image")
+    args.image_path = str(tmp_path / "data" / "train" / "a" / "0.png")
+    one_line_error(lambda: attn_main(args), "vit_tiny")  # the checkpoint's arch, suggested

@@ -2,8 +2,8 @@
 bench.py: DINO training throughput and memory, the straightforward baseline and ours (dino.py) measured side by
 side in one process. Prints one markdown table (--json PATH also writes the numbers).
 
-    python bench.py                                                 # CPU: vit_tiny, batch 8, out_dim 4096
-    python bench.py --threads 1                                     # CPU shared with other jobs: steadier
+    python bench.py                                                 # CPU: vit_tiny, batch 8, out_dim 4096, ~2 min
+    python bench.py --threads 1                                     # a CPU shared with other jobs: steadier
     python bench.py --arch vit_small --batch_size 64 --workers 15   # one GPU (H100): the targets
     python bench.py --arch vit_base --only step                     # the model step alone, ViT-B/16
 
@@ -14,8 +14,9 @@ analytic FLOP count, peak memory); the data pipeline per worker (in this process
 Baseline, as the published DINO code does it: explicit softmax(q k^T) v attention, fp16 autocast + GradScaler on a
 GPU (fp32 on the CPU), the loss pair by pair, per-parameter gradient clipping with a .item() each, a finite-loss
 .item() every step, AdamW(foreach=False, fused=False), a Python-loop EMA, the full augmentation in the workers
-(dino.DataAugmentationDINO). Ours: what `python dino.py train` runs (dino.make_train_step and its parts, bf16
-autocast on a GPU; MultiCropGeometry in the workers, MultiCropPhotometry on the device, or in the workers without one).
+(dino.DataAugmentationDINO). Ours: what `python dino.py train` runs (dino.make_train_step and its parts, fused
+AdamW, bf16 autocast on a GPU; MultiCropGeometry in the workers, MultiCropPhotometry on the device, or in the workers
+without one).
 """
 import argparse
 import datetime
@@ -36,21 +37,17 @@ from PIL import Image, ImageDraw, ImageFilter
 import dino
 import vision_transformer as vits
 
-# -----------------------------------------------------------------------------
-# the baseline
 
-
+# ------------------------------ the baseline ---------------------------------
 class ExplicitAttention(vits.Attention):
     """The published attention: materializes softmax(q k^T / sqrt(d)) [B, heads, N, N], then multiplies by v."""
 
     def forward(self, x, return_attention=False):
         B, N, C = x.shape
         q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
-        attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
+        attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)  # (attention dropout is 0 in DINO)
         if return_attention:
             return attn
-        if self.training and self.attn_drop > 0:
-            attn = F.dropout(attn, self.attn_drop)
         return self.proj_drop(self.proj((attn @ v).transpose(1, 2).reshape(B, N, C)))
 
 
@@ -86,11 +83,9 @@ def make_baseline_step(student, teacher, loss_fn, optimizer, scaler, amp_dtype, 
         if not math.isfinite(loss.item()):
             sys.exit("loss is not finite")
         optimizer.zero_grad()
+        (loss if scaler is None else scaler.scale(loss)).backward()
         if scaler is not None:
-            scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
-        else:
-            loss.backward()
         for p in student.parameters():  # the published clip_gradients: a host sync per parameter tensor
             if p.grad is not None:
                 norm = p.grad.norm(2)
@@ -113,10 +108,8 @@ def make_baseline_step(student, teacher, loss_fn, optimizer, scaler, amp_dtype, 
 
     return step
 
-# -----------------------------------------------------------------------------
-# building both
 
-
+# ------------------------------ building both --------------------------------
 def dino_args(a, **overrides):
     """dino.py's train flags for this benchmark, the unset ones from its paper recipe (nothing duplicated here)."""
     argv = ["train", "--data_path", a.data_dir or "unused", "--arch", a.arch, "--patch_size", str(a.patch_size),
@@ -143,7 +136,7 @@ def build(args, device, amp_dtype, baseline):
         optimizer = torch.optim.AdamW(dino.get_params_groups(student), foreach=False, fused=False)
         loss = PairwiseDINOLoss(args.out_dim, ncrops, args.teacher_temp).to(device)
     else:  # as dino.train
-        optimizer = torch.optim.AdamW(dino.get_params_groups(student), fused=device.type == "cuda")
+        optimizer = torch.optim.AdamW(dino.get_params_groups(student), fused=True)
         loss = dino.DINOLoss(args.out_dim, ncrops, args.warmup_teacher_temp, args.teacher_temp,
                              args.warmup_teacher_temp_epochs, args.epochs).to(device)
     for group in optimizer.param_groups:
@@ -168,7 +161,8 @@ def resident_bytes(objs):
             ts = [*o.parameters(), *o.buffers(), *(p.grad for p in o.parameters() if p.grad is not None)]
         else:
             ts = [v for s in o.state.values() for v in s.values()] if isinstance(o, torch.optim.Optimizer) else [o]
-        storages.update({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in ts if torch.is_tensor(t)})
+        storages.update({t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                         for t in ts if torch.is_tensor(t)})
     return sum(storages.values())
 
 
@@ -193,10 +187,8 @@ def flops_per_image(model, patch, gsize, lsize, nlocal, head):
     student = 2 * (3 * gb + 2 * gp) + nlocal * (3 * lb + 2 * lp) + 3 * (2 + nlocal) * head
     return student + 2 * (gp + gb + head)
 
-# -----------------------------------------------------------------------------
-# the three parts
 
-
+# ------------------------------ the three parts ------------------------------
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -262,11 +254,7 @@ def make_jpeg(path, seed):
     for _ in range(rng.integers(6, 20)):
         x0, y0 = rng.uniform(-50, 500), rng.uniform(-50, 375)
         box = [x0, y0, x0 + rng.uniform(20, 250), y0 + rng.uniform(20, 200)]
-        fill = tuple(int(c) for c in rng.integers(0, 256, 3))
-        if rng.random() < 0.5:
-            draw.ellipse(box, fill=fill)
-        else:
-            draw.polygon([tuple(p) for p in rng.uniform(box[:2], box[2:], (rng.integers(3, 7), 2))], fill=fill)
+        (draw.ellipse if rng.random() < 0.5 else draw.rectangle)(box, fill=tuple(rng.integers(0, 256, 3).tolist()))
     img = np.asarray(img.filter(ImageFilter.GaussianBlur(rng.uniform(0.5, 2))), dtype=np.float32)
     texture = Image.fromarray(rng.integers(0, 256, (94, 125), dtype=np.uint8)).resize((500, 375), Image.BICUBIC)
     img = img + 0.15 * (np.asarray(texture, np.float32)[..., None] - 128) + rng.normal(0, 12, img.shape)
@@ -304,7 +292,8 @@ def bench_data(a, data_dir, res):
 def bench_e2e(a, data_dir, device, runners, res):
     plain, geometry, photometry = transforms(dino_args(a))
     on_device = device.type == "cuda"
-    warmup, steps = max(a.warmup, a.workers), max(a.steps, 3 * a.workers)  # past the workers' start-up burst
+    # on a GPU, time past the workers' start-up burst (they all deliver their first batches at once)
+    warmup, steps = (max(a.warmup, a.workers), max(a.steps, 3 * a.workers)) if on_device else (a.warmup, a.steps)
     res["e2e_steps"] = steps
     for name, (step, _) in runners.items():
         baseline = name == "baseline"
@@ -324,10 +313,8 @@ def bench_e2e(a, data_dir, device, runners, res):
         sync(device)
         res[name]["e2e_img_s"] = steps * a.batch_size / (time.perf_counter() - t0)
 
-# -----------------------------------------------------------------------------
-# report
 
-
+# ------------------------------ report ---------------------------------------
 def device_name(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)

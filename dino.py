@@ -16,14 +16,15 @@ import argparse
 import datetime
 import itertools
 import json
+import logging
 import math
 import os
 import pickle
 import random
+import re
 import socket
 import sys
 import time
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -317,10 +318,15 @@ class ImageDataset(torch.utils.data.Dataset):
 DEMO_CLASSES = ("stripes_h", "stripes_v", "stripes_d", "checker", "rings", "dots")
 
 
+# Color pairs shared by every class: color tells nothing about the class, so features must encode the shape.
+DEMO_PALETTE = ((230, 60, 40), (30, 40, 120)), ((250, 220, 60), (40, 110, 50)), ((235, 235, 235), (90, 60, 140)), \
+    ((70, 200, 220), (120, 40, 30))
+
+
 def demo_image(cls, rng, size=64):
-    """A procedural image whose class is its shape pattern, not its colors."""
+    """A procedural image whose class is its shape pattern, not its colors, position or scale."""
     y, x = np.mgrid[0:size, 0:size].astype(np.float64) / size
-    freq = rng.uniform(3, 7)
+    freq = rng.uniform(3, 6)
     phase = rng.uniform(0, 2 * np.pi)
     cx, cy = rng.uniform(0.2, 0.8, size=2)
     pattern = {
@@ -331,9 +337,10 @@ def demo_image(cls, rng, size=64):
         "rings": lambda: np.sin(2 * np.pi * freq * np.hypot(x - cx, y - cy) + phase),
         "dots": lambda: np.cos(2 * np.pi * freq * x + phase) + np.cos(2 * np.pi * freq * y + phase) - 1,
     }[cls]()
-    mask = (pattern > 0)[..., None]
-    fg, bg = rng.uniform(0, 255, size=(2, 3))
-    img = np.where(mask, fg, bg) + rng.normal(0, 12, size=(size, size, 3))
+    fg, bg = DEMO_PALETTE[rng.integers(len(DEMO_PALETTE))]
+    if rng.random() < 0.5:
+        fg, bg = bg, fg
+    img = np.where((pattern > 0)[..., None], fg, bg) + rng.normal(0, 12, size=(size, size, 3))
     return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
 
 
@@ -573,10 +580,28 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _spawned_worker(local_rank, fn, args, world_size):
+class LostContactError(DinoError):
+    """Another process of the group died or hung; every survivor reports it (the lost one may be rank 0)."""
+
+
+def _run(fn, args):
+    """fn(args), where a collective failing because another process died or hung becomes a one-line error."""
+    try:
+        return fn(args)
+    except RuntimeError as e:  # gloo raises plain RuntimeErrors from its transport, NCCL and the store DistErrors
+        if get_world_size() <= 1 or not (isinstance(e, dist.DistError) or "gloo/transport" in str(e)):
+            raise
+        raise LostContactError(f"lost contact with another training process ({_first_line(e)}); "
+                               f"rerun the same command to resume from the last checkpoint") from None
+
+
+def _spawned_worker(local_rank, fn, args, world_size, errors):
     os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world_size))
     try:
-        fn(args)
+        _run(fn, args)
+    except DinoError as e:  # the message goes to the launching process, which prints it once (not a traceback)
+        errors.put(str(e))
+        sys.exit(2)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -586,10 +611,21 @@ def launch(fn, args):
     """Run fn(args) in one process per visible GPU, or once (under torchrun, or on one GPU / the CPU)."""
     n_gpus = torch.cuda.device_count()
     if "RANK" in os.environ or n_gpus <= 1:
-        return fn(args)
+        return _run(fn, args)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    torch.multiprocessing.spawn(_spawned_worker, args=(fn, args, n_gpus), nprocs=n_gpus)
+    errors = torch.multiprocessing.get_context("spawn").SimpleQueue()
+    # spawn warns "Terminating process ... via signal SIGTERM" as it stops the others when one fails: noise there
+    logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
+    try:
+        torch.multiprocessing.spawn(_spawned_worker, args=(fn, args, n_gpus, errors), nprocs=n_gpus)
+    except torch.multiprocessing.ProcessExitedException as e:  # a worker's exception (a bug) keeps its traceback
+        if not errors.empty():
+            raise DinoError(errors.get()) from None
+        if e.signal_name:
+            raise DinoError(f"training process {e.error_index} was killed by {e.signal_name}; "
+                            f"rerun the same command to resume from the last checkpoint") from None
+        raise
 
 
 # -----------------------------------------------------------------------------
@@ -603,20 +639,29 @@ def load_checkpoint_file(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
+        # the weights_only unpickler names the class or function it refused with "GLOBAL"
+        if "global" in str(e).lower():
             raise DinoError(f"refusing to load {path}: it holds Python objects beyond tensors and plain data, "
                             f"and unpickling them could run code; re-save it as a plain state dict") from None
-        raise DinoError(f"{path} is not a readable checkpoint ({str(e).splitlines()[0]}); "
+        raise DinoError(f"{path} is not a readable checkpoint (truncated or corrupt); re-download or delete it") \
+            from None
+    except Exception as e:  # garbage makes the unpickler fail in many ways (KeyError, IndexError, struct.error...)
+        detail = _first_line(e) if isinstance(e, RuntimeError) else type(e).__name__  # torch's zip reader explains
+        raise DinoError(f"{path} is not a readable checkpoint (truncated or corrupt: {detail}); "
                         f"re-download or delete it") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as e:
-        first_line = (str(e).splitlines() or [type(e).__name__])[0]
-        raise DinoError(f"{path} is not a readable checkpoint (truncated or corrupt: {first_line}); "
-                        f"re-download or delete it") from None
+
+
+def _first_line(e):
+    """An exception's message without paths, hints and tracebacks: its first line, else its type name."""
+    lines = str(e).strip().splitlines()
+    if not lines:
+        return type(e).__name__
+    return re.sub(r"^\[[^\]]*\]\s*", "", lines[0]).split(". ")[0]  # gloo prefixes [file.cc:line], then advice
 
 
 def save_checkpoint(state, path):
     """Write to a temporary file, flush to disk, then rename: a crash never leaves a half-written checkpoint."""
-    tmp = f"{path}.tmp{os.getpid()}"
+    tmp = f"{path}.tmp"  # not per process: a killed save leaves one stale file that the next save replaces
     try:
         with open(tmp, "wb") as f:
             torch.save(state, f)
@@ -694,16 +739,24 @@ def build_loader(args, photometry, photometry_in_workers, rank, world_size):
 
 
 STRUCTURAL_FLAGS = ("arch", "patch_size", "out_dim", "norm_last_layer", "use_bn_in_head")
+TRAINING_STATE = ("student", "teacher", "optimizer", "dino_loss", "epoch")  # what save_epoch writes and resume needs
 
 
 def restore_training(path, args, student, teacher, optimizer, scaler, dino_loss):
     """Resume from `path` if it exists; returns the epoch to start at."""
+    log = os.path.join(os.path.dirname(path), "log.txt")
     if not os.path.exists(path):
+        if is_main_process():
+            trim_log(log, 0)  # lines of a run killed before its first checkpoint
         return 0
+    fresh = "to start fresh, move it away or pass another --output_dir"
     try:
         ckpt = load_checkpoint_file(path)
     except DinoError as e:
-        raise DinoError(f"cannot resume: {e}; to start fresh, move it away or pass another --output_dir") from None
+        raise DinoError(f"cannot resume: {e}; {fresh}") from None
+    missing = [k for k in TRAINING_STATE if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise DinoError(f"cannot resume: {path} is not a training checkpoint (no {', '.join(missing)}); {fresh}")
     old = ckpt.get("args", {})
     clash = [f"--{k} {old[k]} (now {getattr(args, k)})" for k in STRUCTURAL_FLAGS
              if k in old and old[k] != getattr(args, k)]
@@ -721,7 +774,33 @@ def restore_training(path, args, student, teacher, optimizer, scaler, dino_loss)
         scaler.load_state_dict(ckpt["scaler"])
     if is_main_process():
         print(f"resumed from {path} at epoch {ckpt['epoch']}")
+        trim_log(log, ckpt["epoch"])
+        if ckpt["epoch"] >= args.epochs:
+            print(f"the checkpoint has all {args.epochs} epochs already: nothing to train; "
+                  f"pass a larger --epochs to train longer")
     return ckpt["epoch"]
+
+
+def trim_log(path, epoch):
+    """Drop log.txt lines of epochs >= `epoch`: a run killed after logging an epoch but before its checkpoint
+    redoes that epoch and logs it again."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = [line for line in lines if _logged_epoch(line) < epoch]
+    if len(kept) < len(lines):
+        with open(f"{path}.tmp", "w") as f:
+            f.writelines(kept)
+        os.replace(f"{path}.tmp", path)
+        print(f"dropped {len(lines) - len(kept)} line(s) of {path} for epochs the checkpoint does not hold")
+
+
+def _logged_epoch(line):
+    try:
+        return json.loads(line)["epoch"]
+    except (ValueError, KeyError, TypeError):  # a line cut short
+        return math.inf
 
 
 def plain_args(args):
@@ -875,16 +954,20 @@ def train_one_epoch(step, loader, photometry, schedules, optimizer, dino_loss, e
 
 
 def save_epoch(args, epoch, stats, student, teacher, optimizer, scaler, dino_loss):
-    """Checkpoint (atomically), append one JSON line to log.txt, and warn when the stats show collapse."""
+    """Append one JSON line to log.txt, checkpoint (atomically), and warn when the stats show collapse.
+
+    checkpoint.pth is written last: a run killed before it redoes this epoch on resume, and trim_log drops the
+    line logged here, so log.txt, checkpointNNNN.pth and checkpoint.pth always agree.
+    """
     state = {"student": student.state_dict(), "teacher": teacher.state_dict(), "optimizer": optimizer.state_dict(),
              "dino_loss": dino_loss.state_dict(), "epoch": epoch + 1, "args": plain_args(args)}
     if scaler is not None:
         state["scaler"] = scaler.state_dict()
-    save_checkpoint(state, os.path.join(args.output_dir, "checkpoint.pth"))
-    if args.saveckp_freq and epoch % args.saveckp_freq == 0:
-        save_checkpoint(state, os.path.join(args.output_dir, f"checkpoint{epoch:04d}.pth"))
     with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
         f.write(json.dumps(stats) + "\n")
+    if args.saveckp_freq and epoch % args.saveckp_freq == 0:
+        save_checkpoint(state, os.path.join(args.output_dir, f"checkpoint{epoch:04d}.pth"))
+    save_checkpoint(state, os.path.join(args.output_dir, "checkpoint.pth"))
     print(f"epoch {epoch} done: loss {stats['loss']:.4f}, teacher entropy {stats['teacher_entropy']:.3f}, "
           f"KL {stats['kl']:.3f}, batch-mean entropy {stats['batch_mean_entropy']:.3f} "
           f"(max {math.log(args.out_dim):.3f}), {stats['skipped_images']} unreadable images skipped", flush=True)
@@ -921,6 +1004,7 @@ def resolve_weights(args):
     # The checkpoint knows its architecture; --arch / --patch_size are only needed for other weights.
     args.arch = args.arch or train_args.get("arch", RECIPE["arch"])
     args.patch_size = args.patch_size or train_args.get("patch_size", RECIPE["patch_size"])
+    prepare_output_dir(args.output_dir)  # knn, attn and linear write there (and the demo data): fail before any work
     return train_args
 
 
@@ -1414,6 +1498,7 @@ def add_train_args(p):
 
 def resolve_train_args(args):
     """Fill every flag left unset from the recipe, or from the demo configuration when there is no --data_path."""
+    prepare_output_dir(args.output_dir)  # before the demo data is written there, or any image is listed
     defaults = RECIPE if args.data_path else DEMO
     for k, v in defaults.items():
         if getattr(args, k) is None:
@@ -1452,7 +1537,7 @@ def main(argv=None):
         elif args.command == "linear":
             launch(linear_main, resolve_linear_args(args))
     except DinoError as e:
-        if is_main_process():
+        if is_main_process() or isinstance(e, LostContactError):
             print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

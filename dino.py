@@ -782,8 +782,8 @@ def restore_training(path, args, student, teacher, optimizer, scaler, dino_loss)
 
 
 def trim_log(path, epoch):
-    """Drop log.txt lines of epochs >= `epoch`: a run killed after logging an epoch but before its checkpoint
-    redoes that epoch and logs it again."""
+    """Drop the log.txt lines of epochs >= `epoch`, which the checkpoint lacks: a run killed after logging an epoch
+    but before saving it redoes that epoch and logs it again."""
     if not os.path.exists(path):
         return
     with open(path) as f:

@@ -8,9 +8,13 @@ import argparse
 import json
 import math
 import os
+import random
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -949,3 +953,345 @@ def test_bad_inputs(tmp_path, checkpoint):
     one_line_error(lambda: attn_main(args), "not a readable image")
     args.image_path = str(tmp_path / "data" / "train" / "a" / "0.png")
     one_line_error(lambda: attn_main(args), "vit_tiny")  # the checkpoint's arch, suggested
+
+
+# -----------------------------------------------------------------------------
+# faults: killed runs, bad checkpoints and pickles, changed flags, bad images, unwritable output dirs, lost
+# processes. The slow ones kill real training processes: `python -m pytest -q -m slow`.
+
+def start_cli(argv, stderr_path, env=None, python_args=("dino.py",)):
+    """The CLI in a separate process, stderr to a file (a pipe nobody reads could fill up and block it)."""
+    with open(stderr_path, "w") as err:
+        return subprocess.Popen([sys.executable, *python_args, *argv], cwd=HERE, env={**os.environ, **(env or {})},
+                                stdout=subprocess.DEVNULL, stderr=err)
+
+
+def wait_for(condition, p, timeout=120):
+    """Poll condition() every 2 ms while process p runs; True once it holds, False if p exited first."""
+    deadline = time.time() + timeout
+    while p.poll() is None and time.time() < deadline:
+        if condition():
+            return True
+        time.sleep(0.002)
+    assert time.time() < deadline, "timed out waiting"
+    return False
+
+
+def modified_after(path, since_ns):
+    try:
+        return path.stat().st_mtime_ns > since_ns
+    except FileNotFoundError:  # not there yet, or just renamed away
+        return False
+
+
+def teacher(path):
+    return dino.load_checkpoint_file(path)["teacher"]
+
+
+def assert_same_teacher(a, b):
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def stderr_line(path):
+    """The process's stderr, which must be one 'error: ...' line."""
+    err = open(path).read().strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+# -----------------------------------------------------------------------------
+# a training run killed anywhere
+
+EPOCHS = 5
+
+
+def check_killed_run(out):
+    """What a SIGKILL may leave: no checkpoint yet, or a loadable one that log.txt agrees with."""
+    ckpt_path = out / "checkpoint.pth"
+    if not ckpt_path.exists():
+        return 0
+    ckpt = dino.load_checkpoint_file(ckpt_path)
+    assert set(dino.TRAINING_STATE) <= set(ckpt) and 1 <= ckpt["epoch"] <= EPOCHS
+    logged = [entry["epoch"] for entry in read_log(out)]
+    # every saved epoch is logged; one more line if killed between logging an epoch and saving it
+    assert logged in (list(range(ckpt["epoch"])), list(range(ckpt["epoch"] + 1)))
+    return ckpt["epoch"]
+
+
+@pytest.mark.slow
+def test_sigkill_anywhere_then_rerun_resumes_and_equals_uninterrupted_run(tmp_path):
+    data = tiny_folder(tmp_path / "data")
+
+    def argv(out):
+        return train_argv(data, out, "--epochs", str(EPOCHS))
+
+    code, _, err = run_cli(argv(tmp_path / "straight"))
+    assert code == 0, err
+    out = tmp_path / "killed"
+    log, tmp, ckpt = out / "log.txt", out / "checkpoint.pth.tmp", out / "checkpoint.pth"
+    rng = random.Random(0)
+    kills = []
+    for attempt in range(8):
+        since = time.time_ns()
+        p = start_cli(argv(out), tmp_path / "stderr.txt")
+        if attempt == 0:  # during the very first save of checkpoint.pth: there is none to fall back on
+            wait_for(lambda: modified_after(tmp, since), p)
+        elif attempt == 1:  # during a save that replaces a checkpoint.pth
+            wait_for(lambda: ckpt.exists() and modified_after(tmp, max(since, ckpt.stat().st_mtime_ns)), p)
+        elif attempt == 2:  # during startup or the first steps
+            time.sleep(rng.uniform(0.1, 3.0))
+        else:  # anywhere in the next epoch or so after an epoch end: saves, steps, the log; or after the last one
+            wait_for(lambda: modified_after(log, since), p)
+            time.sleep(rng.uniform(0.0, 1.5))
+        p.kill()
+        if p.wait() == 0:
+            break
+        assert p.returncode == -signal.SIGKILL, open(tmp_path / "stderr.txt").read()
+        kills.append(check_killed_run(out))
+    print("checkpoint epochs left by the kills:", kills)
+    assert kills[:2] == [0, 1], kills  # the first kill left no checkpoint, the second the one of epoch 1
+    code, _, err = run_cli(argv(out))  # the same command once more: it finishes the run (or has nothing to do)
+    assert code == 0, err
+    assert_same_teacher(teacher(out / "checkpoint.pth"), teacher(tmp_path / "straight" / "checkpoint.pth"))
+    assert [entry["epoch"] for entry in read_log(out)] == list(range(EPOCHS))
+    assert not list(out.glob("*.tmp*"))  # a killed save leaves no lasting litter
+
+
+# -----------------------------------------------------------------------------
+# unreadable checkpoints
+
+def bad_checkpoints(tmp_path):
+    """name -> path of a file that is no usable checkpoint."""
+    good = tmp_path / "good.pth"
+    torch.save({"teacher": {"w": torch.randn(1000)}}, good)
+    files = {name: tmp_path / f"{name}.pth" for name in ("truncated", "empty", "text", "not_training")}
+    files["truncated"].write_bytes(good.read_bytes()[:good.stat().st_size // 2])
+    files["empty"].write_bytes(b"")
+    files["text"].write_text("hello, this is no checkpoint\n")
+    torch.save({"cls_token": torch.zeros(1, 1, 192)}, files["not_training"])  # a backbone, not a training run
+    return files
+
+
+def test_unreadable_checkpoints_are_one_line_errors_and_never_overwritten(tmp_path, capsys):
+    files = bad_checkpoints(tmp_path)
+    for name in ("truncated", "empty", "text"):
+        with pytest.raises(dino.DinoError, match="is not a readable checkpoint") as e:
+            dino.load_checkpoint_file(files[name])
+        assert str(files[name]) in str(e.value) and "\n" not in str(e.value)
+    data = tiny_folder(tmp_path / "data", n=4)
+    for name, path in files.items():
+        out = tmp_path / f"run_{name}"
+        os.makedirs(out)
+        (out / "checkpoint.pth").write_bytes(path.read_bytes())
+        err = main_error(train_argv(data, out, "--epochs", "1"), capsys)
+        assert "cannot resume" in err and str(out / "checkpoint.pth") in err and "to start fresh" in err, err
+        assert (out / "checkpoint.pth").read_bytes() == path.read_bytes()  # left alone
+        assert not (out / "log.txt").exists()
+    for command in ("knn", "attn", "linear"):
+        err = main_error([command, "--pretrained_weights", str(files["truncated"]), "--output_dir",
+                          str(tmp_path / "eval")], capsys)
+        assert "is not a readable checkpoint" in err and str(files["truncated"]) in err
+
+
+# -----------------------------------------------------------------------------
+# pickles that would run code
+
+class RunsCode:
+    """Unpickling it creates the marker file: what a malicious checkpoint could do with any command."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def torch_load_calls(source):
+    """The argument text of every torch.load(...) call in source."""
+    calls = []
+    for match in re.finditer(r"torch\.load\(", source):
+        depth, i = 1, match.end()
+        while depth:
+            depth += {"(": 1, ")": -1}.get(source[i], 0)
+            i += 1
+        calls.append(source[match.end():i - 1])
+    return calls
+
+
+def test_every_torch_load_is_weights_only():
+    calls = torch_load_calls(open(os.path.join(HERE, "dino.py")).read())
+    assert calls and all("weights_only=True" in call for call in calls), calls
+    assert not torch_load_calls(open(os.path.join(HERE, "vision_transformer.py")).read())
+
+
+def test_code_running_pickle_is_refused_by_every_entry_point(tmp_path, capsys):
+    marker = tmp_path / "marker"
+    evil = tmp_path / "evil.pth"
+    backbone = {f"backbone.{k}": v for k, v in dino.vits.vit_tiny(patch_size=16).state_dict().items()}
+    torch.save({"student": backbone, "teacher": backbone, "epoch": 1, "args": {"arch": "vit_tiny"},
+                "payload": RunsCode(marker)}, evil)
+    torch.load(evil, weights_only=False)  # the file really runs code when unpickled unsafely
+    assert marker.exists()
+    marker.unlink()
+
+    refused = "could run code"
+    with pytest.raises(dino.DinoError, match=refused):
+        dino.load_pretrained_weights(dino.vits.vit_tiny(patch_size=16), evil)
+    data = tiny_folder(tmp_path / "data", n=4)
+    os.makedirs(tmp_path / "run")
+    (tmp_path / "run" / "checkpoint.pth").write_bytes(evil.read_bytes())
+    assert refused in main_error(train_argv(data, tmp_path / "run"), capsys)
+    for command in ("knn", "attn", "linear"):
+        err = main_error([command, "--pretrained_weights", str(evil), "--output_dir", str(tmp_path / "eval")], capsys)
+        assert refused in err and str(evil) in err
+    features = tmp_path / "features"
+    os.makedirs(features)
+    for name in dino.FEATURE_FILES:
+        torch.save(RunsCode(marker), features / f"{name}.pth")
+    assert refused in main_error(["knn", "--load_features", str(features), "--output_dir", str(tmp_path / "eval")],
+                                 capsys)
+    assert not marker.exists()
+
+
+# -----------------------------------------------------------------------------
+# resuming with other flags
+
+def test_resume_refuses_network_changes_and_reports_harmless_ones(tmp_path, capsys):
+    data = tiny_folder(tmp_path / "data", n=4)
+    dino.main(train_argv(data, tmp_path / "out", "--epochs", "1"))
+    capsys.readouterr()
+    err = main_error(train_argv(data, tmp_path / "out", "--arch", "vit_small", "--patch_size", "8",
+                                "--out_dim", "64"), capsys)
+    for difference in ("--arch vit_tiny (now vit_small)", "--patch_size 16 (now 8)", "--out_dim 32 (now 64)"):
+        assert difference in err, err
+    dino.main(train_argv(data, tmp_path / "out", "--epochs", "2", "--num_workers", "1"))
+    printed = capsys.readouterr().out
+    assert "resuming with changed flags" in printed and "epochs 1 -> 2" in printed and "num_workers 0 -> 1" in printed
+    assert "resumed from" in printed and [entry["epoch"] for entry in read_log(tmp_path / "out")] == [0, 1]
+    dino.main(train_argv(data, tmp_path / "out", "--epochs", "2", "--num_workers", "1"))
+    assert "nothing to train" in capsys.readouterr().out
+    assert len(read_log(tmp_path / "out")) == 2
+
+
+# -----------------------------------------------------------------------------
+# bad and odd images
+
+def test_bad_and_odd_images_are_skipped_and_counted(tmp_path, capsys):
+    data = tiny_folder(tmp_path / "data", n=16)
+    rng = np.random.default_rng(0)
+    good = data / "stripes_h" / "0.png"
+    unreadable = [data / "stripes_h" / "5_corrupt.png", data / "stripes_v" / "3_corrupt.jpg",  # 2 of 20: 1 in 10
+                  data / "stripes_h" / "9_empty.jpg", data / "stripes_v" / "7_text.png"]
+    unreadable[0].write_bytes(good.read_bytes()[:200])  # a truncated PNG
+    unreadable[1].write_bytes(b"\xff\xd8\xff\xe0" + rng.bytes(500))  # a JPEG header, then noise
+    unreadable[2].write_bytes(b"")
+    unreadable[3].write_text("not an image")
+    Image.new("RGB", (1, 1), (200, 10, 10)).save(data / "stripes_h" / "1x1.png")
+    Image.fromarray(rng.integers(0, 255, (100, 10000, 3), dtype=np.uint8)).save(data / "stripes_v" / "wide.jpg")
+    Image.fromarray(rng.integers(0, 255, (30, 40, 4), dtype=np.uint8), "CMYK").save(data / "stripes_h" / "cmyk.jpg")
+    Image.fromarray(rng.integers(0, 65535, (30, 40), dtype=np.uint16)).save(data / "stripes_v" / "sixteen.png")
+    assert Image.open(data / "stripes_h" / "cmyk.jpg").mode == "CMYK"
+    assert Image.open(data / "stripes_v" / "sixteen.png").mode.startswith("I")
+    assert len(dino.list_images(data)) == 24  # 6 batches of 4 (drop_last): every file is drawn once
+    dino.main(train_argv(data, tmp_path / "out", "--epochs", "1"))
+    log = read_log(tmp_path / "out")
+    assert log[0]["skipped_images"] == 4 and np.isfinite(log[0]["loss"])  # no two unreadable files in a row
+    err = capsys.readouterr().err
+    assert all(f"skipping unreadable image {path}" in err for path in unreadable)
+    assert err.count("skipping unreadable image") == 4
+
+
+# -----------------------------------------------------------------------------
+# output dir
+
+# We run as root: chmod cannot make a directory read-only for us. /proc refuses new entries for everyone, and a
+# path under a regular file cannot be created.
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc")
+def test_unusable_output_dir_fails_before_any_work(tmp_path, capsys):
+    (tmp_path / "a_file").write_text("")
+    checkpoint = tmp_path / "weights.pth"
+    torch.save(dino.vits.vit_tiny(patch_size=16).state_dict(), checkpoint)
+    for out in ("/proc/dino_test_output", str(tmp_path / "a_file" / "out")):
+        err = main_error(["train", "--output_dir", out], capsys)  # the demo: it would write its data there first
+        assert f"--output_dir {out} is not writable" in err, err
+        for command in ("knn", "attn", "linear"):  # before they extract features or train
+            err = main_error([command, "--pretrained_weights", str(checkpoint), "--arch", "vit_tiny",
+                              "--output_dir", out], capsys)
+            assert f"--output_dir {out} is not writable" in err, err
+    assert "is a file" in main_error(["train", "--output_dir", str(tmp_path / "a_file")], capsys)
+    assert sorted(os.listdir(tmp_path)) == ["a_file", "weights.pth"]  # nothing was written
+
+
+# -----------------------------------------------------------------------------
+# processes that die
+
+def start_rank(rank, argv, port, stderr_path):
+    """One process of a 2-process gloo group, as on two nodes: nothing but the group connects them."""
+    env = dict(RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+               OMP_NUM_THREADS="1")
+    return start_cli(argv, stderr_path, env)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("victim, sig", [(1, signal.SIGKILL), (0, signal.SIGKILL), (1, signal.SIGSTOP)],
+                         ids=["rank1_killed", "rank0_killed", "rank1_hangs"])
+def test_survivor_of_a_lost_process_exits_with_one_line_and_rerun_resumes(tmp_path, victim, sig):
+    data = tiny_folder(tmp_path / "data", n=16)
+    out = tmp_path / "out"
+    # 0.25 minutes: a hung peer (SIGSTOP) is given up on after 15 s; a dead one is noticed at once
+    argv = train_argv(data, out, "--epochs", "4", "--dist_timeout", "0.25")
+    port = dino._free_port()
+    procs = [start_rank(rank, argv, port, tmp_path / f"err{rank}.txt") for rank in range(2)]
+    try:
+        assert wait_for(lambda: (out / "log.txt").exists(), procs[0]), open(tmp_path / "err0.txt").read()
+        procs[victim].send_signal(sig)
+        start = time.time()
+        survivor = procs[1 - victim]
+        assert survivor.wait(timeout=60) == 2 and time.time() - start < 60
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    err = stderr_line(tmp_path / f"err{1 - victim}.txt")
+    assert "lost contact with another training process" in err and "rerun the same command to resume" in err
+    port = dino._free_port()
+    procs = [start_rank(rank, argv, port, tmp_path / f"rerun{rank}.txt") for rank in range(2)]
+    assert [p.wait(timeout=240) for p in procs] == [0, 0], open(tmp_path / "rerun0.txt").read()
+    assert [entry["epoch"] for entry in read_log(out)] == [0, 1, 2, 3]
+
+
+TWO_FAKE_GPUS = ["-c", "import sys, torch; torch.cuda.device_count = lambda: 2; import dino; dino.main(sys.argv[1:])"]
+
+
+def test_error_in_launched_processes_is_one_line(tmp_path, capsys, monkeypatch):
+    # launch() spawns one process per GPU; with two "GPUs" the spawned workers find none and join a gloo group.
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(dino._free_port()))
+    data = tiny_folder(tmp_path / "data", n=4)
+    err = main_error(train_argv(data, tmp_path / "out", "--batch_size_per_gpu", "3"), capsys)
+    assert "4 images split over 2 process(es) do not fill one batch" in err
+
+
+def spawned_workers(pid):
+    children = open(f"/proc/{pid}/task/{pid}/children").read().split()
+    return [int(c) for c in children if "spawn_main" in open(f"/proc/{c}/cmdline").read()]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children"), reason="needs /proc")
+def test_launched_process_killed_is_one_line(tmp_path):
+    data = tiny_folder(tmp_path / "data", n=16)
+    out = tmp_path / "out"
+    p = start_cli(train_argv(data, out, "--epochs", "50"), tmp_path / "err.txt", python_args=TWO_FAKE_GPUS)
+    try:
+        assert wait_for(lambda: (out / "log.txt").exists(), p)
+        workers = spawned_workers(p.pid)
+        assert len(workers) == 2
+        os.kill(workers[1], signal.SIGKILL)
+        assert p.wait(timeout=60) == 2
+    finally:
+        p.kill()
+        p.wait()
+    err = stderr_line(tmp_path / "err.txt")
+    assert "rerun the same command to resume" in err and ("killed by SIGKILL" in err or "lost contact" in err)

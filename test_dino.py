@@ -595,10 +595,16 @@ def test_resume_is_bit_exact(tmp_path):
     assert read_log(tmp_path / "straight")[1]["loss"] == read_log(tmp_path / "resumed")[0]["loss"]
 
 
-def test_teacher_starts_as_student_copy_and_gets_no_gradients():
-    args = dino.build_parser().parse_args(train_argv("x", "y"))
-    args.drop_path_rate = 0.1
-    args = dino.resolve_train_args.__wrapped__(args) if hasattr(dino.resolve_train_args, "__wrapped__") else args
+def test_recipe_defaults_and_teacher_starts_as_student_copy(tmp_path):
+    args = dino.resolve_train_args(dino.build_parser().parse_args(["train", "--data_path", str(tmp_path),
+                                                                   "--output_dir", str(tmp_path / "out")]))
+    assert (args.arch, args.patch_size, args.out_dim, args.lr, args.epochs, args.batch_size_per_gpu) == \
+        ("vit_small", 16, 65536, 0.0005, 100, 64)
+    assert (args.momentum_teacher, args.teacher_temp, args.weight_decay, args.weight_decay_end, args.clip_grad) == \
+        (0.996, 0.04, 0.04, 0.4, 3.0)
+    assert (args.local_crops_number, args.global_crops_scale, args.local_crops_scale) == (8, [0.4, 1.0], [0.05, 0.4])
+    assert args.freeze_last_layer == 1 and args.norm_last_layer is True
+    args.arch, args.out_dim = "vit_tiny", 32
     student, teacher = dino.build_dino_networks(args)
     for (n, s), t in zip(student.state_dict().items(), teacher.state_dict().values()):
         assert torch.equal(s, t), n

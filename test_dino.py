@@ -446,12 +446,12 @@ def test_dino_loss_equals_pairwise_reference_with_center_and_temperature_schedul
         torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(torch.autograd.grad(loss, student)[0], torch.autograd.grad(ref, student)[0],
                                    atol=1e-6, rtol=1e-4)
+        # collapse indicators: the teacher's mean entropy, and loss = entropy + KL
+        q = torch.softmax((teacher - center) / temp, dim=-1)
+        torch.testing.assert_close(loss_fn.stats["teacher_entropy"], -(q * q.log()).sum(-1).mean())
+        torch.testing.assert_close(loss_fn.stats["teacher_entropy"] + loss_fn.stats["kl"], loss.detach())
         center = 0.9 * center + 0.1 * teacher.mean(dim=0, keepdim=True)
         torch.testing.assert_close(loss_fn.center, center)
-    # collapse indicators: loss = teacher entropy + KL
-    q = torch.softmax((teacher - loss_fn.center) / 0.07, dim=-1)
-    stats = loss_fn.stats
-    torch.testing.assert_close(stats["teacher_entropy"] + stats["kl"], loss.detach())
 
 
 def test_dino_loss_collapse_indicators_on_collapsed_outputs():
@@ -623,7 +623,6 @@ def _two_rank_worker(rank, data, out, port, results):
     center = loss.center.clone()
     teacher_out = torch.randn(3, 32) + rank
     loss.update_center(teacher_out)
-    all_means = (torch.randn(0).new_tensor(0.0) + torch.cat([torch.randn(3, 32) * 0 + r for r in (0, 1)]))
     results[rank] = {"teacher": {k: v.clone() for k, v in teacher.state_dict().items()}, "center_before": center,
                      "center_after": loss.center.clone(), "teacher_out": teacher_out}
     torch.distributed.destroy_process_group()
@@ -784,11 +783,11 @@ def test_knn_classifier_matches_brute_force_and_chunking():
         train_labels = torch.randint(num_classes, (60,), generator=g)
         test_labels = torch.randint(num_classes, (23,), generator=g)
         for k in (1, 4, 10, 60):
-            for T in (0.07, 0.5):
-                expected = reference_knn(train, train_labels, test, test_labels, k, T)
+            for temp in (0.07, 0.5):
+                expected = reference_knn(train, train_labels, test, test_labels, k, temp)
                 for chunk_size in (1, 7, 1000):
-                    got = knn_classifier(train, train_labels, test, test_labels, k, T, num_classes, chunk_size)
-                    assert got == pytest.approx(expected), (num_classes, k, T, chunk_size)
+                    got = knn_classifier(train, train_labels, test, test_labels, k, temp, num_classes, chunk_size)
+                    assert got == pytest.approx(expected), (num_classes, k, temp, chunk_size)
 
 
 def test_shards_cover_the_dataset_once(monkeypatch):

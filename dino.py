@@ -722,7 +722,8 @@ def build_dino_networks(args):
     return student, teacher
 
 
-def build_loader(args, photometry, photometry_in_workers, rank, world_size):
+def build_loader(args, worker_photometry, rank, world_size):
+    """Crops (and, without a GPU, the photometric augmentation) in the workers; batches of uint8 or float crops."""
     geometry = MultiCropGeometry(args.global_crops_scale, args.local_crops_scale, args.local_crops_number,
                                  args.global_crops_size, args.local_crops_size)
     dataset = ImageDataset(args.data_path, geometry)
@@ -731,7 +732,7 @@ def build_loader(args, photometry, photometry_in_workers, rank, world_size):
     loader = torch.utils.data.DataLoader(
         dataset, sampler=sampler, batch_size=args.batch_size_per_gpu, num_workers=args.num_workers,
         pin_memory=torch.cuda.is_available(), drop_last=True, persistent_workers=args.num_workers > 0,
-        collate_fn=MultiCropCollate(photometry if photometry_in_workers else None))
+        collate_fn=MultiCropCollate(worker_photometry))
     if len(loader) == 0:
         raise DinoError(f"{len(dataset)} images split over {world_size} process(es) do not fill one batch of "
                         f"--batch_size_per_gpu {args.batch_size_per_gpu}; lower it or add images")
@@ -821,8 +822,10 @@ def train(args):
         prepare_output_dir(args.output_dir)
     seed_everything(args.seed)  # same initial weights on every rank
     amp_dtype = autocast_dtype(args.precision, device)
+    # colour, blur and solarize run batched on the GPU; without one, in the loader workers
     photometry = MultiCropPhotometry(args.local_crops_number)
-    loader, sampler = build_loader(args, photometry, device.type != "cuda", rank, world_size)
+    device_photometry = photometry if device.type == "cuda" else None
+    loader, sampler = build_loader(args, None if device_photometry else photometry, rank, world_size)
 
     student, teacher = build_dino_networks(args)
     if args.use_bn_in_head and world_size > 1:
@@ -838,12 +841,12 @@ def train(args):
 
     n_iter = len(loader)
     total_batch = args.batch_size_per_gpu * world_size
-    schedules = {  # plain floats (not numpy) so the optimizer state stays loadable with weights_only
-        "lr": cosine_scheduler(args.lr * total_batch / 256.0, args.min_lr, args.epochs, n_iter, args.warmup_epochs),
-        "wd": cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, n_iter),
-        "momentum": cosine_scheduler(args.momentum_teacher, 1.0, args.epochs, n_iter),
+    schedules = {  # .tolist(): plain floats, so the optimizer state stays loadable with weights_only
+        "lr": cosine_scheduler(args.lr * total_batch / 256.0, args.min_lr, args.epochs, n_iter,
+                               args.warmup_epochs).tolist(),
+        "wd": cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, n_iter).tolist(),
+        "momentum": cosine_scheduler(args.momentum_teacher, 1.0, args.epochs, n_iter).tolist(),
     }
-    schedules = {k: v.tolist() for k, v in schedules.items()}
     checkpoint_path = os.path.join(args.output_dir, "checkpoint.pth")
     start_epoch = restore_training(checkpoint_path, args, student, teacher, optimizer, scaler, dino_loss)
     step_fn = make_train_step(ddp_student, student, teacher, dino_loss, optimizer, scaler, amp_dtype, args)
@@ -854,14 +857,13 @@ def train(args):
     for epoch in range(start_epoch, args.epochs):
         sampler.set_epoch(epoch)
         seed_everything(args.seed + 1000 * epoch + rank)  # augmentations and drop path differ per rank, replay on resume
-        stats = train_one_epoch(step_fn, loader, photometry if device.type == "cuda" else None, schedules,
+        stats = train_one_epoch(step_fn, loader, device_photometry, schedules,
                                 optimizer, dino_loss, epoch, n_iter, args, device)
         if is_main_process():
             save_epoch(args, epoch, stats, student, teacher, optimizer, scaler, dino_loss)
     if world_size > 1:
         dist.barrier()
     return student, teacher, dino_loss
-
 
 
 def make_train_step(ddp_student, student, teacher, dino_loss, optimizer, scaler, amp_dtype, args):

@@ -274,7 +274,10 @@ def load_rgb(path):
         img.load()
         if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
             a = np.asarray(img, dtype=np.float64)
-            scale = 65535.0 if img.mode != "F" and a.max() > 255 else 255.0 if img.mode != "F" else max(a.max(), 1.0)
+            if img.mode == "F":
+                scale = max(a.max(), 1.0)
+            else:  # 16-bit data, or 8-bit data stored in a 32-bit mode
+                scale = 65535.0 if a.max() > 255 else 255.0
             img = Image.fromarray((np.clip(a / scale, 0, 1) * 255).round().astype(np.uint8), "L")
         return img.convert("RGB")
 
@@ -491,11 +494,11 @@ class DINOLoss(nn.Module):
     @torch.no_grad()
     def update_center(self, teacher_output):
         batch_center = teacher_output.float().sum(dim=0, keepdim=True)
-        count = torch.tensor([float(len(teacher_output))], device=batch_center.device)
-        if dist.is_available() and dist.is_initialized():
+        world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if world_size > 1:
             dist.all_reduce(batch_center)
-            count = count * dist.get_world_size()
-        self.center.mul_(self.center_momentum).add_(batch_center / count, alpha=1 - self.center_momentum)
+        batch_center /= len(teacher_output) * world_size  # a Python scalar: no host-to-device copy per step
+        self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
 
 
 # -----------------------------------------------------------------------------

@@ -93,12 +93,14 @@ class DataAugmentationDINO:
 # (MultiCropPhotometry), with the same distributions, per sample.
 
 def _random_resized_crop_flip(img, size, scale):
-    """RandomResizedCrop(size, scale, bicubic) + RandomHorizontalFlip(0.5) on a PIL image -> uint8 [3, size, size]."""
+    """RandomResizedCrop(size, scale, bicubic) + RandomHorizontalFlip(0.5) on a uint8 [3, H, W] image -> [3, size, size].
+
+    torch's antialiased bicubic resize of uint8 images is Pillow's filter (outputs within 2 levels of PIL's),
+    vectorized: about 4x faster than PIL, and resizing is most of a loader worker's time.
+    """
     i, j, h, w = T.RandomResizedCrop.get_params(img, scale, ratio=(3 / 4, 4 / 3))
-    img = TF.resized_crop(img, i, j, h, w, [size, size], T.InterpolationMode.BICUBIC)
-    if torch.rand(1) < 0.5:
-        img = TF.hflip(img)
-    return TF.pil_to_tensor(img)
+    crop = F.interpolate(img[None, :, i:i + h, j:j + w], size=(size, size), mode="bicubic", antialias=True)[0]
+    return crop.flip(-1) if torch.rand(1) < 0.5 else crop
 
 
 class MultiCropGeometry:
@@ -110,6 +112,7 @@ class MultiCropGeometry:
         self.crops += [(local_crops_size, local_crops_scale)] * local_crops_number
 
     def __call__(self, img):
+        img = TF.pil_to_tensor(img)  # a [3, H, W] view of the HWC pixels; crops are views of it
         return [_random_resized_crop_flip(img, size, scale) for size, scale in self.crops]
 
 

@@ -292,17 +292,22 @@ def test_multi_crop_geometry(mode):
     assert all(c.dtype == torch.uint8 for c in crops)
 
 
-def test_geometry_equals_torchvision_crop_and_flip():
-    img = natural_image()
+@pytest.mark.parametrize("w, h, sizes", [(48, 40, (32, 16)), (500, 375, (224, 96))])  # up- and downsampling
+def test_geometry_equals_torchvision_crop_and_flip(w, h, sizes):
+    """Same boxes and flips as torchvision's PIL ops; torch's uint8 antialiased bicubic is Pillow's filter, so
+    the pixels agree to within rounding (which pass of the separable resize runs first differs by a level or two)."""
+    img = natural_image(w, h)
     torch.manual_seed(0)
-    crops = MultiCropGeometry((0.4, 1.0), (0.05, 0.4), 2, global_crops_size=32, local_crops_size=16)(img)
+    crops = MultiCropGeometry((0.4, 1.0), (0.05, 0.4), 4, *sizes)(img)
     torch.manual_seed(0)
-    for crop, size, scale in zip(crops, [32, 32, 16, 16], [(0.4, 1.0)] * 2 + [(0.05, 0.4)] * 2):
+    for crop, size, scale in zip(crops, [sizes[0]] * 2 + [sizes[1]] * 4, [(0.4, 1.0)] * 2 + [(0.05, 0.4)] * 4):
         i, j, h, w = T.RandomResizedCrop.get_params(img, scale, ratio=(3 / 4, 4 / 3))
         ref = TF.resized_crop(img, i, j, h, w, [size, size], TF.InterpolationMode.BICUBIC)
         if torch.rand(1) < 0.5:
             ref = TF.hflip(ref)
-        assert torch.equal(crop, TF.pil_to_tensor(ref))
+        assert crop.dtype == torch.uint8 and crop.shape == (3, size, size)
+        diff = (crop.int() - TF.pil_to_tensor(ref).int()).abs()
+        assert diff.max() <= 2 and diff.float().mean() < 0.05, (diff.max(), diff.float().mean())
 
 
 @pytest.mark.parametrize("op, tv_op, low, high", [

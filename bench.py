@@ -13,10 +13,11 @@ analytic FLOP count, peak memory); the data pipeline per worker (in this process
 
 Baseline, as the published DINO code does it: explicit softmax(q k^T) v attention, fp16 autocast + GradScaler on a
 GPU (fp32 on the CPU), the loss pair by pair, per-parameter gradient clipping with a .item() each, a finite-loss
-.item() every step, AdamW(foreach=False, fused=False), a Python-loop EMA, the full augmentation in the workers
-(dino.DataAugmentationDINO). Ours: what `python dino.py train` runs (dino.make_train_step and its parts, fused
-AdamW, bf16 autocast on a GPU; MultiCropGeometry in the workers, MultiCropPhotometry on the device, or in the workers
-without one).
+.item() every step, AdamW(foreach=False, fused=False), a Python-loop EMA, nn.Linear layers (torch's default matmul),
+the full augmentation in the workers (dino.DataAugmentationDINO). Ours: what `python dino.py train` runs
+(dino.make_train_step and its parts, fused AdamW, bf16 autocast on a GPU, vision_transformer.Linear, which on x86
+CPUs runs on oneDNN; MultiCropGeometry in the workers, MultiCropPhotometry on the device, or in the workers without
+one).
 """
 import argparse
 import datetime
@@ -49,6 +50,13 @@ class ExplicitAttention(vits.Attention):
         if return_attention:
             return attn
         return self.proj_drop(self.proj((attn @ v).transpose(1, 2).reshape(B, N, C)))
+
+
+class PlainWeightNormLinear(vits.WeightNormLinear):
+    """The published weight-normed last layer: F.linear, as nn.Linear computes it."""
+
+    def forward(self, x):
+        return F.linear(x, self.weight)
 
 
 class PairwiseDINOLoss(nn.Module):
@@ -130,9 +138,9 @@ def build(args, device, amp_dtype, baseline):
     student, teacher = (m.to(device) for m in dino.build_dino_networks(args))
     ncrops = 2 + args.local_crops_number
     if baseline:
+        swap = {vits.Attention: ExplicitAttention, vits.Linear: nn.Linear, vits.WeightNormLinear: PlainWeightNormLinear}
         for m in [*student.modules(), *teacher.modules()]:
-            if isinstance(m, vits.Attention):
-                m.__class__ = ExplicitAttention
+            m.__class__ = swap.get(type(m), type(m))
         optimizer = torch.optim.AdamW(dino.get_params_groups(student), foreach=False, fused=False)
         loss = PairwiseDINOLoss(args.out_dim, ncrops, args.teacher_temp).to(device)
     else:  # as dino.train

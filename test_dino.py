@@ -103,6 +103,24 @@ def test_last_selfattention_equals_reference_through_the_network():
         assert torch.allclose(ref.sum(-1), torch.ones(()))
 
 
+@pytest.mark.parametrize("shape", [(64,), (3, 50, 64), (0, 64)])
+def test_linear_equals_float64_reference_forward_and_backward(shape):
+    """vits.linear (a oneDNN 1x1 convolution on x86 CPUs) is x W^T + b, values and gradients."""
+    torch.manual_seed(0)
+    x, w, b = torch.randn(shape), torch.randn(48, 64) / 8, torch.randn(48)
+    for t in (x, w, b):
+        t.requires_grad_(True)
+    out = vits.linear(x, w, b)
+    ref = x.double() @ w.double().T + b.double()
+    assert out.shape == ref.shape and out.dtype == torch.float32
+    torch.testing.assert_close(out, ref.float(), atol=1e-5, rtol=1e-5)
+    g = torch.randn(ref.shape)
+    for a, r in zip(torch.autograd.grad(out, (x, w, b), g), torch.autograd.grad(ref, (x, w, b), g.double())):
+        torch.testing.assert_close(a, r.float(), atol=1e-4, rtol=1e-5)
+    layer = vits.Linear(64, 48)
+    assert isinstance(layer, nn.Linear) and list(layer.state_dict()) == ["weight", "bias"]
+
+
 def published_vit_keys(depth=12):
     keys = ["cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias"]
     for i in range(depth):

@@ -136,21 +136,6 @@ def _blend(img, other, factor):
     return (factor * img + (1.0 - factor) * other).clamp(0.0, 1.0)
 
 
-def _adjust_brightness(img, factor):
-    """Blend with black."""
-    return _blend(img, torch.zeros_like(img), factor)
-
-
-def _adjust_contrast(img, factor):
-    """Blend with the mean of the grayscale image."""
-    return _blend(img, _rgb_to_grayscale(img).mean(dim=(1, 2, 3), keepdim=True), factor)
-
-
-def _adjust_saturation(img, factor):
-    """Blend with the grayscale image."""
-    return _blend(img, _rgb_to_grayscale(img), factor)
-
-
 def _rgb_to_hsv(img):
     """RGB -> HSV, all in [0, 1], as torchvision's (Pillow's) conversion."""
     r, g, b = img.unbind(dim=1)
@@ -202,18 +187,34 @@ def _normalize(img):
 
 
 JITTER_RANGES = ((0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-0.1, 0.1))  # ColorJitter(0.4, 0.4, 0.2, 0.1)
-JITTER_OPS = (_adjust_brightness, _adjust_contrast, _adjust_saturation, _adjust_hue)
 BLUR_SIGMA = (0.1, 2.0)
 BLUR_KERNEL_SIZE = 2 * math.ceil(3 * BLUR_SIGMA[1]) + 1  # 13: +-3 sigma of the widest blur
 
 
 def _color_jitter(img, apply, order, factors):
-    """Where apply, run the four JITTER_OPS in each sample's own order (a permutation of 0..3) with its factors."""
-    for position in range(4):
-        for op_index, op in enumerate(JITTER_OPS):
-            chosen = apply & (order[:, position] == op_index)
-            img = torch.where(_per_sample(chosen), op(img, factors[:, op_index]), img)
+    """Where apply, ColorJitter's ops (0 brightness, 1 contrast, 2 saturation, 3 hue) in each sample's own order
+    (a permutation of 0..3) with its factors [B, 4].
+
+    Hue, the costly op, runs once: first the blends at the positions before each sample's hue, then hue, then
+    the blends after it.
+    """
+    hue_position = (order == 3).int().argmax(dim=1)
+    for p in range(3):
+        img = _jitter_blend(img, apply & (p < hue_position), order[:, p], factors)
+    img = torch.where(_per_sample(apply), _adjust_hue(img, factors[:, 3]), img)
+    for p in range(1, 4):
+        img = _jitter_blend(img, apply & (p > hue_position), order[:, p], factors)
     return img
+
+
+def _jitter_blend(img, chosen, op, factors):
+    """Where chosen, torchvision's adjust_brightness (op 0), adjust_contrast (1) or adjust_saturation (2) with the
+    sample's factor: a blend with black, with the mean gray level, or with the gray image."""
+    gray = _rgb_to_grayscale(img)
+    kind = _per_sample(op)
+    other = torch.where(kind == 0, 0.0, torch.where(kind == 1, gray.mean(dim=(1, 2, 3), keepdim=True), gray))
+    factor = factors.gather(1, op[:, None]).squeeze(1)
+    return torch.where(_per_sample(chosen), _blend(img, other, factor), img)
 
 
 def sample_photometric_params(n, blur_p, solarize_p, device=None):

@@ -93,7 +93,7 @@ class DataAugmentationDINO:
 # (MultiCropPhotometry), with the same distributions, per sample.
 
 def _random_resized_crop_flip(img, size, scale):
-    """RandomResizedCrop(size, scale, bicubic) + RandomHorizontalFlip(0.5) on a uint8 [3, H, W] image -> [3, size, size].
+    """RandomResizedCrop(size, scale, bicubic) + RandomHorizontalFlip(0.5): uint8 [3, H, W] -> [3, size, size].
 
     torch's antialiased bicubic resize of uint8 images is Pillow's filter (outputs within 2 levels of PIL's),
     vectorized: about 4x faster than PIL, and resizing is most of a loader worker's time.

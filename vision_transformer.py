@@ -29,7 +29,7 @@ ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and platform.machine().lowe
 
 def linear(x, weight, bias=None):
     """F.linear(x, weight, bias); on x86 CPUs computed by oneDNN as a 1x1 convolution over views (no copies)."""
-    if x.device.type != "cpu" or not ONEDNN_LINEAR or x.numel() == 0:
+    if x.device.type != "cpu" or not ONEDNN_LINEAR or x.numel() == 0:  # conv2d refuses empty inputs
         return F.linear(x, weight, bias)
     rows = x.reshape(1, 1, -1, x.shape[-1]).permute(0, 3, 1, 2)  # [1, in, 1, rows], channels-last
     out = F.conv2d(rows, weight[:, :, None, None], bias)  # [1, out, 1, rows], channels-last

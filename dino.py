@@ -2,17 +2,21 @@
 DINO: self-distillation with no labels (Caron et al., ICCV 2021), in one file.
 
     python dino.py train                       # demo: generates a small dataset, trains vit_tiny on the CPU in minutes
-    python dino.py train --data_path /imagenet/train --output_dir runs/vits16   # the paper's ViT-S/16 recipe
     python dino.py knn                         # k-NN accuracy of the demo run vs random init
+    python dino.py train --data_path /imagenet/train --output_dir runs/vits16   # the paper's ViT-S/16 recipe
+    python dino.py train --data_path my_images --pretrained_weights dino_deitsmall16_pretrain.pth   # continue
     python dino.py attn --image_path cat.jpg --pretrained_weights dino_deitsmall16_pretrain.pth
     python dino.py linear --data_path /imagenet --pretrained_weights runs/vits16/checkpoint.pth
 
-Every visible CUDA GPU gets one process; under torchrun the launcher's
-environment is used (multi-node); with no GPU everything runs on the CPU.
-Sections: data, model glue, loss, schedules and optimization, distributed,
-checkpoints, train, knn, attn, linear, CLI. Importing this file has no side effects.
+Every visible CUDA GPU gets one process; under torchrun the launcher's environment is used (multi-node); with
+no GPU everything runs on the CPU. The file reads in two parts. Part 1, the algorithm, in the order of the
+paper's Algorithm 1: data and multi-crop, model glue, loss, schedules and updates, the train step and epoch
+loop, then k-NN, attention maps and the linear probe; each section uses only torch, torchvision, numpy, PIL and
+the sections above it. Part 2, the tool: checkpoints, processes, the demo data and presets, the commands and the
+CLI. Importing this file has no side effects.
 """
 import argparse
+import dataclasses
 import datetime
 import itertools
 import json
@@ -21,9 +25,10 @@ import math
 import os
 import pickle
 import random
-import re
+import shutil
 import socket
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -44,8 +49,20 @@ class DinoError(Exception):
     """A problem with the user's input: the CLI prints it on one line and exits with status 2."""
 
 
+def get_world_size():
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def get_rank():
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+# =============================================================================
+# Part 1: the algorithm
+# =============================================================================
+
 # -----------------------------------------------------------------------------
-# data
+# data and multi-crop
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -291,91 +308,63 @@ def list_images(root):
     return sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
 
 
+
+UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # what PIL raises on a bad file
+
+
 class ImageDataset(torch.utils.data.Dataset):
     """Every image under `root`, recursively (an ImageFolder's class folders included, labels ignored).
 
-    An unreadable file is replaced by the next readable one and counted, so one bad
-    JPEG costs a warning rather than a two-day run. Items are (transform(img), n_skipped).
+    An unreadable file is replaced by the next readable one and counted in `skipped` (shared memory, so the loader
+    workers' counts reach the main process): one bad JPEG costs a warning rather than a two-day run. An index
+    may come with the epoch, (index, epoch): the sample's augmentation is then seeded by (seed, epoch, index), so a
+    resumed run draws the same crops as an uninterrupted one, whichever worker loads it.
     """
 
-    def __init__(self, root, transform):
+    def __init__(self, root, transform, seed=0):
         if not os.path.isdir(root):
             raise DinoError(f"--data_path {root} is not a directory; point it at a folder of images")
         self.files = list_images(root)
         if not self.files:
             raise DinoError(f"--data_path {root} holds no images ({', '.join(IMG_EXTENSIONS)}); "
                             f"point it at a folder of images")
-        self.transform = transform
+        self.transform, self.seed = transform, seed
+        self.skipped = torch.zeros((), dtype=torch.int64).share_memory_()
 
     def __len__(self):
         return len(self.files)
 
     def __getitem__(self, index):
-        for skipped in range(len(self.files)):
-            path = self.files[(index + skipped) % len(self.files)]
+        if not isinstance(index, tuple):
+            return self._load(index)
+        index, epoch = index
+        with torch.random.fork_rng(devices=[]):  # the caller's random stream (drop path, ...) stays its own
+            torch.manual_seed((self.seed * 10007 + epoch) * len(self.files) + index)
+            return self._load(index)
+
+    def _load(self, index):
+        for offset in range(len(self.files)):
+            path = self.files[(index + offset) % len(self.files)]
             try:
-                img = load_rgb(path)
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+                return self.transform(load_rgb(path))
+            except UNREADABLE as e:
                 print(f"warning: skipping unreadable image {path}: {e}", file=sys.stderr)
-                continue
-            return self.transform(img), skipped
+                self.skipped += 1
         raise DinoError(f"no image under the data path could be read (last tried: {path})")
 
 
-DEMO_CLASSES = ("stripes_h", "stripes_v", "stripes_d", "checker", "rings", "dots")
+class EpochSampler(torch.utils.data.DistributedSampler):
+    """DistributedSampler whose indices carry their epoch, for ImageDataset's per-sample seeds."""
 
-
-# Color pairs shared by every class: color tells nothing about the class, so features must encode the shape.
-DEMO_PALETTE = ((230, 60, 40), (30, 40, 120)), ((250, 220, 60), (40, 110, 50)), ((235, 235, 235), (90, 60, 140)), \
-    ((70, 200, 220), (120, 40, 30))
-
-
-def demo_image(cls, rng, size=64):
-    """A procedural image whose class is its shape pattern, not its colors, position or scale."""
-    y, x = np.mgrid[0:size, 0:size].astype(np.float64) / size
-    freq = rng.uniform(3, 6)
-    phase = rng.uniform(0, 2 * np.pi)
-    cx, cy = rng.uniform(0.2, 0.8, size=2)
-    pattern = {
-        "stripes_h": lambda: np.sin(2 * np.pi * freq * y + phase),
-        "stripes_v": lambda: np.sin(2 * np.pi * freq * x + phase),
-        "stripes_d": lambda: np.sin(2 * np.pi * freq * (x + y) / np.sqrt(2) + phase),
-        "checker": lambda: np.sin(2 * np.pi * freq * x + phase) * np.sin(2 * np.pi * freq * y + phase),
-        "rings": lambda: np.sin(2 * np.pi * freq * np.hypot(x - cx, y - cy) + phase),
-        "dots": lambda: np.cos(2 * np.pi * freq * x + phase) + np.cos(2 * np.pi * freq * y + phase) - 1,
-    }[cls]()
-    fg, bg = DEMO_PALETTE[rng.integers(len(DEMO_PALETTE))]
-    if rng.random() < 0.5:
-        fg, bg = bg, fg
-    img = np.where((pattern > 0)[..., None], fg, bg) + rng.normal(0, 12, size=(size, size, 3))
-    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
-
-
-def make_demo_dataset(root, n_train=100, n_val=25, seed=0):
-    """Write the demo ImageFolder (root/train/<class>, root/val/<class>) once; return root."""
-    root = Path(root)
-    done = root / ".complete"
-    if not done.exists():
-        rng = np.random.default_rng(seed)
-        for split, n in (("train", n_train), ("val", n_val)):
-            for cls in DEMO_CLASSES:
-                (root / split / cls).mkdir(parents=True, exist_ok=True)
-                for i in range(n):
-                    demo_image(cls, rng).save(root / split / cls / f"{i:04d}.png")
-        done.touch()
-    return str(root)
+    def __iter__(self):
+        return ((index, self.epoch) for index in super().__iter__())
 
 
 # -----------------------------------------------------------------------------
 # model glue
 
-ARCHS = {"vit_tiny": vits.vit_tiny, "vit_small": vits.vit_small, "vit_base": vits.vit_base}
-
-
-def build_backbone(arch, patch_size, **kwargs):
-    if arch not in ARCHS:
-        raise DinoError(f"unknown --arch {arch}; choose one of {', '.join(ARCHS)}")
-    return ARCHS[arch](patch_size=patch_size, **kwargs)
+ARCHS = {"vit_tiny": vits.vit_tiny, "vit_small": vits.vit_small, "vit_base": vits.vit_base,
+         "deit_tiny": vits.vit_tiny, "deit_small": vits.vit_small}  # the published code's names for the same
 
 
 class MultiCropWrapper(nn.Module):
@@ -394,62 +383,16 @@ class MultiCropWrapper(nn.Module):
         return self.head(torch.cat(features))
 
 
-def _guess_arch(state_dict):
-    """'vit_small, patch 16' from a backbone state dict, for error messages."""
-    dims = {192: "vit_tiny", 384: "vit_small", 768: "vit_base"}
-    try:
-        dim = state_dict["cls_token"].shape[-1]
-        patch = state_dict["patch_embed.proj.weight"].shape[-1]
-    except (KeyError, AttributeError, IndexError):
-        return None
-    return f"--arch {dims.get(dim, f'(embed dim {dim})')} --patch_size {patch}"
-
-
-def load_pretrained_weights(model, path, checkpoint_key=None):
-    """Load a published DINO backbone, a plain state dict, or one of our training checkpoints.
-
-    `model` is a VisionTransformer, a DINOHead or a MultiCropWrapper. From a full
-    checkpoint ({'student', 'teacher', ...}) `checkpoint_key` picks the network
-    (default: teacher); `module.` and `backbone.` / `head.` prefixes are stripped
-    as the model needs. Any mismatch raises a one-line DinoError.
-    """
-    state = load_checkpoint_file(path)
-    if isinstance(state, dict) and checkpoint_key is None and "teacher" in state:
-        checkpoint_key = "teacher"
-    if checkpoint_key is not None:
-        if not isinstance(state, dict) or checkpoint_key not in state:
-            keys = ", ".join(k for k in state if isinstance(state[k], dict)) if isinstance(state, dict) else ""
-            raise DinoError(f"{path} has no '{checkpoint_key}' entry (it has: {keys or 'none'}); "
-                            f"pass --checkpoint_key with one of those")
-        state = state[checkpoint_key]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise DinoError(f"{path} is not a state dict of tensors; pass --checkpoint_key to pick one")
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    if isinstance(model, vits.VisionTransformer):
-        state = {k.removeprefix("backbone."): v for k, v in state.items() if not k.startswith("head.")}
-    elif isinstance(model, vits.DINOHead):
-        state = {k.removeprefix("head."): v for k, v in state.items() if k.startswith("head.")} or state
-    model_state = model.state_dict()
-    renamed = {k.replace("parametrizations.weight.original0", "weight_g")
-                .replace("parametrizations.weight.original1", "weight_v"): v for k, v in state.items()}
-    missing = sorted(set(model_state) - set(renamed))
-    unexpected = sorted(set(renamed) - set(model_state))
-    wrong_shape = [f"{k} {tuple(renamed[k].shape)} vs {tuple(model_state[k].shape)}"
-                   for k in model_state if k in renamed and renamed[k].shape != model_state[k].shape]
-    if missing or unexpected or wrong_shape:
-        backbone_keys = {k.removeprefix("backbone."): v for k, v in renamed.items()}
-        guess = _guess_arch(backbone_keys)
-        problems = []
-        if wrong_shape:
-            problems.append(f"{len(wrong_shape)} shape mismatches (e.g. {wrong_shape[0]})")
-        if missing:
-            problems.append(f"{len(missing)} missing keys (e.g. {missing[0]})")
-        if unexpected:
-            problems.append(f"{len(unexpected)} unexpected keys (e.g. {unexpected[0]})")
-        hint = f"the checkpoint looks like {guess}: pass that" if guess else "check --arch and --patch_size"
-        raise DinoError(f"{path} does not fit the model: {'; '.join(problems)}; {hint}")
-    model.load_state_dict(state, strict=True)
-    return model
+def build_dino_networks(args):
+    """Student (with drop path) and teacher (a copy without it), each backbone + DINO head."""
+    student = ARCHS[args.arch](patch_size=args.patch_size, drop_path_rate=args.drop_path_rate)
+    teacher = ARCHS[args.arch](patch_size=args.patch_size)
+    student = MultiCropWrapper(student, vits.DINOHead(student.embed_dim, args.out_dim, args.use_bn_in_head,
+                                                      args.norm_last_layer))
+    teacher = MultiCropWrapper(teacher, vits.DINOHead(teacher.embed_dim, args.out_dim, args.use_bn_in_head))
+    teacher.load_state_dict(student.state_dict())
+    teacher.requires_grad_(False)  # the teacher only ever moves by EMA
+    return student, teacher
 
 
 # -----------------------------------------------------------------------------
@@ -506,7 +449,7 @@ class DINOLoss(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# schedules and optimization
+# schedules and updates
 
 def cosine_scheduler(base_value, final_value, epochs, niter_per_ep, warmup_epochs=0, start_warmup_value=0):
     """One value per iteration: linear warmup from start_warmup_value, then a half cosine to final_value."""
@@ -545,368 +488,50 @@ def update_teacher(student_params, teacher_params, momentum):
     torch._foreach_lerp_(teacher_params, student_params, 1.0 - momentum)
 
 
-# -----------------------------------------------------------------------------
-# distributed
-
-def get_world_size():
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def get_rank():
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def is_main_process():
-    return get_rank() == 0
-
-
-def init_distributed(timeout_minutes=30):
-    """(rank, world_size, device). Joins the process group when launched by torchrun or `launch`."""
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        device = torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        return 0, 1, device
-    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-        backend = "nccl"
-    else:
-        device, backend = torch.device("cpu"), "gloo"
-    if not dist.is_initialized():
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes),
-                                device_id=device if backend == "nccl" else None)
-    return rank, world_size, device
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LostContactError(DinoError):
-    """Another process of the group died or hung; every survivor reports it (the lost one may be rank 0)."""
-
-
-def _run(fn, args):
-    """fn(args), where a collective failing because another process died or hung becomes a one-line error."""
-    try:
-        return fn(args)
-    except RuntimeError as e:  # gloo raises plain RuntimeErrors from its transport, NCCL and the store DistErrors
-        if get_world_size() <= 1 or not (isinstance(e, dist.DistError) or "gloo/transport" in str(e)):
-            raise
-        raise LostContactError(f"lost contact with another training process ({_first_line(e)}); "
-                               f"rerun the same command to resume from the last checkpoint") from None
-
-
-def _spawned_worker(local_rank, fn, args, world_size, errors):
-    os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world_size))
-    try:
-        _run(fn, args)
-    except DinoError as e:  # the message goes to the launching process, which prints it once (not a traceback)
-        errors.put(str(e))
-        sys.exit(2)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def launch(fn, args):
-    """Run fn(args) in one process per visible GPU, or once (under torchrun, or on one GPU / the CPU)."""
-    n_gpus = torch.cuda.device_count()
-    if "RANK" in os.environ or n_gpus <= 1:
-        return _run(fn, args)
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    errors = torch.multiprocessing.get_context("spawn").SimpleQueue()
-    # spawn warns "Terminating process ... via signal SIGTERM" as it stops the others when one fails: noise there
-    logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
-    try:
-        torch.multiprocessing.spawn(_spawned_worker, args=(fn, args, n_gpus, errors), nprocs=n_gpus)
-    except torch.multiprocessing.ProcessExitedException as e:  # a worker's exception (a bug) keeps its traceback
-        if not errors.empty():
-            raise DinoError(errors.get()) from None
-        if e.signal_name:
-            raise DinoError(f"training process {e.error_index} was killed by {e.signal_name}; "
-                            f"rerun the same command to resume from the last checkpoint") from None
-        raise
-
 
 # -----------------------------------------------------------------------------
-# checkpoints
+# the train step and the epoch loop
 
-def load_checkpoint_file(path):
-    """torch.load that never runs code from the file and fails with one line naming the file."""
-    path = str(path)
-    if not os.path.isfile(path):
-        raise DinoError(f"checkpoint {path} does not exist; check the path")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        # the weights_only unpickler names the class or function it refused with "GLOBAL"
-        if "global" in str(e).lower():
-            raise DinoError(f"refusing to load {path}: it holds Python objects beyond tensors and plain data, "
-                            f"and unpickling them could run code; re-save it as a plain state dict") from None
-        raise DinoError(f"{path} is not a readable checkpoint (truncated or corrupt); re-download or delete it") \
-            from None
-    except Exception as e:  # garbage makes the unpickler fail in many ways (KeyError, IndexError, struct.error...)
-        detail = _first_line(e) if isinstance(e, RuntimeError) else type(e).__name__  # torch's zip reader explains
-        raise DinoError(f"{path} is not a readable checkpoint (truncated or corrupt: {detail}); "
-                        f"re-download or delete it") from None
+@dataclasses.dataclass
+class TrainState:
+    """One DINO run: the two networks, what updates them, and the per-iteration schedules."""
+    student: nn.Module  # MultiCropWrapper
+    teacher: nn.Module  # MultiCropWrapper, moved only by update_teacher
+    dino_loss: DINOLoss  # holds the center
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler  # enabled for fp16 only
+    schedules: dict  # "lr", "wd", "momentum": one value per iteration
+    args: argparse.Namespace  # clip_grad, freeze_last_layer, freeze_backbone_epochs, epochs, log_every, output_dir
+    amp_dtype: torch.dtype = None  # autocast to this; None: fp32
+    student_forward: nn.Module = None  # the student as the step runs it (DDP-wrapped, compiled); default: student
 
 
-def _first_line(e):
-    """An exception's message without paths, hints and tracebacks: its first line, else its type name."""
-    lines = str(e).strip().splitlines()
-    if not lines:
-        return type(e).__name__
-    return re.sub(r"^\[[^\]]*\]\s*", "", lines[0]).split(". ")[0]  # gloo prefixes [file.cc:line], then advice
-
-
-def save_checkpoint(state, path):
-    """Write to a temporary file, flush to disk, then rename: a crash never leaves a half-written checkpoint."""
-    tmp = f"{path}.tmp"  # not per process: a killed save leaves one stale file that the next save replaces
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-# -----------------------------------------------------------------------------
-# train
-
-class MultiCropCollate:
-    """Stack the i-th crop of every sample into batch i; on the CPU path also run the photometric augmentation here, in the loader workers."""
-
-    def __init__(self, photometry=None):
-        self.photometry = photometry
-
-    def __call__(self, items):
-        crops = [torch.stack(views) for views in zip(*(views for views, _ in items))]
-        if self.photometry is not None:
-            crops = self.photometry(crops)
-        return crops, sum(skipped for _, skipped in items)
-
-
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def prepare_output_dir(path):
-    """Create the output dir and prove it is writable, before any work starts."""
-    try:
-        os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, f".write_test{os.getpid()}")
-        with open(probe, "w"):
-            pass
-        os.remove(probe)
-    except FileExistsError:
-        raise DinoError(f"--output_dir {path} is a file, not a directory; pass a directory path") from None
-    except OSError as e:
-        raise DinoError(f"--output_dir {path} is not writable ({e.strerror}); pass a writable directory") from None
-
-
-def build_dino_networks(args):
-    """Student (with drop path) and teacher (a copy without it), each backbone + DINO head."""
-    student = build_backbone(args.arch, args.patch_size, drop_path_rate=args.drop_path_rate)
-    teacher = build_backbone(args.arch, args.patch_size)
-    embed_dim = student.embed_dim
-    student = MultiCropWrapper(student, vits.DINOHead(embed_dim, args.out_dim, args.use_bn_in_head,
-                                                      args.norm_last_layer))
-    teacher = MultiCropWrapper(teacher, vits.DINOHead(embed_dim, args.out_dim, args.use_bn_in_head))
-    teacher.load_state_dict(student.state_dict())
-    teacher.requires_grad_(False)  # the teacher only ever moves by EMA
-    return student, teacher
-
-
-def build_loader(args, worker_photometry, rank, world_size):
-    """Crops (and, without a GPU, the photometric augmentation) in the workers; batches of uint8 or float crops."""
-    geometry = MultiCropGeometry(args.global_crops_scale, args.local_crops_scale, args.local_crops_number,
-                                 args.global_crops_size, args.local_crops_size)
-    dataset = ImageDataset(args.data_path, geometry)
-    sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
-                                                  seed=args.seed)
-    loader = torch.utils.data.DataLoader(
-        dataset, sampler=sampler, batch_size=args.batch_size_per_gpu, num_workers=args.num_workers,
-        pin_memory=torch.cuda.is_available(), drop_last=True, persistent_workers=args.num_workers > 0,
-        collate_fn=MultiCropCollate(worker_photometry))
-    if len(loader) == 0:
-        raise DinoError(f"{len(dataset)} images split over {world_size} process(es) do not fill one batch of "
-                        f"--batch_size_per_gpu {args.batch_size_per_gpu}; lower it or add images")
-    return loader, sampler
-
-
-STRUCTURAL_FLAGS = ("arch", "patch_size", "out_dim", "norm_last_layer", "use_bn_in_head")
-TRAINING_STATE = ("student", "teacher", "optimizer", "dino_loss", "epoch")  # what save_epoch writes and resume needs
-
-
-def restore_training(path, args, student, teacher, optimizer, scaler, dino_loss):
-    """Resume from `path` if it exists; returns the epoch to start at."""
-    log = os.path.join(os.path.dirname(path), "log.txt")
-    if not os.path.exists(path):
-        if is_main_process():
-            trim_log(log, 0)  # lines of a run killed before its first checkpoint
-        return 0
-    fresh = "to start fresh, move it away or pass another --output_dir"
-    try:
-        ckpt = load_checkpoint_file(path)
-    except DinoError as e:
-        raise DinoError(f"cannot resume: {e}; {fresh}") from None
-    missing = [k for k in TRAINING_STATE if not isinstance(ckpt, dict) or k not in ckpt]
-    if missing:
-        raise DinoError(f"cannot resume: {path} is not a training checkpoint (no {', '.join(missing)}); {fresh}")
-    old = ckpt.get("args", {})
-    clash = [f"--{k} {old[k]} (now {getattr(args, k)})" for k in STRUCTURAL_FLAGS
-             if k in old and old[k] != getattr(args, k)]
-    if clash:
-        raise DinoError(f"{path} was trained with {', '.join(clash)}; pass the checkpoint's flags, "
-                        f"or another --output_dir to start fresh")
-    changed = [f"{k} {old[k]} -> {v}" for k, v in vars(args).items() if k in old and old[k] != v]
-    if changed and is_main_process():
-        print(f"resuming with changed flags: {', '.join(changed)}")
-    student.load_state_dict(ckpt["student"])
-    teacher.load_state_dict(ckpt["teacher"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    dino_loss.load_state_dict(ckpt["dino_loss"])
-    if scaler is not None and "scaler" in ckpt:
-        scaler.load_state_dict(ckpt["scaler"])
-    if is_main_process():
-        print(f"resumed from {path} at epoch {ckpt['epoch']}")
-        trim_log(log, ckpt["epoch"])
-        if ckpt["epoch"] >= args.epochs:
-            print(f"the checkpoint has all {args.epochs} epochs already: nothing to train; "
-                  f"pass a larger --epochs to train longer")
-    return ckpt["epoch"]
-
-
-def trim_log(path, epoch):
-    """Drop the log.txt lines of epochs >= `epoch`, which the checkpoint lacks: a run killed after logging an epoch
-    but before saving it redoes that epoch and logs it again."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        lines = f.readlines()
-    kept = [line for line in lines if _logged_epoch(line) < epoch]
-    if len(kept) < len(lines):
-        with open(f"{path}.tmp", "w") as f:
-            f.writelines(kept)
-        os.replace(f"{path}.tmp", path)
-        print(f"dropped {len(lines) - len(kept)} line(s) of {path} for epochs the checkpoint does not hold")
-
-
-def _logged_epoch(line):
-    try:
-        return json.loads(line)["epoch"]
-    except (ValueError, KeyError, TypeError):  # a line cut short
-        return math.inf
-
-
-def plain_args(args):
-    """argparse Namespace -> dict of plain values, safe for weights_only loading."""
-    return {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, tuple, type(None)))}
-
-
-def autocast_dtype(precision, device):
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else \
-            "fp16" if device.type == "cuda" else "fp32"
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
-
-
-def train(args):
-    rank, world_size, device = init_distributed(args.dist_timeout)
-    if is_main_process():
-        prepare_output_dir(args.output_dir)
-    seed_everything(args.seed)  # same initial weights on every rank
-    amp_dtype = autocast_dtype(args.precision, device)
-    # colour, blur and solarize run batched on the GPU; without one, in the loader workers
-    photometry = MultiCropPhotometry(args.local_crops_number)
-    device_photometry = photometry if device.type == "cuda" else None
-    loader, sampler = build_loader(args, None if device_photometry else photometry, rank, world_size)
-
-    student, teacher = build_dino_networks(args)
-    if args.use_bn_in_head and world_size > 1:
-        student = nn.SyncBatchNorm.convert_sync_batchnorm(student)
-        teacher = nn.SyncBatchNorm.convert_sync_batchnorm(teacher)
-    student, teacher = student.to(device), teacher.to(device)
-    ddp_student = nn.parallel.DistributedDataParallel(student) if world_size > 1 else student
-    optimizer = torch.optim.AdamW(get_params_groups(student), fused=True)  # one kernel for all parameters, CPU or GPU
-    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
-    ncrops = 2 + args.local_crops_number
-    dino_loss = DINOLoss(args.out_dim, ncrops, args.warmup_teacher_temp, args.teacher_temp,
-                         args.warmup_teacher_temp_epochs, args.epochs).to(device)
-
-    n_iter = len(loader)
-    total_batch = args.batch_size_per_gpu * world_size
-    schedules = {  # .tolist(): plain floats, so the optimizer state stays loadable with weights_only
-        "lr": cosine_scheduler(args.lr * total_batch / 256.0, args.min_lr, args.epochs, n_iter,
-                               args.warmup_epochs).tolist(),
-        "wd": cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, n_iter).tolist(),
-        "momentum": cosine_scheduler(args.momentum_teacher, 1.0, args.epochs, n_iter).tolist(),
-    }
-    checkpoint_path = os.path.join(args.output_dir, "checkpoint.pth")
-    start_epoch = restore_training(checkpoint_path, args, student, teacher, optimizer, scaler, dino_loss)
-    step_fn = make_train_step(ddp_student, student, teacher, dino_loss, optimizer, scaler, amp_dtype, args)
-    if is_main_process():
-        print(f"training {args.arch}/{args.patch_size} on {len(loader.dataset)} images, {world_size} process(es) on "
-              f"{device.type}, batch {total_batch}, {n_iter} it/epoch, precision {args.precision}")
-
-    for epoch in range(start_epoch, args.epochs):
-        sampler.set_epoch(epoch)
-        seed_everything(args.seed + 1000 * epoch + rank)  # augmentations and drop path differ per rank, replay on resume
-        stats = train_one_epoch(step_fn, loader, device_photometry, schedules,
-                                optimizer, dino_loss, epoch, n_iter, args, device)
-        if is_main_process():
-            save_epoch(args, epoch, stats, student, teacher, optimizer, scaler, dino_loss)
-    if world_size > 1:
-        dist.barrier()
-    return student, teacher, dino_loss
-
-
-def make_train_step(ddp_student, student, teacher, dino_loss, optimizer, scaler, amp_dtype, args):
-    """One iteration of the paper's Algorithm 1, returning the loss as a device tensor (no host sync)."""
-    student_params, teacher_params = list(student.parameters()), list(teacher.parameters())
-    last_layer_params = list(student.head.last_layer.parameters())
-    if args.compile:
-        ddp_student, teacher = torch.compile(ddp_student), torch.compile(teacher)
-
-    def step(crops, epoch, momentum):
-        device_type = crops[0].device.type
-        with torch.autocast(device_type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            with torch.no_grad():
-                teacher_output = teacher(crops[:2])  # the teacher sees only the 2 global views
-            student_output = ddp_student(crops)
-            loss = dino_loss(student_output, teacher_output, epoch)  # also moves the center
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
-        else:
-            loss.backward()
-        if args.clip_grad:
-            clip_gradients(student_params, args.clip_grad)
-        if epoch < args.freeze_last_layer:  # a fixed last layer early on keeps training from collapsing
-            for p in last_layer_params:
-                p.grad = None
-        if scaler is not None:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        update_teacher(student_params, teacher_params, momentum)
-        return loss.detach()
-
-    return step
+def train_step(s, crops, epoch, i):
+    """Iteration i of Algorithm 1 on one batch (the 2 global crops first); returns the loss as a device tensor."""
+    for group in s.optimizer.param_groups:
+        group["lr"] = s.schedules["lr"][i]
+    s.optimizer.param_groups[0]["weight_decay"] = s.schedules["wd"][i]  # group 0 is the regularized one
+    with torch.autocast(crops[0].device.type, dtype=s.amp_dtype or torch.float32, enabled=s.amp_dtype is not None):
+        with torch.no_grad():
+            teacher_output = s.teacher(crops[:2])  # the teacher sees only the 2 global views
+        student_output = (s.student_forward or s.student)(crops)  # the student sees all of them
+        loss = s.dino_loss(student_output, teacher_output, epoch)  # also moves the center
+    s.optimizer.zero_grad(set_to_none=True)
+    s.scaler.scale(loss).backward()
+    s.scaler.unscale_(s.optimizer)
+    if s.args.clip_grad:
+        clip_gradients(s.student.parameters(), s.args.clip_grad)
+    frozen = []
+    if epoch < s.args.freeze_last_layer:  # a fixed last layer early on keeps training from collapsing
+        frozen += s.student.head.last_layer.parameters()
+    if epoch < s.args.freeze_backbone_epochs:  # new heads first learn on the pretrained features
+        frozen += s.student.backbone.parameters()
+    for p in frozen:
+        p.grad = None  # the optimizer skips parameters without a gradient: no update, no weight decay
+    s.scaler.step(s.optimizer)
+    s.scaler.update()
+    update_teacher(list(s.student.parameters()), list(s.teacher.parameters()), s.schedules["momentum"][i])
+    return loss.detach()
 
 
 def stop_if_not_finite(bad_iter, epoch, args):
@@ -919,180 +544,41 @@ def stop_if_not_finite(bad_iter, epoch, args):
                         f"--precision fp32, a lower --lr, or a larger --freeze_last_layer")
 
 
-def train_one_epoch(step, loader, photometry, schedules, optimizer, dino_loss, epoch, n_iter, args, device):
-    sums = {}
-    skipped = 0
-    bad_iter = torch.tensor(-1, device=device)
-    start = time.time()
-    for it, (crops, n_skipped) in enumerate(loader):
+def train_one_epoch(s, loader, epoch, photometry=None):
+    """One pass over the loader; returns the epoch's means (loss, collapse indicators) and its speed."""
+    device, n_iter, args = s.dino_loss.center.device, len(loader), s.args
+    sums, bad_iter, start = {}, torch.tensor(-1, device=device), time.time()
+    for it, crops in enumerate(loader):
         i = epoch * n_iter + it
-        for group in optimizer.param_groups:
-            group["lr"] = schedules["lr"][i]
-        optimizer.param_groups[0]["weight_decay"] = schedules["wd"][i]  # group 0 is the regularized one
         crops = [c.to(device, non_blocking=True) for c in crops]
-        if photometry is not None:  # GPU path: colour, blur, solarize batched on the device
+        if photometry is not None:  # the GPU path: colour, blur and solarize run batched on the device
             crops = photometry(crops)
-        loss = step(crops, epoch, schedules["momentum"][i])
-
-        bad_iter = torch.where((bad_iter < 0) & ~torch.isfinite(loss), it, bad_iter)
-        for k, v in {"loss": loss, **dino_loss.stats}.items():
+        loss = train_step(s, crops, epoch, i)
+        bad_iter = torch.where((bad_iter < 0) & ~torch.isfinite(loss), it, bad_iter)  # no host sync
+        for k, v in {"loss": loss, **s.dino_loss.stats}.items():
             sums[k] = sums.get(k, 0.0) + v
-        skipped += n_skipped
         if (it + 1) % args.log_every == 0 or it + 1 == n_iter:
             stop_if_not_finite(bad_iter, epoch, args)
-            if is_main_process():
-                elapsed = time.time() - start
-                eta = elapsed / (it + 1) * ((args.epochs - epoch) * n_iter - it - 1)
+            elapsed = time.time() - start
+            eta = elapsed / (it + 1) * ((args.epochs - epoch) * n_iter - it - 1)
+            if get_rank() == 0:
                 print(f"epoch {epoch}/{args.epochs} it {it + 1}/{n_iter} loss {sums['loss'].item() / (it + 1):.4f} "
-                      f"lr {schedules['lr'][i]:.2e} wd {schedules['wd'][i]:.3f} "
-                      f"momentum {schedules['momentum'][i]:.4f} "
+                      f"lr {s.schedules['lr'][i]:.2e} wd {s.schedules['wd'][i]:.3f} "
+                      f"momentum {s.schedules['momentum'][i]:.4f} "
                       f"{(it + 1) * len(crops[0]) * get_world_size() / elapsed:.1f} img/s "
                       f"eta {datetime.timedelta(seconds=int(eta))}", flush=True)
-    means = torch.stack([sums[k] for k in sums]).float() / n_iter
-    skipped_total = torch.tensor(float(skipped), device=device)
+    means = torch.stack(list(sums.values())).float() / n_iter
     if get_world_size() > 1:
         dist.all_reduce(means)
         means /= get_world_size()
-        dist.all_reduce(skipped_total)
-    stats = {k: v.item() for k, v in zip(sums, means)}
     elapsed = time.time() - start
-    stats.update(epoch=epoch, lr=schedules["lr"][i], wd=schedules["wd"][i], momentum=schedules["momentum"][i],
-                 images_per_s=n_iter * len(crops[0]) * get_world_size() / elapsed, epoch_time_s=elapsed,
-                 skipped_images=int(skipped_total.item()))
-    return stats
-
-
-def save_epoch(args, epoch, stats, student, teacher, optimizer, scaler, dino_loss):
-    """Append one JSON line to log.txt, checkpoint (atomically), and warn when the stats show collapse.
-
-    checkpoint.pth is written last: a run killed before it redoes this epoch on resume, and trim_log drops the
-    line logged here, so log.txt, checkpointNNNN.pth and checkpoint.pth always agree.
-    """
-    state = {"student": student.state_dict(), "teacher": teacher.state_dict(), "optimizer": optimizer.state_dict(),
-             "dino_loss": dino_loss.state_dict(), "epoch": epoch + 1, "args": plain_args(args)}
-    if scaler is not None:
-        state["scaler"] = scaler.state_dict()
-    with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
-        f.write(json.dumps(stats) + "\n")
-    if args.saveckp_freq and epoch % args.saveckp_freq == 0:
-        save_checkpoint(state, os.path.join(args.output_dir, f"checkpoint{epoch:04d}.pth"))
-    save_checkpoint(state, os.path.join(args.output_dir, "checkpoint.pth"))
-    print(f"epoch {epoch} done: loss {stats['loss']:.4f}, teacher entropy {stats['teacher_entropy']:.3f}, "
-          f"KL {stats['kl']:.3f}, batch-mean entropy {stats['batch_mean_entropy']:.3f} "
-          f"(max {math.log(args.out_dim):.3f}), {stats['skipped_images']} unreadable images skipped", flush=True)
-    if stats["kl"] < 1e-3 or abs(stats["loss"] - math.log(args.out_dim)) < 1e-3 * math.log(args.out_dim):
-        print(f"warning: the outputs look collapsed (KL(teacher||student) {stats['kl']:.2e}, loss {stats['loss']:.3f} "
-              f"vs ln(out_dim) {math.log(args.out_dim):.3f}); try a lower --teacher_temp, a higher "
-              f"--momentum_teacher (e.g. 0.9995 with small batches), or a larger batch", flush=True)
+    return dict(zip(sums, means.tolist()), epoch=epoch, lr=s.schedules["lr"][i], wd=s.schedules["wd"][i],
+                momentum=s.schedules["momentum"][i], epoch_time_s=elapsed,
+                images_per_s=n_iter * len(crops[0]) * get_world_size() / elapsed)
 
 
 # -----------------------------------------------------------------------------
-# evaluation plumbing shared by knn, attn and linear
-
-def add_model_args(p):
-    p.add_argument("--pretrained_weights", default=None, help="a backbone state dict, a published DINO "
-                   "checkpoint or one of our training checkpoints; default: <output_dir>/checkpoint.pth")
-    p.add_argument("--checkpoint_key", default=None, help="network to take from a training checkpoint "
-                   "(default: teacher)")
-    p.add_argument("--arch", default=None, choices=list(ARCHS), help="default: the checkpoint's, else vit_small")
-    p.add_argument("--patch_size", type=int, default=None, help="default: the checkpoint's, else 16")
-    p.add_argument("--output_dir", default="output", help="the training run to evaluate (its checkpoint.pth "
-                   "and demo_data/ are the defaults); results are written here (attention maps in attn/)")
-
-
-def resolve_weights(args):
-    """Default to the run in --output_dir; returns the flags it was trained with ({} for other weights)."""
-    if args.pretrained_weights is None:
-        args.pretrained_weights = os.path.join(args.output_dir, "checkpoint.pth")
-        if not os.path.isfile(args.pretrained_weights):
-            raise DinoError(f"no --pretrained_weights given and no trained run at {args.pretrained_weights}; "
-                            f"run `python dino.py train` first, or pass --pretrained_weights")
-    ckpt = load_checkpoint_file(args.pretrained_weights)
-    train_args = ckpt.get("args") if isinstance(ckpt, dict) else None
-    train_args = train_args if isinstance(train_args, dict) else {}
-    # The checkpoint knows its architecture; --arch / --patch_size are only needed for other weights.
-    args.arch = args.arch or train_args.get("arch", RECIPE["arch"])
-    args.patch_size = args.patch_size or train_args.get("patch_size", RECIPE["patch_size"])
-    prepare_output_dir(args.output_dir)  # knn, attn and linear write there (and the demo data): fail before any work
-    return train_args
-
-
-def load_backbone(args, device, pretrained=True):
-    """The frozen backbone in eval mode: --pretrained_weights, or a random init (seed 0) as a baseline."""
-    if not pretrained:
-        torch.manual_seed(0)
-    model = build_backbone(args.arch, args.patch_size)
-    if pretrained:
-        load_pretrained_weights(model, args.pretrained_weights, args.checkpoint_key)
-    return model.eval().requires_grad_(False).to(device)
-
-
-def demo_data(args):
-    return make_demo_dataset(os.path.join(args.output_dir, "demo_data"))
-
-
-def add_data_args(p):
-    p.add_argument("--data_path", default=None, help="folder holding train/<class>/ and val/<class>/ images; "
-                   "default: the demo data of --output_dir")
-    p.add_argument("--resize_size", type=int, default=None, help="shorter side before the center crop "
-                   "(default: crop_size * 256 / 224; the demo: crop_size)")
-    p.add_argument("--crop_size", type=int, default=None, help="side of the images fed to the model "
-                   "(default 224; the demo: its global crop size)")
-    p.add_argument("--num_workers", type=int, default=None, help="data loader processes per GPU")
-
-
-def resolve_data(args, train_args):
-    """--data_path (the demo data when unset), its image sizes and loader workers."""
-    args.demo = args.data_path is None
-    if args.demo:
-        args.data_path = demo_data(args)
-    for split in ("train", "val"):
-        if not os.path.isdir(os.path.join(args.data_path, split)):
-            raise DinoError(f"--data_path {args.data_path} has no {split}/ folder; it must hold "
-                            f"train/<class>/ and val/<class>/ image folders")
-    # The demo is evaluated at the resolution it was trained at; otherwise the paper's 256 -> 224 center crop.
-    args.crop_size = args.crop_size or (train_args.get("global_crops_size", DEMO["global_crops_size"])
-                                        if args.demo else 224)
-    args.resize_size = args.resize_size or (args.crop_size if args.demo else round(args.crop_size * 256 / 224))
-    if args.crop_size % args.patch_size:
-        raise DinoError(f"--crop_size {args.crop_size} is not a multiple of --patch_size {args.patch_size}")
-    if args.num_workers is None:
-        args.num_workers = (DEMO if args.demo else RECIPE)["num_workers"]
-    if args.demo:
-        print(f"no --data_path: evaluating {args.pretrained_weights} ({args.arch}/{args.patch_size}) on the demo "
-              f"data in {args.data_path} at {args.crop_size} pixels")
-
-
-def eval_transform(resize_size, crop_size):
-    return T.Compose([T.Resize(resize_size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(crop_size),
-                      T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-
-
-def image_folders(data_path, train_transform, val_transform):
-    """ImageFolders data_path/train and data_path/val; their class folders must match, or labels would differ."""
-    folders = []
-    for split, transform in (("train", train_transform), ("val", val_transform)):
-        root = os.path.join(data_path, split)
-        try:
-            folders.append(torchvision.datasets.ImageFolder(root, transform, loader=load_rgb))
-        except FileNotFoundError as e:  # no class folders, or a class folder without images
-            raise DinoError(f"{root}: {e}") from None
-    train, val = folders
-    if train.classes != val.classes:
-        differ = sorted(set(train.classes) ^ set(val.classes))
-        raise DinoError(f"train/ and val/ of {data_path} must hold the same class folders "
-                        f"({len(train.classes)} vs {len(val.classes)}; e.g. {differ[0]} is in only one)")
-    return train, val
-
-
-def shard(dataset):
-    """This process's contiguous slice of dataset: sizes differ by at most one, nothing padded or repeated."""
-    rank, world_size, n = get_rank(), get_world_size(), len(dataset)
-    return torch.utils.data.Subset(dataset, range(n * rank // world_size, n * (rank + 1) // world_size))
-
-
-# -----------------------------------------------------------------------------
-# knn
+# k-NN
 
 @torch.no_grad()
 def knn_classifier(train_features, train_labels, test_features, test_labels, k, T, num_classes=1000,
@@ -1117,100 +603,38 @@ def knn_classifier(train_features, train_labels, test_features, test_labels, k, 
     return 100.0 * hits1 / len(test_labels), 100.0 * hits5 / len(test_labels)
 
 
+def shard(dataset):
+    """This process's contiguous slice of dataset: sizes differ by at most one, nothing padded or repeated."""
+    rank, world_size, n = get_rank(), get_world_size(), len(dataset)
+    return torch.utils.data.Subset(dataset, range(n * rank // world_size, n * (rank + 1) // world_size))
+
+
 @torch.no_grad()
 def extract_features(model, dataset, batch_size, num_workers, device):
-    """L2-normalized float32 CLS features of every image, in dataset order, on the CPU of every process.
+    """L2-normalized float32 CLS features of every image in dataset order, on the CPU of process 0 (None elsewhere).
 
-    Each process embeds its contiguous shard (no padding, so no image counts twice when len(dataset)
-    is not a multiple of the world size) and the shards are gathered back in rank order.
+    Each process embeds its contiguous shard (no padding, so no image counts twice when len(dataset) is not a
+    multiple of the world size); the shards are gathered as tensors on process 0 only, which alone holds them all.
     """
     device = torch.device(device)
     loader = torch.utils.data.DataLoader(shard(dataset), batch_size=batch_size, num_workers=num_workers,
                                          pin_memory=device.type == "cuda")
-    features = [F.normalize(model(images.to(device, non_blocking=True)).float(), dim=1).cpu()
-                for images, _ in loader]
-    if get_world_size() > 1:
-        # Object gather: shards differ in length (one may be empty), so no padding bookkeeping is needed.
-        shards = [None] * get_world_size()
-        dist.all_gather_object(shards, features)
-        features = [f for s in shards for f in s]
-    return torch.cat(features)
-
-
-def add_knn_args(p):
-    add_model_args(p)
-    add_data_args(p)
-    p.add_argument("--nb_knn", type=int, nargs="+", default=[10, 20, 100, 200], help="numbers of neighbours k")
-    p.add_argument("--temperature", type=float, default=0.07, help="votes weigh exp(cos_sim / temperature)")
-    p.add_argument("--batch_size_per_gpu", type=int, default=128)
-    p.add_argument("--dump_features", default=None, help="also save the features and labels in this folder")
-    p.add_argument("--load_features", default=None, help="use the features saved by --dump_features in this "
-                   "folder instead of computing them (no model or images needed)")
-
-
-def resolve_knn_args(args):
-    """Fill the flags left at None (see resolve_weights and resolve_data)."""
-    args.demo = False
-    if args.load_features is None:
-        resolve_data(args, resolve_weights(args))
-    return args
-
-
-FEATURE_FILES = ("trainfeat", "trainlabels", "testfeat", "testlabels")  # the published eval_knn.py names
-
-
-def load_features(folder):
-    return tuple(load_checkpoint_file(os.path.join(folder, f"{name}.pth")) for name in FEATURE_FILES)
-
-
-def knn_main(args):
-    """k-NN accuracy for every k in --nb_knn; on the demo data also of a random init, to show what training bought."""
-    _, _, device = init_distributed()
-    if args.load_features:
-        runs = {args.load_features: load_features(args.load_features)}
-    else:
-        transform = eval_transform(args.resize_size, args.crop_size)
-        train_set, val_set = image_folders(args.data_path, transform, transform)
-        train_labels, val_labels = torch.tensor(train_set.targets), torch.tensor(val_set.targets)
-        models = [(args.pretrained_weights, True)]
-        if args.demo:
-            models.append(("random init (seed 0)", False))
-        runs = {}
-        for name, pretrained in models:
-            model = load_backbone(args, device, pretrained)
-            runs[name] = (extract_features(model, train_set, args.batch_size_per_gpu, args.num_workers, device),
-                          train_labels,
-                          extract_features(model, val_set, args.batch_size_per_gpu, args.num_workers, device),
-                          val_labels)
-        if args.dump_features and is_main_process():
-            os.makedirs(args.dump_features, exist_ok=True)
-            for name, tensor in zip(FEATURE_FILES, runs[args.pretrained_weights]):
-                torch.save(tensor, os.path.join(args.dump_features, f"{name}.pth"))
-    if not is_main_process():
-        return
-    rows = []
-    for name, (train_features, train_labels, test_features, test_labels) in runs.items():
-        num_classes = int(max(train_labels.max(), test_labels.max())) + 1
-        # k cannot exceed the number of train images; small data sets get all of them as neighbours.
-        for k in sorted({min(k, len(train_labels)) for k in args.nb_knn}):
-            top1, top5 = knn_classifier(train_features.to(device), train_labels.to(device),
-                                        test_features.to(device), test_labels.to(device), k,
-                                        args.temperature, num_classes)
-            rows.append(dict(model=name, k=k, top1=top1, top5=top5))
-    print(f"weighted k-NN, T={args.temperature}, {len(train_labels)} train / {len(test_labels)} val images")
-    width = max(len(r["model"]) for r in rows)
-    print(f"{'model':<{width}}  {'k':>4}  {'top-1':>6}  {'top-5':>6}")
-    for r in rows:
-        print(f"{r['model']:<{width}}  {r['k']:>4}  {r['top1']:6.2f}  {r['top5']:6.2f}")
-    prepare_output_dir(args.output_dir)
-    path = os.path.join(args.output_dir, "knn_results.json")
-    with open(path, "w") as f:
-        json.dump({"args": plain_args(args), "results": rows}, f, indent=1)
-    print(f"wrote {path}")
+    features = [F.normalize(model(images.to(device, non_blocking=True)).float(), dim=1) for images, _ in loader]
+    features = torch.cat(features) if features else torch.zeros(0, model.embed_dim, device=device)
+    world_size, n = get_world_size(), len(dataset)
+    if world_size == 1:
+        return features.cpu()
+    longest = -(-n // world_size)  # shards are this long or one shorter: pad to it, gather, then drop the padding
+    padded = torch.cat([features, features.new_zeros(longest - len(features), features.shape[1])])
+    shards = [torch.empty_like(padded) for _ in range(world_size)] if get_rank() == 0 else None
+    dist.gather(padded, shards, dst=0)
+    if get_rank() != 0:
+        return None
+    return torch.cat([s[:n * (r + 1) // world_size - n * r // world_size] for r, s in enumerate(shards)]).cpu()
 
 
 # -----------------------------------------------------------------------------
-# attn
+# attention maps
 
 @torch.no_grad()
 def attention_maps(model, img):
@@ -1272,49 +696,9 @@ def save_attention_images(img, maps, masks, patch_size, out_dir):
     return paths
 
 
-def add_attn_args(p):
-    add_model_args(p)
-    p.add_argument("--image_path", default=None, help="any image PIL reads; default: the first demo val image")
-    p.add_argument("--image_size", type=int, nargs=2, default=None, metavar=("H", "W"),
-                   help="resize to this before cropping to patch multiples (default 480 480; the demo: 4x its "
-                        "global crop size)")
-    p.add_argument("--threshold", type=float, default=None, help="also write per-head masks keeping the "
-                   "smallest set of patches that holds this fraction of the attention mass (e.g. 0.6)")
-
-
-def resolve_attn_args(args):
-    """Fill the flags left at None; the maps are written to <output_dir>/attn."""
-    train_args = resolve_weights(args)
-    if args.image_path is None:
-        args.image_path = str(list_images(os.path.join(demo_data(args), "val"))[0])
-        # Bigger than the demo's training crops, as the paper draws 224-trained maps at 480: finer maps.
-        args.image_size = args.image_size or [4 * train_args.get("global_crops_size", DEMO["global_crops_size"])] * 2
-    args.image_size = args.image_size or [480, 480]
-    if min(args.image_size) < args.patch_size:
-        raise DinoError(f"--image_size {args.image_size[0]} {args.image_size[1]} is smaller than one "
-                        f"{args.patch_size}-pixel patch")
-    if args.threshold is not None and not 0 < args.threshold <= 1:
-        raise DinoError(f"--threshold {args.threshold} is not a fraction of the attention mass in (0, 1]")
-    return args
-
-
-def attn_main(args):
-    """Attention maps of the last block's heads for one image; one process (device: first GPU, else CPU)."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        img = load_rgb(args.image_path)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise DinoError(f"--image_path {args.image_path} is not a readable image ({str(e).splitlines()[0]})") from None
-    img, x = prepare_image(img, args.image_size, args.patch_size)
-    model = load_backbone(args, device)
-    maps = attention_maps(model, x.to(device)).float().cpu()
-    masks = None if args.threshold is None else threshold_masks(maps, args.threshold)
-    for path in save_attention_images(img, maps, masks, args.patch_size, os.path.join(args.output_dir, "attn")):
-        print(path)
-
 
 # -----------------------------------------------------------------------------
-# linear
+# linear probe
 
 def linear_features(model, images, n_last_blocks, avgpool_patchtokens):
     """Frozen features for the probe: CLS tokens of the last n blocks [+ the last block's mean patch token]."""
@@ -1367,36 +751,623 @@ def evaluate_linear(model, classifier, dataset, args, device):
     return (100 * counts[0] / counts[2]).item(), (100 * counts[1] / counts[2]).item()
 
 
-def add_linear_args(p):
-    add_model_args(p)
-    add_data_args(p)
-    p.add_argument("--n_last_blocks", type=int, default=None, help="concatenate the CLS tokens of this many "
-                   "last blocks (default: 4; 1 for vit_base, as published)")
-    p.add_argument("--avgpool_patchtokens", type=bool_flag, default=None, help="also concatenate the last "
-                   "block's average patch token (default: false; true for vit_base, as published)")
-    p.add_argument("--epochs", type=int, default=None, help="default 100; the demo: 10")
-    p.add_argument("--lr", type=float, default=None, help="SGD lr for a total batch of 256, scaled linearly, "
-                   "cosine to 0 (default 0.001; the demo: 0.1)")
-    p.add_argument("--batch_size_per_gpu", type=int, default=None, help="default 128; the demo: 32")
-    p.add_argument("--val_freq", type=int, default=1, help="epochs between validations")
-    p.add_argument("--seed", type=int, default=0)
+
+# =============================================================================
+# Part 2: the tool
+# =============================================================================
+
+# -----------------------------------------------------------------------------
+# checkpoints: safe loading with a report, atomic saving, resume
+
+def _harmless_globals():
+    """What the published DINO code's checkpoints hold beyond tensors and plain data: their args (an
+    argparse.Namespace) and numpy scalars in the optimizer state (its schedules are numpy arrays). Building these
+    runs no code of the file's choosing; anything else a pickle names is refused."""
+    try:
+        from numpy._core.multiarray import scalar
+    except ImportError:  # numpy 1
+        from numpy.core.multiarray import scalar
+    dtypes = [type(np.dtype(t)) for t in (np.float64, np.float32, np.float16, np.int64, np.int32, np.bool_)]
+    return [argparse.Namespace, np.dtype, *dtypes, (scalar, "numpy.core.multiarray.scalar"),
+            (scalar, "numpy._core.multiarray.scalar")]
 
 
-def resolve_linear_args(args):
-    """Fill the flags left at None (see resolve_weights and resolve_data)."""
-    resolve_data(args, resolve_weights(args))
-    base = args.arch == "vit_base"
-    args.n_last_blocks = args.n_last_blocks or (1 if base else 4)
-    args.avgpool_patchtokens = base if args.avgpool_patchtokens is None else args.avgpool_patchtokens
-    # The demo's few hundred images give a few dozen steps: they need a larger lr than ImageNet's 100 epochs.
-    for name, demo, recipe in (("epochs", 10, 100), ("lr", 0.1, 0.001), ("batch_size_per_gpu", 32, 128)):
-        if getattr(args, name) is None:
-            setattr(args, name, demo if args.demo else recipe)
-    return args
+def load_checkpoint_file(path):
+    """torch.load that never runs code from the file and fails with one line naming the file."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise DinoError(f"checkpoint {path} does not exist; check the path")
+    try:
+        with torch.serialization.safe_globals(_harmless_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # the weights_only unpickler names the class or function it refused with "GLOBAL"
+        if "global" in str(e).lower():
+            raise DinoError(f"refusing to load {path}: it holds Python objects beyond tensors and plain data, "
+                            f"and unpickling them could run code; re-save it as a plain state dict") from None
+        raise DinoError(f"{path} is not a readable checkpoint (truncated or corrupt); re-download or delete it") \
+            from None
+    except Exception as e:  # garbage makes the unpickler fail in many ways (KeyError, IndexError, struct.error...)
+        detail = str(e).strip().split("\n")[0] if isinstance(e, RuntimeError) else type(e).__name__
+        raise DinoError(f"{path} is not a readable checkpoint (truncated or corrupt: {detail}); "
+                        f"re-download or delete it") from None
+
+
+def plain_args(args):
+    """Flags (a dict, or an argparse Namespace as the published code saves them) -> dict of plain values."""
+    args = vars(args) if isinstance(args, argparse.Namespace) else args if isinstance(args, dict) else {}
+    return {k: v for k, v in args.items() if isinstance(v, (int, float, str, bool, list, tuple, type(None)))}
+
+
+def _guess_flags(state):
+    """'--arch vit_small --patch_size 16 --out_dim 65536' from a state dict, for error messages."""
+    flat = {k.removeprefix("backbone."): v for k, v in state.items()}
+    flags = []
+    if "cls_token" in flat and "patch_embed.proj.weight" in flat:
+        dim = flat["cls_token"].shape[-1]
+        arch = {192: "vit_tiny", 384: "vit_small", 768: "vit_base"}.get(dim, f"(embed dim {dim})")
+        flags += [f"--arch {arch}", f"--patch_size {flat['patch_embed.proj.weight'].shape[-1]}"]
+    for k in ("head.last_layer.weight_v", "head.last_layer.parametrizations.weight.original1"):
+        if k in state:
+            flags.append(f"--out_dim {state[k].shape[0]}")
+    return " ".join(flags)
+
+
+def load_pretrained_weights(model, path, checkpoint_key=None, checkpoint=None):
+    """Load published DINO weights, a plain state dict, or a training checkpoint (ours or the published code's)
+    into a VisionTransformer, a DINOHead or a MultiCropWrapper, and print what was taken.
+
+    From a full checkpoint ({'student', 'teacher', ...}) `checkpoint_key` picks the network (default: teacher);
+    `module.` prefixes are dropped and `backbone.` / `head.` select the part the model is. `checkpoint`: the file's
+    content, when the caller has read it already. A mismatch raises a one-line DinoError naming the first keys.
+    """
+    ckpt = load_checkpoint_file(path) if checkpoint is None else checkpoint
+    key = checkpoint_key or ("teacher" if isinstance(ckpt, dict) and "teacher" in ckpt else None)
+    if key is not None:
+        if not isinstance(ckpt, dict) or key not in ckpt:
+            entries = [k for k, v in ckpt.items() if isinstance(v, dict)] if isinstance(ckpt, dict) else []
+            raise DinoError(f"{path} has no '{key}' entry (it has: {', '.join(entries) or 'none'}); "
+                            f"pass --checkpoint_key with one of those")
+        ckpt = ckpt[key]
+    if not isinstance(ckpt, dict) or not ckpt or not all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        raise DinoError(f"{path} is not a state dict of tensors; pass --checkpoint_key to pick one")
+    state = {k.removeprefix("module."): v for k, v in ckpt.items()}
+    part = {vits.VisionTransformer: "backbone", vits.DINOHead: "head"}.get(type(model), "backbone and head")
+    prefix = f"{part}." if any(k.startswith(f"{part}.") for k in state) else ""
+    taken = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+    expected = model.state_dict()
+    problems = [f"{k} {tuple(v.shape)} vs {tuple(expected[k].shape)}"
+                for k, v in taken.items() if k in expected and v.shape != expected[k].shape]
+    problems = [f"{len(problems)} shape mismatches (e.g. {problems[0]})"] if problems else []
+    if not problems:  # (WeightNormLinear renames the newer weight-norm keys as they load)
+        missing, unexpected = model.load_state_dict(taken, strict=False)
+        problems = [f"{len(keys)} {kind} keys (e.g. {keys[0]})"
+                    for kind, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
+    if problems:
+        guess = _guess_flags(state)
+        hint = f"the checkpoint looks like {guess}: pass that" if guess else "check --arch and --patch_size"
+        raise DinoError(f"{path} does not fit the model: {'; '.join(problems)}; {hint}")
+    ignored = sorted({k.split(".")[0] for k in state if not k.startswith(prefix)})
+    if get_rank() == 0:
+        print(f"loaded {path}: {key + ' ' if key else ''}{part}, {len(taken)} tensors"
+              + (f"; {', '.join(ignored)} ignored" if ignored else ""))
+    return model
+
+
+def save_checkpoint(state, path):
+    """Write to a temporary file, flush to disk, then rename: a crash never leaves a half-written checkpoint."""
+    tmp = f"{path}.tmp"  # not per process: a killed save leaves one stale file that the next save replaces
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+STRUCTURAL_FLAGS = ("arch", "patch_size", "out_dim", "norm_last_layer", "use_bn_in_head")
+TRAINING_STATE = ("student", "teacher", "optimizer", "dino_loss", "epoch")  # what save_epoch writes, resume needs
+
+
+def save_epoch(s, epoch, stats):
+    """Checkpoint (atomically), then append the epoch's JSON line to log.txt, and warn when the stats show collapse.
+    A crash between the two loses one log line, never a checkpoint."""
+    args = s.args
+    state = {"student": s.student.state_dict(), "teacher": s.teacher.state_dict(),
+             "optimizer": s.optimizer.state_dict(), "dino_loss": s.dino_loss.state_dict(),
+             "scaler": s.scaler.state_dict(), "epoch": epoch + 1, "args": plain_args(args)}
+    if args.saveckp_freq and epoch % args.saveckp_freq == 0:
+        save_checkpoint(state, os.path.join(args.output_dir, f"checkpoint{epoch:04d}.pth"))
+    save_checkpoint(state, os.path.join(args.output_dir, "checkpoint.pth"))
+    with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
+        f.write(json.dumps(stats) + "\n")
+    max_entropy = math.log(args.out_dim)
+    print(f"epoch {epoch} done: loss {stats['loss']:.4f}, teacher entropy {stats['teacher_entropy']:.3f}, "
+          f"KL {stats['kl']:.3f}, batch-mean entropy {stats['batch_mean_entropy']:.3f} (max {max_entropy:.3f}), "
+          f"{stats['skipped_images']} unreadable images skipped", flush=True)
+    if stats["kl"] < 1e-3 or abs(stats["loss"] - max_entropy) < 1e-3 * max_entropy:
+        print(f"warning: the outputs look collapsed (KL(teacher||student) {stats['kl']:.2e}, loss {stats['loss']:.3f} "
+              f"vs ln(out_dim) {max_entropy:.3f}); try a lower --teacher_temp, a higher --momentum_teacher (e.g. "
+              f"0.9995 with small batches), or a larger batch", flush=True)
+
+
+def resume(path, s):
+    """Restore TrainState s from the checkpoint at path; returns the epoch to start at."""
+    fresh = "to start fresh, move it away or pass another --output_dir"
+    try:
+        ckpt = load_checkpoint_file(path)
+    except DinoError as e:
+        raise DinoError(f"cannot resume: {e}; {fresh}") from None
+    missing = [k for k in TRAINING_STATE if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise DinoError(f"cannot resume: {path} is not a training checkpoint (no {', '.join(missing)}); {fresh}")
+    old, args = plain_args(ckpt.get("args")), s.args
+    clash = [f"--{k} {old[k]} (now {getattr(args, k)})" for k in STRUCTURAL_FLAGS
+             if k in old and old[k] != getattr(args, k)]
+    if clash:
+        raise DinoError(f"{path} was trained with {', '.join(clash)}; pass the checkpoint's flags, "
+                        f"or another --output_dir to start fresh")
+    changed = [f"{k} {old[k]} -> {v}" for k, v in vars(args).items() if k in old and old[k] != v]
+    for net, name in ((s.student, "student"), (s.teacher, "teacher")):
+        net.load_state_dict({k.removeprefix("module."): v for k, v in ckpt[name].items()})
+    s.optimizer.load_state_dict(ckpt["optimizer"])
+    s.dino_loss.load_state_dict(ckpt["dino_loss"])
+    if ckpt.get("scaler"):
+        s.scaler.load_state_dict(ckpt["scaler"])
+    if get_rank() == 0:
+        if changed:
+            print(f"resuming with changed flags: {', '.join(changed)}")
+        print(f"resumed from {path} at epoch {ckpt['epoch']}")
+        if ckpt["epoch"] >= args.epochs:
+            print(f"the checkpoint has all {args.epochs} epochs already: nothing to train; "
+                  f"pass a larger --epochs to train longer")
+    return ckpt["epoch"]
+
+
+def start_from_weights(s):
+    """Continued pre-training: both networks start from --pretrained_weights (a fresh optimizer and schedules).
+
+    A full checkpoint gives each network its own entry, backbone and head (with --pretrained_heads); other
+    weights give both backbones, and the heads start fresh, the teacher's a copy of the student's.
+    """
+    args = s.args
+    ckpt = load_checkpoint_file(args.pretrained_weights)
+    if isinstance(ckpt, dict) and {"student", "teacher"} <= set(ckpt) and args.pretrained_heads:
+        try:
+            for net, name in ((s.student, "student"), (s.teacher, "teacher")):
+                load_pretrained_weights(net, args.pretrained_weights, args.checkpoint_key or name, ckpt)
+        except DinoError as e:
+            raise DinoError(f"{e}, or --pretrained_heads false to start new heads") from None
+        return
+    for net in (s.student, s.teacher):
+        load_pretrained_weights(net.backbone, args.pretrained_weights, args.checkpoint_key, ckpt)
+    if get_rank() == 0:
+        print("the heads start fresh" + (f"; the backbone stays fixed for --freeze_backbone_epochs "
+                                         f"{args.freeze_backbone_epochs}" if args.freeze_backbone_epochs else
+                                         "; --freeze_backbone_epochs N would train them alone first"))
+
+
+
+# -----------------------------------------------------------------------------
+# processes: distributed setup and the launcher
+
+def init_distributed(timeout_minutes=30):
+    """(rank, world_size, device). Joins the process group when launched by torchrun or `launch`."""
+    cuda = torch.cuda.is_available()
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+        if cuda:
+            torch.cuda.set_device(device)
+        return 0, 1, device
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    # LOCAL_RANK counts the node's processes; where each one sees only its own GPU, that GPU is number 0
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count()) if cuda \
+        else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=timeout_minutes),
+                                device_id=device if cuda else None)
+    return rank, world_size, device
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LostContactError(DinoError):
+    """Another process of the group died or hung; every survivor reports it (the lost one may be rank 0)."""
+
+
+def _run(fn, args):
+    """fn(args) in this process. In a group, a failing collective (gloo raises RuntimeError, NCCL and the store
+    DistError, its subclass) means a peer died or hung: one line; the group is left either way."""
+    try:
+        return fn(args)
+    except RuntimeError as e:
+        if get_world_size() <= 1:
+            raise
+        raise LostContactError(f"lost contact with another training process ({type(e).__name__}); "
+                               f"rerun the same command to resume from the last checkpoint") from None
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _spawned_worker(local_rank, fn, args, world_size, errors):
+    os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world_size))
+    try:
+        _run(fn, args)
+    except DinoError as e:  # the message goes to the launching process, which prints it once (not a traceback)
+        errors.put(str(e))
+        sys.exit(2)
+
+
+def launch(fn, args):
+    """Run fn(args) in one process per visible GPU, or once (under torchrun, or on one GPU / the CPU).
+
+    A spawned process that dies (killed, or aborted by NCCL's watchdog after a lost peer) ends the others; the
+    launcher names it in one line.
+    """
+    n_gpus = torch.cuda.device_count()
+    if "RANK" in os.environ or n_gpus <= 1:
+        return _run(fn, args)
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    errors = torch.multiprocessing.get_context("spawn").SimpleQueue()
+    # spawn warns "Terminating process ... via signal SIGTERM" as it stops the others when one fails: noise there
+    logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
+    try:
+        torch.multiprocessing.spawn(_spawned_worker, args=(fn, args, n_gpus, errors), nprocs=n_gpus)
+    except torch.multiprocessing.ProcessExitedException as e:  # a worker's exception (a bug) keeps its traceback
+        if not errors.empty():
+            raise DinoError(errors.get()) from None
+        if e.signal_name:
+            raise DinoError(f"training process {e.error_index} was killed by {e.signal_name}; "
+                            f"rerun the same command to resume from the last checkpoint") from None
+        raise
+
+
+# -----------------------------------------------------------------------------
+# the demo data and the presets
+
+DEMO_CLASSES = ("stripes_h", "stripes_v", "stripes_d", "checker", "rings", "dots")
+
+
+# Color pairs shared by every class: color tells nothing about the class, so features must encode the shape.
+DEMO_PALETTE = ((230, 60, 40), (30, 40, 120)), ((250, 220, 60), (40, 110, 50)), ((235, 235, 235), (90, 60, 140)), \
+    ((70, 200, 220), (120, 40, 30))
+
+
+def demo_image(cls, rng, size=64):
+    """A procedural image whose class is its shape pattern, not its colors, position or scale."""
+    y, x = np.mgrid[0:size, 0:size].astype(np.float64) / size
+    freq = rng.uniform(3, 6)
+    phase = rng.uniform(0, 2 * np.pi)
+    cx, cy = rng.uniform(0.2, 0.8, size=2)
+    pattern = {
+        "stripes_h": lambda: np.sin(2 * np.pi * freq * y + phase),
+        "stripes_v": lambda: np.sin(2 * np.pi * freq * x + phase),
+        "stripes_d": lambda: np.sin(2 * np.pi * freq * (x + y) / np.sqrt(2) + phase),
+        "checker": lambda: np.sin(2 * np.pi * freq * x + phase) * np.sin(2 * np.pi * freq * y + phase),
+        "rings": lambda: np.sin(2 * np.pi * freq * np.hypot(x - cx, y - cy) + phase),
+        "dots": lambda: np.cos(2 * np.pi * freq * x + phase) + np.cos(2 * np.pi * freq * y + phase) - 1,
+    }[cls]()
+    fg, bg = DEMO_PALETTE[rng.integers(len(DEMO_PALETTE))]
+    if rng.random() < 0.5:
+        fg, bg = bg, fg
+    img = np.where((pattern > 0)[..., None], fg, bg) + rng.normal(0, 12, size=(size, size, 3))
+    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+
+
+def make_demo_dataset(root, n_train=100, n_val=25, seed=0):
+    """Write the demo ImageFolder (root/train/<class>, root/val/<class>) once; return root.
+
+    It is written beside root and renamed into place, so processes starting at once (torchrun) never read a
+    half-written image: the first rename wins, the others' copies are dropped.
+    """
+    root = Path(root)
+    if not root.exists():
+        root.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
+        rng = np.random.default_rng(seed)
+        for split, n in (("train", n_train), ("val", n_val)):
+            for cls in DEMO_CLASSES:
+                (tmp / split / cls).mkdir(parents=True)
+                for i in range(n):
+                    demo_image(cls, rng).save(tmp / split / cls / f"{i:04d}.png")
+        try:
+            os.rename(tmp, root)
+        except OSError:  # another process renamed its copy first
+            shutil.rmtree(tmp)
+    return str(root)
+
+
+# The demo configuration (--preset demo, the default without --data_path): sized to finish in minutes on a laptop
+# CPU. A short run learns fastest with a high lr, a trainable last-layer norm, no drop path and a small output.
+# The unset flags of every other run take the paper's ViT-S/16 recipe, the parser's defaults.
+DEMO = {"train": dict(arch="vit_tiny", patch_size=8, out_dim=256, epochs=20, batch_size_per_gpu=32, lr=0.01,
+                      warmup_epochs=3, momentum_teacher=0.99, global_crops_size=32, local_crops_size=16,
+                      local_crops_number=4, local_crops_scale=[0.1, 0.4], num_workers=2, saveckp_freq=5,
+                      norm_last_layer=False, drop_path_rate=0.0),
+        # a few hundred images give a few dozen steps: they need a larger lr than ImageNet's 100 epochs
+        "linear": dict(epochs=10, lr=0.1, batch_size_per_gpu=32, num_workers=2),
+        "knn": dict(num_workers=2, random_init=True)}
+
+
+
+# -----------------------------------------------------------------------------
+# the commands
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def prepare_output_dir(path):
+    """Create the output dir and prove it is writable, before any work starts."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write_test{os.getpid()}")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except FileExistsError:
+        raise DinoError(f"--output_dir {path} is a file, not a directory; pass a directory path") from None
+    except OSError as e:
+        raise DinoError(f"--output_dir {path} is not writable ({e.strerror}); pass a writable directory") from None
+
+
+def autocast_dtype(precision, device):
+    """--precision as an autocast dtype (None: fp32). auto: bf16 on GPUs that compute it natively, fp16 (with a
+    gradient scaler) on older ones, fp32 on the CPU."""
+    if precision == "auto":
+        precision = "fp32" if device.type != "cuda" else \
+            "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
+
+
+def build_train_state(args, n_iter, world_size, device):
+    """The networks on the device, the optimizer, the loss and the schedules of a fresh run."""
+    student, teacher = build_dino_networks(args)
+    if args.use_bn_in_head and world_size > 1 and device.type == "cuda":  # SyncBatchNorm runs on CUDA only
+        student, teacher = (nn.SyncBatchNorm.convert_sync_batchnorm(m) for m in (student, teacher))
+    student, teacher = student.to(device), teacher.to(device)
+    groups = get_params_groups(student)
+    optimizer = torch.optim.AdamW(groups, fused=True) if args.optimizer == "adamw" else \
+        torch.optim.SGD(groups, lr=0, momentum=0.9)  # lr and weight decay are set every step
+    dino_loss = DINOLoss(args.out_dim, 2 + args.local_crops_number, args.warmup_teacher_temp, args.teacher_temp,
+                         args.warmup_teacher_temp_epochs, args.epochs).to(device)
+    amp_dtype = autocast_dtype(args.precision, device)
+    lr = args.lr * args.batch_size_per_gpu * world_size / 256.0  # the linear scaling rule
+    schedules = {  # .tolist(): plain floats, so the optimizer state stays loadable with weights_only
+        "lr": cosine_scheduler(lr, args.min_lr, args.epochs, n_iter, args.warmup_epochs).tolist(),
+        "wd": cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, n_iter).tolist(),
+        "momentum": cosine_scheduler(args.momentum_teacher, 1.0, args.epochs, n_iter).tolist(),
+    }
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    return TrainState(student, teacher, dino_loss, optimizer, scaler, schedules, args, amp_dtype)
+
+
+def train(args):
+    """The train command in one process: data, networks, resume or pretrained weights, then the epochs."""
+    rank, world_size, device = init_distributed(args.dist_timeout)
+    if rank == 0:
+        prepare_output_dir(args.output_dir)
+    seed_everything(args.seed)  # the same initial weights on every rank
+    # Colour, blur and solarize run batched on the GPU; without one, the PIL recipe runs in the loader workers.
+    photometry = MultiCropPhotometry(args.local_crops_number) if device.type == "cuda" else None
+    crops = (args.global_crops_scale, args.local_crops_scale, args.local_crops_number, args.global_crops_size,
+             args.local_crops_size)
+    dataset = ImageDataset(args.data_path, MultiCropGeometry(*crops) if photometry else DataAugmentationDINO(*crops),
+                           args.seed)
+    sampler = EpochSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
+    loader = torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=args.batch_size_per_gpu,
+                                         num_workers=args.num_workers, pin_memory=device.type == "cuda",
+                                         drop_last=True, persistent_workers=args.num_workers > 0)
+    if len(loader) == 0:
+        raise DinoError(f"{len(dataset)} images split over {world_size} process(es) do not fill one batch of "
+                        f"--batch_size_per_gpu {args.batch_size_per_gpu}; lower it or add images")
+    s = build_train_state(args, len(loader), world_size, device)
+    checkpoint = os.path.join(args.output_dir, "checkpoint.pth")
+    start_epoch = 0
+    if os.path.exists(checkpoint):  # an existing run wins over --pretrained_weights
+        if args.pretrained_weights and rank == 0:
+            print(f"{checkpoint} exists: resuming that run, --pretrained_weights is not used")
+        start_epoch = resume(checkpoint, s)
+    elif args.pretrained_weights:
+        start_from_weights(s)
+    if world_size > 1:  # every rank must continue the same run: the output dir must be shared between nodes
+        epochs = torch.tensor([start_epoch, -start_epoch], device=device)
+        dist.all_reduce(epochs, op=dist.ReduceOp.MAX)
+        if epochs[0] != -epochs[1]:
+            raise DinoError(f"the processes resumed different epochs ({-epochs[1]} to {epochs[0]}): put "
+                            f"--output_dir on a filesystem that every node shares")
+        s.student_forward = nn.parallel.DistributedDataParallel(s.student)
+    if args.compile:
+        s.student.compile()
+        s.teacher.compile()
+    if rank == 0:
+        print(f"training {args.arch}/{args.patch_size} on {len(dataset)} images, {world_size} process(es) on "
+              f"{device.type}, batch {args.batch_size_per_gpu * world_size}, {len(loader)} it/epoch, "
+              f"precision {args.precision}", flush=True)
+    for epoch in range(start_epoch, args.epochs):
+        sampler.set_epoch(epoch)
+        seed_everything(args.seed + 1000 * epoch + rank)  # drop path and device photometry: replayed on resume
+        skipped_before = dataset.skipped.item()
+        stats = train_one_epoch(s, loader, epoch, photometry)
+        skipped = torch.tensor(dataset.skipped.item() - skipped_before, device=device)
+        if world_size > 1:
+            dist.all_reduce(skipped)
+        stats["skipped_images"] = skipped.item()
+        if rank == 0:
+            save_epoch(s, epoch, stats)
+    if world_size > 1:
+        dist.barrier()
+    return s
+
+
+def open_weights(args):
+    """Read --pretrained_weights once (default: the run in --output_dir) and take --arch / --patch_size from the
+    flags it was trained with when unset. Returns (file content, its training flags)."""
+    if args.pretrained_weights is None:
+        args.pretrained_weights = os.path.join(args.output_dir, "checkpoint.pth")
+        if not os.path.isfile(args.pretrained_weights):
+            raise DinoError(f"no --pretrained_weights given and no trained run at {args.pretrained_weights}; "
+                            f"run `python dino.py train` first, or pass --pretrained_weights")
+    ckpt = load_checkpoint_file(args.pretrained_weights)
+    train_args = plain_args(ckpt.get("args")) if isinstance(ckpt, dict) else {}
+    args.arch = args.arch or train_args.get("arch", "vit_small")
+    args.patch_size = args.patch_size or train_args.get("patch_size", 16)
+    prepare_output_dir(args.output_dir)  # knn, attn and linear write there (and the demo data): fail before any work
+    return ckpt, train_args
+
+
+def load_backbone(args, device, checkpoint=None):
+    """The frozen backbone in eval mode, from --pretrained_weights (read already: checkpoint), or with checkpoint
+    None a random init (seed 0), the baseline that shows what training added."""
+    if checkpoint is None:
+        torch.manual_seed(0)
+    model = ARCHS[args.arch](patch_size=args.patch_size)
+    if checkpoint is not None:
+        load_pretrained_weights(model, args.pretrained_weights, args.checkpoint_key, checkpoint)
+    return model.eval().requires_grad_(False).to(device)
+
+
+def open_eval_data(args, train_args):
+    """--data_path (the demo data when unset) and its image sizes, for knn and linear."""
+    if args.data_path is None:
+        args.data_path = make_demo_dataset(os.path.join(args.output_dir, "demo_data"))
+        # the demo is evaluated at the resolution it was trained at
+        args.crop_size = args.crop_size or train_args.get("global_crops_size", DEMO["train"]["global_crops_size"])
+        args.resize_size = args.resize_size or args.crop_size
+        print(f"no --data_path: evaluating {args.pretrained_weights} ({args.arch}/{args.patch_size}) on the demo "
+              f"data in {args.data_path} at {args.crop_size} pixels")
+    args.crop_size = args.crop_size or 224
+    args.resize_size = args.resize_size or round(args.crop_size * 256 / 224)  # the paper's 256 -> 224
+    if args.crop_size % args.patch_size:
+        raise DinoError(f"--crop_size {args.crop_size} is not a multiple of --patch_size {args.patch_size}")
+    for split in ("train", "val"):
+        if not os.path.isdir(os.path.join(args.data_path, split)):
+            raise DinoError(f"--data_path {args.data_path} has no {split}/ folder; it must hold "
+                            f"train/<class>/ and val/<class>/ image folders")
+
+
+def eval_transform(resize_size, crop_size):
+    return T.Compose([T.Resize(resize_size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(crop_size),
+                      T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+def image_folders(data_path, train_transform, val_transform):
+    """ImageFolders data_path/train and data_path/val; their class folders must match, or labels would differ."""
+    folders = []
+    for split, transform in (("train", train_transform), ("val", val_transform)):
+        root = os.path.join(data_path, split)
+        try:
+            folders.append(torchvision.datasets.ImageFolder(root, transform, loader=load_rgb))
+        except FileNotFoundError as e:  # no class folders, or a class folder without images
+            raise DinoError(f"{root}: {e}") from None
+    train_set, val_set = folders
+    if train_set.classes != val_set.classes:
+        differ = sorted(set(train_set.classes) ^ set(val_set.classes))
+        raise DinoError(f"train/ and val/ of {data_path} must hold the same class folders "
+                        f"({len(train_set.classes)} vs {len(val_set.classes)}; e.g. {differ[0]} is in only one)")
+    return train_set, val_set
+
+
+FEATURE_FILES = ("trainfeat", "trainlabels", "testfeat", "testlabels")  # the published eval_knn.py names
+
+
+def knn_features(args, device):
+    """{model name: (train features, train labels, val features, val labels)}: --pretrained_weights, and with
+    --random_init the same architecture at random init; or the features saved by --dump_features."""
+    if args.load_features:
+        return {args.load_features: tuple(load_checkpoint_file(os.path.join(args.load_features, f"{name}.pth"))
+                                          for name in FEATURE_FILES)}
+    ckpt, train_args = open_weights(args)
+    open_eval_data(args, train_args)
+    transform = eval_transform(args.resize_size, args.crop_size)
+    train_set, val_set = image_folders(args.data_path, transform, transform)
+    labels = torch.tensor(train_set.targets), torch.tensor(val_set.targets)
+    runs = {}
+    for name, checkpoint in [(args.pretrained_weights, ckpt)] + [("random init (seed 0)", None)] * args.random_init:
+        model = load_backbone(args, device, checkpoint)
+        train_features, val_features = (extract_features(model, data, args.batch_size_per_gpu, args.num_workers,
+                                                         device) for data in (train_set, val_set))
+        runs[name] = (train_features, labels[0], val_features, labels[1])
+    if args.dump_features and get_rank() == 0:
+        os.makedirs(args.dump_features, exist_ok=True)
+        for name, tensor in zip(FEATURE_FILES, runs[args.pretrained_weights]):
+            torch.save(tensor, os.path.join(args.dump_features, f"{name}.pth"))
+    return runs
+
+
+def knn_main(args):
+    """Weighted k-NN accuracy for every k in --nb_knn, printed and written to <output_dir>/knn_results.json."""
+    _, _, device = init_distributed()
+    runs = knn_features(args, device)
+    if get_rank() != 0:
+        return
+    rows = []
+    for name, (train_features, train_labels, test_features, test_labels) in runs.items():
+        num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+        # k cannot exceed the number of train images; small data sets get all of them as neighbours.
+        for k in sorted({min(k, len(train_labels)) for k in args.nb_knn}):
+            top1, top5 = knn_classifier(train_features.to(device), train_labels.to(device),
+                                        test_features.to(device), test_labels.to(device), k,
+                                        args.temperature, num_classes)
+            rows.append(dict(model=name, k=k, top1=top1, top5=top5))
+    print(f"weighted k-NN, T={args.temperature}, {len(train_labels)} train / {len(test_labels)} val images")
+    width = max(len(r["model"]) for r in rows)
+    print(f"{'model':<{width}}  {'k':>4}  {'top-1':>6}  {'top-5':>6}")
+    for r in rows:
+        print(f"{r['model']:<{width}}  {r['k']:>4}  {r['top1']:6.2f}  {r['top5']:6.2f}")
+    prepare_output_dir(args.output_dir)
+    path = os.path.join(args.output_dir, "knn_results.json")
+    with open(path, "w") as f:
+        json.dump({"args": plain_args(args), "results": rows}, f, indent=1)
+    print(f"wrote {path}")
+
+
+def attn_main(args):
+    """Attention maps of the last block's heads for one image; one process (device: first GPU, else CPU)."""
+    ckpt, train_args = open_weights(args)
+    if args.image_path is None:
+        args.image_path = str(list_images(os.path.join(make_demo_dataset(os.path.join(args.output_dir,
+                                                                                       "demo_data")), "val"))[0])
+        # bigger than the demo's training crops, as the paper draws 224-trained maps at 480: finer maps
+        size = 4 * train_args.get("global_crops_size", DEMO["train"]["global_crops_size"])
+        args.image_size = args.image_size or [size, size]
+    args.image_size = args.image_size or [480, 480]
+    if min(args.image_size) < args.patch_size:
+        raise DinoError(f"--image_size {args.image_size[0]} {args.image_size[1]} is smaller than one "
+                        f"{args.patch_size}-pixel patch")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        img = load_rgb(args.image_path)
+    except UNREADABLE as e:
+        raise DinoError(f"--image_path {args.image_path} is not a readable image ({str(e).splitlines()[0]})") from None
+    img, x = prepare_image(img, args.image_size, args.patch_size)
+    model = load_backbone(args, device, ckpt)
+    maps = attention_maps(model, x.to(device)).float().cpu()
+    masks = None if args.threshold is None else threshold_masks(maps, args.threshold)
+    for path in save_attention_images(img, maps, masks, args.patch_size, os.path.join(args.output_dir, "attn")):
+        print(path)
 
 
 def linear_main(args):
     """Train a linear classifier on frozen features, validating every --val_freq epochs; save it as linear.pth."""
+    ckpt, train_args = open_weights(args)
+    open_eval_data(args, train_args)
+    base = args.arch == "vit_base"  # the published evaluation: 4 last blocks, or 1 + the patch mean for ViT-B
+    args.n_last_blocks = args.n_last_blocks or (1 if base else 4)
+    args.avgpool_patchtokens = base if args.avgpool_patchtokens is None else args.avgpool_patchtokens
     rank, world_size, device = init_distributed()
     seed_everything(args.seed)
     bicubic = T.InterpolationMode.BICUBIC
@@ -1404,7 +1375,7 @@ def linear_main(args):
                                  T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
     train_set, val_set = image_folders(args.data_path, train_transform,
                                        eval_transform(args.resize_size, args.crop_size))
-    model = load_backbone(args, device)
+    model = load_backbone(args, device, ckpt)
     dim = model.embed_dim * (args.n_last_blocks + int(args.avgpool_patchtokens))
     classifier = linear_classifier(dim, len(train_set.classes)).to(device)
     ddp_classifier = classifier if world_size == 1 else nn.parallel.DistributedDataParallel(
@@ -1416,8 +1387,7 @@ def linear_main(args):
     loader = torch.utils.data.DataLoader(train_set, sampler=sampler, batch_size=args.batch_size_per_gpu,
                                          num_workers=args.num_workers, pin_memory=device.type == "cuda",
                                          persistent_workers=args.num_workers > 0)
-    if is_main_process():
-        prepare_output_dir(args.output_dir)
+    if rank == 0:
         print(f"linear probe of {args.pretrained_weights} ({args.arch}/{args.patch_size}, {dim} features) on "
               f"{len(train_set)} train / {len(val_set)} val images, {len(train_set.classes)} classes, lr {lr:.2e}")
     best = dict(top1=0.0, top5=0.0, epoch=0)
@@ -1432,32 +1402,26 @@ def linear_main(args):
         top1, top5 = evaluate_linear(model, classifier, val_set, args, device)
         if top1 > best["top1"] or not best["epoch"]:
             best = dict(top1=top1, top5=top5, epoch=epoch + 1)
-        if is_main_process():
+        if rank == 0:
             print(f"epoch {epoch + 1}/{args.epochs}: loss {loss:.4f}, val top-1 {top1:.2f} top-5 {top5:.2f} "
                   f"(best top-1 {best['top1']:.2f} at epoch {best['epoch']}), {time.time() - start:.1f}s", flush=True)
             save_checkpoint({"state_dict": classifier.state_dict(), "classes": train_set.classes,
                              "epoch": epoch + 1, "top1": top1, "top5": top5, "best": best, "args": plain_args(args)},
                             os.path.join(args.output_dir, "linear.pth"))
-    if is_main_process():
+    if rank == 0:
         print(f"best val top-1 {best['top1']:.2f} top-5 {best['top5']:.2f} (epoch {best['epoch']}); "
               f"classifier saved in {os.path.join(args.output_dir, 'linear.pth')}")
     return best
 
 
-# -----------------------------------------------------------------------------
-# CLI
 
-# The paper's ImageNet ViT-S/16 run (100 epochs), used with --data_path.
-RECIPE = dict(arch="vit_small", patch_size=16, out_dim=65536, epochs=100, batch_size_per_gpu=64, lr=0.0005,
-              warmup_epochs=10, min_lr=1e-6, momentum_teacher=0.996, teacher_temp=0.04, warmup_teacher_temp=0.04,
-              warmup_teacher_temp_epochs=0, global_crops_size=224, local_crops_size=96, local_crops_number=8,
-              global_crops_scale=(0.4, 1.0), local_crops_scale=(0.05, 0.4), num_workers=10, saveckp_freq=20,
-              norm_last_layer=True, drop_path_rate=0.1)
-# Without --data_path: the built-in demo dataset, sized to finish in minutes on a laptop CPU. A short run learns
-# fastest with a high lr, a trainable last-layer norm, no drop path and a small output.
-DEMO = dict(RECIPE, arch="vit_tiny", patch_size=8, out_dim=256, epochs=20, batch_size_per_gpu=32, lr=0.01,
-            warmup_epochs=3, momentum_teacher=0.99, global_crops_size=32, local_crops_size=16, local_crops_number=4,
-            local_crops_scale=(0.1, 0.4), num_workers=2, saveckp_freq=5, norm_last_layer=False, drop_path_rate=0.0)
+# -----------------------------------------------------------------------------
+# the CLI
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and status 2, as for every other bad input (not the usage block)
+        print(f"error: {message}; see python dino.py {self.prog.split()[-1]} --help", file=sys.stderr)
+        sys.exit(2)
 
 
 def bool_flag(s):
@@ -1468,87 +1432,204 @@ def bool_flag(s):
     raise argparse.ArgumentTypeError(f"expected true or false, got {s}")
 
 
+def at_least(low, kind=int):
+    """argparse type: a number of this kind that is >= low."""
+    def parse(text):
+        value = kind(text)
+        if not value >= low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
+        return value
+    return parse
+
+
+def positive(text):
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+    return value
+
+
+def fraction(text):
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def optimizer_name(text):
+    if text == "lars":
+        raise argparse.ArgumentTypeError("lars is the published code's optimizer for convnets; ViTs train with adamw")
+    if text not in ("adamw", "sgd"):
+        raise argparse.ArgumentTypeError(f"expected adamw or sgd, got {text}")
+    return text
+
+
+def add_model_args(p):
+    p.add_argument("--pretrained_weights", help="published DINO weights, a state dict, or a training checkpoint "
+                   "(ours or the published code's); default: <output_dir>/checkpoint.pth")
+    p.add_argument("--checkpoint_key", help="network of a training checkpoint (default: teacher)")
+    p.add_argument("--arch", choices=list(ARCHS), help="default: the checkpoint's, else vit_small")
+    p.add_argument("--patch_size", type=at_least(1), help="default: the checkpoint's, else 16")
+    p.add_argument("--output_dir", default="output", help="the run to evaluate (its checkpoint.pth and demo_data/ "
+                   "are the defaults); results are written here")
+
+
+def add_eval_data_args(p):
+    p.add_argument("--data_path", help="folder holding train/<class>/ and val/<class>/; default: the demo data")
+    p.add_argument("--resize_size", type=at_least(1), help="shorter side before the center crop "
+                   "(default: crop_size * 256 / 224; the demo: crop_size)")
+    p.add_argument("--crop_size", type=at_least(1), help="default 224; the demo: its global crop size")
+    p.add_argument("--num_workers", type=at_least(0), default=10, help="data loader processes per GPU")
+
+
 def add_train_args(p):
-    p.add_argument("--data_path", default=None, help="folder of images (ImageFolder or flat, recursive); "
-                                                     "omit for the built-in demo dataset")
+    p.add_argument("--data_path", help="folder of images (ImageFolder or flat, recursive); default: the demo data")
+    p.add_argument("--preset", choices=["paper", "demo"], help="defaults of the unset flags: the paper's ImageNet "
+                   "ViT-S/16 recipe (the default with --data_path) or the demo's small configuration")
     p.add_argument("--output_dir", default="output", help="checkpoints and log.txt; resumes from checkpoint.pth here")
-    p.add_argument("--arch", default=None, choices=list(ARCHS))
-    p.add_argument("--patch_size", type=int, default=None)
-    p.add_argument("--out_dim", type=int, default=None, help="dimension of the DINO head output")
-    p.add_argument("--norm_last_layer", type=bool_flag, default=None, help="weight-normalize the head's last "
+    p.add_argument("--pretrained_weights", help="start both networks from these weights (continued pre-training)")
+    p.add_argument("--checkpoint_key", help="take both networks from this entry of a training checkpoint "
+                   "(default: each its own)")
+    p.add_argument("--pretrained_heads", type=bool_flag, default=True, help="from a training checkpoint, take the "
+                   "heads too")
+    p.add_argument("--freeze_backbone_epochs", type=at_least(0), default=0, help="epochs during which only the "
+                   "student's head trains")
+    p.add_argument("--arch", default="vit_small", choices=list(ARCHS))
+    p.add_argument("--patch_size", type=at_least(1), default=16)
+    p.add_argument("--out_dim", type=at_least(2), default=65536, help="dimension of the DINO head output")
+    p.add_argument("--norm_last_layer", type=bool_flag, default=True, help="weight-normalize the head's last "
                    "layer with g fixed at 1 (more stable); false can train better for small models")
     p.add_argument("--use_bn_in_head", type=bool_flag, default=False)
-    p.add_argument("--momentum_teacher", type=float, default=None, help="base EMA momentum, cosine to 1")
-    p.add_argument("--warmup_teacher_temp", type=float, default=None)
-    p.add_argument("--teacher_temp", type=float, default=None)
-    p.add_argument("--warmup_teacher_temp_epochs", type=int, default=None)
+    p.add_argument("--momentum_teacher", type=fraction, default=0.996, help="base EMA momentum, cosine to 1")
+    p.add_argument("--warmup_teacher_temp", type=positive, default=0.04)
+    p.add_argument("--teacher_temp", type=positive, default=0.04)
+    p.add_argument("--warmup_teacher_temp_epochs", type=at_least(0), default=0)
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
-                   help="auto: bf16 autocast on GPUs that support it, fp16 on older GPUs, fp32 on the CPU")
-    p.add_argument("--weight_decay", type=float, default=0.04)
-    p.add_argument("--weight_decay_end", type=float, default=0.4)
-    p.add_argument("--clip_grad", type=float, default=3.0, help="max gradient norm per parameter tensor; 0 disables")
-    p.add_argument("--batch_size_per_gpu", type=int, default=None)
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--freeze_last_layer", type=int, default=1, help="epochs during which the head's last layer is fixed")
-    p.add_argument("--lr", type=float, default=None, help="peak lr for a total batch of 256, scaled linearly")
-    p.add_argument("--warmup_epochs", type=int, default=None)
-    p.add_argument("--min_lr", type=float, default=None)
-    p.add_argument("--drop_path_rate", type=float, default=None, help="stochastic depth of the student")
-    p.add_argument("--global_crops_scale", type=float, nargs=2, default=None)
-    p.add_argument("--local_crops_number", type=int, default=None)
-    p.add_argument("--local_crops_scale", type=float, nargs=2, default=None)
-    p.add_argument("--global_crops_size", type=int, default=None)
-    p.add_argument("--local_crops_size", type=int, default=None)
-    p.add_argument("--saveckp_freq", type=int, default=None, help="also keep checkpointNNNN.pth every this many epochs")
+                   help="auto: bf16 autocast on GPUs with native bf16, fp16 on older GPUs, fp32 on the CPU")
+    p.add_argument("--use_fp16", dest="precision", type=lambda s: "fp16" if bool_flag(s) else "fp32",
+                   default=argparse.SUPPRESS, help="the published code's flag: true is --precision fp16, false fp32")
+    p.add_argument("--optimizer", type=optimizer_name, default="adamw", help="adamw or sgd")
+    p.add_argument("--weight_decay", type=at_least(0.0, float), default=0.04)
+    p.add_argument("--weight_decay_end", type=at_least(0.0, float), default=0.4)
+    p.add_argument("--clip_grad", type=at_least(0.0, float), default=3.0, help="max gradient norm per parameter "
+                   "tensor; 0 disables")
+    p.add_argument("--batch_size_per_gpu", type=at_least(1), default=64)
+    p.add_argument("--epochs", type=at_least(1), default=100)
+    p.add_argument("--freeze_last_layer", type=at_least(0), default=1, help="epochs with the head's last layer fixed")
+    p.add_argument("--lr", type=at_least(0.0, float), default=0.0005, help="peak lr for a total batch of 256")
+    p.add_argument("--warmup_epochs", type=at_least(0), default=10)
+    p.add_argument("--min_lr", type=at_least(0.0, float), default=1e-6)
+    p.add_argument("--drop_path_rate", type=at_least(0.0, float), default=0.1, help="stochastic depth of the student")
+    p.add_argument("--global_crops_scale", type=fraction, nargs=2, default=[0.4, 1.0])
+    p.add_argument("--local_crops_number", type=at_least(0), default=8)
+    p.add_argument("--local_crops_scale", type=fraction, nargs=2, default=[0.05, 0.4])
+    p.add_argument("--global_crops_size", type=at_least(1), default=224)
+    p.add_argument("--local_crops_size", type=at_least(1), default=96)
+    p.add_argument("--saveckp_freq", type=at_least(0), default=20, help="also keep checkpointNNNN.pth this often")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num_workers", type=int, default=None, help="data loader processes per GPU")
-    p.add_argument("--log_every", type=int, default=10, help="iterations between progress lines")
+    p.add_argument("--num_workers", type=at_least(0), default=10, help="data loader processes per GPU")
+    p.add_argument("--log_every", type=at_least(1), default=10, help="iterations between progress lines")
     p.add_argument("--compile", action="store_true", help="torch.compile the student and teacher")
-    p.add_argument("--dist_timeout", type=float, default=30, help="minutes a collective may wait for a lost process")
+    p.add_argument("--dist_timeout", type=positive, default=30, help="minutes a collective may wait for a lost peer")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=0, help="accepted for the published code's "
+                   "command lines; the launcher's environment decides")
+    p.add_argument("--dist_url", default="env://", help="accepted for the published code's command lines")
 
 
-def resolve_train_args(args):
-    """Fill every flag left unset from the recipe, or from the demo configuration when there is no --data_path."""
-    prepare_output_dir(args.output_dir)  # before the demo data is written there, or any image is listed
-    defaults = RECIPE if args.data_path else DEMO
-    for k, v in defaults.items():
-        if getattr(args, k) is None:
-            setattr(args, k, list(v) if isinstance(v, tuple) else v)
-    if args.data_path is None:
-        args.data_path = os.path.join(make_demo_dataset(os.path.join(args.output_dir, "demo_data")), "train")
-        print(f"no --data_path: using the demo dataset in {args.data_path} and the demo configuration "
-              f"({args.arch}/{args.patch_size}, crops {args.global_crops_size}/{args.local_crops_size}, "
-              f"out_dim {args.out_dim}, {args.epochs} epochs)")
-    else:
-        print(f"using the paper's recipe defaults for unset flags ({args.arch}/{args.patch_size}, "
-              f"{args.epochs} epochs, out_dim {args.out_dim})")
-    return args
+def add_knn_args(p):
+    add_model_args(p)
+    add_eval_data_args(p)
+    p.add_argument("--nb_knn", type=at_least(1), nargs="+", default=[10, 20, 100, 200], help="numbers of neighbours")
+    p.add_argument("--temperature", type=positive, default=0.07, help="votes weigh exp(cos_sim / temperature)")
+    p.add_argument("--batch_size_per_gpu", type=at_least(1), default=128)
+    p.add_argument("--random_init", type=bool_flag, default=False, help="also evaluate the architecture at random "
+                   "init, to show what training added (the demo: true)")
+    p.add_argument("--dump_features", help="also save the features and labels in this folder")
+    p.add_argument("--load_features", help="use the features saved by --dump_features in this folder instead")
 
 
-def build_parser():
-    parser = argparse.ArgumentParser(description="DINO: self-supervised ViT training and evaluation")
+def add_attn_args(p):
+    add_model_args(p)
+    p.add_argument("--image_path", help="any image PIL reads; default: the first demo val image")
+    p.add_argument("--image_size", type=at_least(1), nargs=2, metavar=("H", "W"), help="resize to this before "
+                   "cropping to patch multiples (default 480 480; the demo: 4x its global crop size)")
+    p.add_argument("--threshold", type=fraction, help="also write per-head masks keeping the smallest set of "
+                   "patches that holds this fraction of the attention mass (e.g. 0.6)")
+
+
+def add_linear_args(p):
+    add_model_args(p)
+    add_eval_data_args(p)
+    p.add_argument("--n_last_blocks", type=at_least(1), help="concatenate the CLS tokens of this many last blocks "
+                   "(default: 4; 1 for vit_base, as published)")
+    p.add_argument("--avgpool_patchtokens", type=bool_flag, help="also concatenate the last block's average "
+                   "patch token (default: false; true for vit_base, as published)")
+    p.add_argument("--epochs", type=at_least(1), default=100)
+    p.add_argument("--lr", type=at_least(0.0, float), default=0.001, help="SGD lr for a total batch of 256, cosine "
+                   "to 0")
+    p.add_argument("--batch_size_per_gpu", type=at_least(1), default=128)
+    p.add_argument("--val_freq", type=at_least(1), default=1, help="epochs between validations")
+    p.add_argument("--seed", type=int, default=0)
+
+
+COMMANDS = {"train": ("self-supervised pre-training", add_train_args),
+            "knn": ("weighted k-NN accuracy of frozen features", add_knn_args),
+            "attn": ("last-block attention maps of an image", add_attn_args),
+            "linear": ("linear classifier on frozen features", add_linear_args)}
+
+
+def build_parser(preset="paper"):
+    """The CLI; with preset 'demo', the unset flags take the demo's values (DEMO) instead of the paper's."""
+    parser = Parser(description="DINO: self-supervised ViT training and evaluation")
     sub = parser.add_subparsers(dest="command", required=True)
-    add_train_args(sub.add_parser("train", help="self-supervised pre-training"))
-    add_knn_args(sub.add_parser("knn", help="weighted k-NN accuracy of frozen features"))
-    add_attn_args(sub.add_parser("attn", help="last-block attention maps of an image"))
-    add_linear_args(sub.add_parser("linear", help="linear classifier on frozen features"))
+    for name, (description, add_args) in COMMANDS.items():
+        p = sub.add_parser(name, help=description, description=description)
+        add_args(p)
+        if preset == "demo":
+            p.set_defaults(**DEMO.get(name, {}))
     return parser
 
 
-def main(argv=None):
+def check_train_args(args):
+    """What no single flag's type can check; one line before any work."""
+    for flag in ("global_crops_size", "local_crops_size"):
+        if getattr(args, flag) % args.patch_size:
+            raise DinoError(f"--{flag} {getattr(args, flag)} is not a multiple of --patch_size {args.patch_size}")
+    for flag in ("global_crops_scale", "local_crops_scale"):
+        low, high = getattr(args, flag)
+        if low > high:
+            raise DinoError(f"--{flag} {low} {high}: the smaller scale comes first")
+
+
+def parse_args(argv=None):
     args = build_parser().parse_args(argv)
+    default_preset = "demo" if args.command != "attn" and args.data_path is None else "paper"
+    args.preset = getattr(args, "preset", None) or default_preset
+    if args.preset == "demo":
+        args = build_parser("demo").parse_args(argv)
+        args.preset = "demo"
+    if args.command == "train":
+        check_train_args(args)
+    return args
+
+
+def main(argv=None):
     try:
-        # resolve in the launching process: it may write the demo dataset, which must happen once
+        args = parse_args(argv)
         if args.command == "train":
-            launch(train, resolve_train_args(args))
-        elif args.command == "knn":
-            launch(knn_main, resolve_knn_args(args))
+            prepare_output_dir(args.output_dir)  # before the demo data is written there, or any image is listed
+            if args.data_path is None:  # written here, once, before the processes start
+                args.data_path = os.path.join(make_demo_dataset(os.path.join(args.output_dir, "demo_data")), "train")
+                print(f"no --data_path: the demo dataset in {args.data_path}")
+            print(f"--preset {args.preset}: {args.arch}/{args.patch_size}, crops {args.global_crops_size}/"
+                  f"{args.local_crops_size}, out_dim {args.out_dim}, {args.epochs} epochs (unset flags take its values)")
+            launch(train, args)
         elif args.command == "attn":
-            attn_main(resolve_attn_args(args))
-        elif args.command == "linear":
-            launch(linear_main, resolve_linear_args(args))
+            attn_main(args)
+        else:
+            launch({"knn": knn_main, "linear": linear_main}[args.command], args)
     except DinoError as e:
-        if is_main_process() or isinstance(e, LostContactError):
+        if get_rank() == 0 or isinstance(e, LostContactError):
             print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

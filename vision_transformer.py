@@ -13,34 +13,11 @@ embedding is interpolated (bicubic) exactly as the published DINO code does.
 The file has no dependencies beyond torch and no side effects at import.
 """
 import math
-import platform
 from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-
-# torch's CPU matmul calls MKL, which runs only its AVX2 code on AMD processors; convolutions go to oneDNN, which
-# uses AVX-512 where the CPU has it. A linear layer is a 1x1 convolution, so on x86 CPUs it runs as one: a ViT's
-# linear layers train 2.3x faster on an AMD EPYC this way, with the same results to float32 rounding.
-ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and platform.machine().lower() in ("x86_64", "amd64")
-
-
-def linear(x, weight, bias=None):
-    """F.linear(x, weight, bias); on x86 CPUs computed by oneDNN as a 1x1 convolution over views (no copies)."""
-    if x.device.type != "cpu" or not ONEDNN_LINEAR or x.numel() == 0:  # conv2d refuses empty inputs
-        return F.linear(x, weight, bias)
-    rows = x.reshape(1, 1, -1, x.shape[-1]).permute(0, 3, 1, 2)  # [1, in, 1, rows], channels-last
-    out = F.conv2d(rows, weight[:, :, None, None], bias)  # [1, out, 1, rows], channels-last
-    return out.permute(0, 2, 3, 1).reshape(*x.shape[:-1], weight.shape[0])
-
-
-class Linear(nn.Linear):
-    """nn.Linear (same parameters and state dict) computed by `linear`."""
-
-    def forward(self, x):
-        return linear(x, self.weight, self.bias)
 
 
 def drop_path(x, drop_prob=0.0, training=False):
@@ -64,9 +41,9 @@ class DropPath(nn.Module):
 class Mlp(nn.Module):
     def __init__(self, in_features, hidden_features, drop=0.0):
         super().__init__()
-        self.fc1 = Linear(in_features, hidden_features)
+        self.fc1 = nn.Linear(in_features, hidden_features)
         self.act = nn.GELU()
-        self.fc2 = Linear(hidden_features, in_features)
+        self.fc2 = nn.Linear(hidden_features, in_features)
         self.drop = nn.Dropout(drop)
 
     def forward(self, x):
@@ -78,9 +55,9 @@ class Attention(nn.Module):
         super().__init__()
         self.num_heads = num_heads
         self.scale = (dim // num_heads) ** -0.5
-        self.qkv = Linear(dim, dim * 3, bias=qkv_bias)
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.attn_drop = attn_drop
-        self.proj = Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x, return_attention=False):
@@ -149,7 +126,7 @@ class VisionTransformer(nn.Module):
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_rate, attn_drop_rate, dpr[i], norm_layer)
             for i in range(depth)])
         self.norm = norm_layer(embed_dim)
-        self.head = Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
         trunc_normal_(self.pos_embed, std=0.02)
         trunc_normal_(self.cls_token, std=0.02)
@@ -175,8 +152,8 @@ class VisionTransformer(nn.Module):
             patch_pos_embed.reshape(1, side, side, dim).permute(0, 3, 1, 2).float(),
             scale_factor=((h0 + 0.1) / side, (w0 + 0.1) / side), mode="bicubic")
         assert patch_pos_embed.shape[-2:] == (h0, w0)
-        patch_pos_embed = patch_pos_embed.to(x.dtype).permute(0, 2, 3, 1).reshape(1, -1, dim)
-        return torch.cat((class_pos_embed.to(x.dtype), patch_pos_embed), dim=1)
+        patch_pos_embed = patch_pos_embed.permute(0, 2, 3, 1).reshape(1, -1, dim)
+        return torch.cat((class_pos_embed, patch_pos_embed), dim=1)
 
     def prepare_tokens(self, x):
         B, _, h, w = x.shape
@@ -184,7 +161,9 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"input size {h}x{w} is not a multiple of the patch size {self.patch_size}; "
                              f"crop or resize the image to a multiple of it")
         x = self.patch_embed(x)
-        x = torch.cat((self.cls_token.expand(B, -1, -1).to(x.dtype), x), dim=1)
+        # Under autocast the patch embedding is bf16/fp16; the fp32 class token and positional embedding make
+        # the residual stream fp32 (cat and + promote), as in the published code, at every input size.
+        x = torch.cat((self.cls_token.expand(B, -1, -1), x), dim=1)
         x = x + self.interpolate_pos_encoding(x, h, w)
         return self.pos_drop(x)
 
@@ -264,7 +243,7 @@ class WeightNormLinear(nn.Module):
         return self.weight_g * self.weight_v / self.weight_v.norm(dim=1, keepdim=True)
 
     def forward(self, x):
-        return linear(x, self.weight)
+        return F.linear(x, self.weight)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         for new, old in (("weight_g", "parametrizations.weight.original0"),
@@ -282,14 +261,14 @@ class DINOHead(nn.Module):
         super().__init__()
         nlayers = max(nlayers, 1)
         if nlayers == 1:
-            self.mlp = Linear(in_dim, bottleneck_dim)
+            self.mlp = nn.Linear(in_dim, bottleneck_dim)
         else:
-            layers = [Linear(in_dim, hidden_dim)]
+            layers = [nn.Linear(in_dim, hidden_dim)]
             for i in range(nlayers - 1):
                 if use_bn:
                     layers.append(nn.BatchNorm1d(hidden_dim))
                 layers.append(nn.GELU())
-                layers.append(Linear(hidden_dim, bottleneck_dim if i == nlayers - 2 else hidden_dim))
+                layers.append(nn.Linear(hidden_dim, bottleneck_dim if i == nlayers - 2 else hidden_dim))
             self.mlp = nn.Sequential(*layers)
         self.apply(_init_weights)
         self.last_layer = WeightNormLinear(bottleneck_dim, out_dim)

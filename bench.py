@@ -13,11 +13,10 @@ analytic FLOP count, peak memory); the data pipeline per worker (in this process
 
 Baseline, as the published DINO code does it: explicit softmax(q k^T) v attention, fp16 autocast + GradScaler on a
 GPU (fp32 on the CPU), the loss pair by pair, per-parameter gradient clipping with a .item() each, a finite-loss
-.item() every step, AdamW(foreach=False, fused=False), a Python-loop EMA, nn.Linear layers (torch's default matmul),
-the full augmentation in the workers (dino.DataAugmentationDINO). Ours: what `python dino.py train` runs
-(dino.make_train_step and its parts, fused AdamW, bf16 autocast on a GPU, vision_transformer.Linear, which on x86
-CPUs runs on oneDNN; MultiCropGeometry in the workers, MultiCropPhotometry on the device, or in the workers without
-one).
+.item() every step, AdamW(foreach=False, fused=False), a Python-loop EMA, the full augmentation in the workers
+(dino.DataAugmentationDINO). Ours: what `python dino.py train` runs (dino.train_step and its parts, fused AdamW, bf16
+autocast on a GPU; on a GPU MultiCropGeometry in the workers and MultiCropPhotometry on the device, without one
+DataAugmentationDINO in the workers, as the baseline).
 """
 import argparse
 import datetime
@@ -84,7 +83,9 @@ class PairwiseDINOLoss(nn.Module):
 
 
 def make_baseline_step(student, teacher, loss_fn, optimizer, scaler, amp_dtype, args):
-    def step(crops, epoch, momentum):
+    momentum = args.momentum_teacher
+
+    def step(crops, epoch):
         with torch.autocast(crops[0].device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             teacher_output = teacher(crops[:2])
             loss = loss_fn(student(crops), teacher_output)
@@ -124,35 +125,35 @@ def dino_args(a, **overrides):
             "--out_dim", str(a.out_dim), "--batch_size_per_gpu", str(a.batch_size), "--precision", a.precision,
             "--global_crops_size", str(a.global_crops_size), "--local_crops_size", str(a.local_crops_size),
             "--local_crops_number", str(a.local_crops_number), "--freeze_last_layer", "0", "--epochs", "1"]
-    args = dino.build_parser().parse_args(argv + (["--compile"] if a.compile else []))
-    for k, v in dino.RECIPE.items():
-        if getattr(args, k) is None:
-            setattr(args, k, list(v) if isinstance(v, tuple) else v)
+    args = dino.parse_args(argv + (["--compile"] if a.compile else []))
     vars(args).update(overrides)
     return args
 
 
 def build(args, device, amp_dtype, baseline):
-    """(step, the objects it owns); the same seed, so the baseline and ours start from the same weights."""
+    """(step, the objects it owns); the same seed, so the baseline and ours start from the same weights.
+    The lr, weight decay and teacher momentum are constants (the recipe's base values), the same for both."""
     torch.manual_seed(0)
+    lr = args.lr * args.batch_size_per_gpu / 256
+    if not baseline:  # exactly what dino.train builds and runs
+        s = dino.build_train_state(args, 1, 1, device)
+        s.schedules = {"lr": [lr], "wd": [args.weight_decay], "momentum": [args.momentum_teacher]}
+        if args.compile:
+            s.student.compile()
+            s.teacher.compile()
+        return (lambda crops, epoch: dino.train_step(s, crops, epoch, 0)), (s.student, s.teacher, s.optimizer)
     student, teacher = (m.to(device) for m in dino.build_dino_networks(args))
-    ncrops = 2 + args.local_crops_number
-    if baseline:
-        swap = {vits.Attention: ExplicitAttention, vits.Linear: nn.Linear, vits.WeightNormLinear: PlainWeightNormLinear}
-        for m in [*student.modules(), *teacher.modules()]:
-            m.__class__ = swap.get(type(m), type(m))
-        optimizer = torch.optim.AdamW(dino.get_params_groups(student), foreach=False, fused=False)
-        loss = PairwiseDINOLoss(args.out_dim, ncrops, args.teacher_temp).to(device)
-    else:  # as dino.train
-        optimizer = torch.optim.AdamW(dino.get_params_groups(student), fused=True)
-        loss = dino.DINOLoss(args.out_dim, ncrops, args.warmup_teacher_temp, args.teacher_temp,
-                             args.warmup_teacher_temp_epochs, args.epochs).to(device)
+    swap = {vits.Attention: ExplicitAttention, vits.WeightNormLinear: PlainWeightNormLinear}
+    for m in [*student.modules(), *teacher.modules()]:
+        m.__class__ = swap.get(type(m), type(m))
+    optimizer = torch.optim.AdamW(dino.get_params_groups(student), foreach=False, fused=False)
+    loss = PairwiseDINOLoss(args.out_dim, 2 + args.local_crops_number, args.teacher_temp).to(device)
     for group in optimizer.param_groups:
-        group["lr"] = args.lr * args.batch_size_per_gpu / 256
+        group["lr"] = lr
     optimizer.param_groups[0]["weight_decay"] = args.weight_decay
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
-    make = make_baseline_step if baseline else lambda s, t, *rest: dino.make_train_step(s, s, t, *rest)
-    return make(student, teacher, loss, optimizer, scaler, amp_dtype, args), (student, teacher, optimizer, loss)
+    step = make_baseline_step(student, teacher, loss, optimizer, scaler, amp_dtype, args)
+    return step, (student, teacher, optimizer)
 
 
 def synthetic_crops(args, batch, device):
@@ -211,7 +212,7 @@ def check_same_loss(a, device, res):
     for i in range(2):
         for name, step in steps.items():
             torch.manual_seed(100 + i)  # the same drop-path masks
-            losses[name].append(step(crops, 0, 0.996).item())
+            losses[name].append(step(crops, 0).item())
     res["check"] = [abs(o - b) for o, b in zip(losses["ours"], losses["baseline"])]
     print(f"check: loss ours {losses['ours'][0]:.6f} baseline {losses['baseline'][0]:.6f}", flush=True)
 
@@ -224,7 +225,7 @@ def bench_step(a, device, runners, res):
     res["gflop_per_image"] = flops / 1e9
     for step, _ in runners.values():
         for _ in range(a.warmup):
-            step(crops, 0, 0.996)
+            step(crops, 0)
     sync(device)
     rounds = min(a.steps, 3)  # interleaved, best of: a load change on a shared machine hits both alike
     ms, peak = {n: [] for n in runners}, {n: 0 for n in runners}
@@ -236,7 +237,7 @@ def bench_step(a, device, runners, res):
                 rest = torch.cuda.memory_allocated(device)
             t0 = time.perf_counter()
             for _ in range(n_steps):
-                step(crops, 0, 0.996)
+                step(crops, 0)
             sync(device)
             ms[name].append((time.perf_counter() - t0) * 1000 / n_steps)
             if device.type == "cuda":  # this run's peak, less what the other one holds between its steps
@@ -277,49 +278,59 @@ def transforms(args):
 
 
 def bench_data(a, data_dir, res):
-    """What one loader worker does per batch (decode, transform, collate), here in this process on one thread."""
-    plain, geometry, photometry = transforms(dino_args(a))
-    variants = {"plain": (dino.ImageDataset(data_dir, plain), dino.MultiCropCollate()),
-                "ours": (dino.ImageDataset(data_dir, geometry), dino.MultiCropCollate()),
-                "ours_photometry": (dino.ImageDataset(data_dir, geometry), dino.MultiCropCollate(photometry))}
+    """What one loader worker does per batch (decode, transform, collate), here in this process on one thread.
+    Ours is the GPU path's worker (crops only); without a GPU, ours runs the baseline's DataAugmentationDINO."""
+    plain, geometry, _ = transforms(dino_args(a))
+    variants = {"baseline": dino.ImageDataset(data_dir, plain), "ours": dino.ImageDataset(data_dir, geometry)}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    n, b = min(len(variants["plain"][0]), a.images), a.batch_size
+    n, b = min(len(variants["baseline"]), a.images), a.batch_size
     seconds = {k: 0.0 for k in variants}
     for start in range(-b, n - b + 1, b):  # the first batch warms up; batches interleave across the variants
-        for name, (ds, collate) in variants.items():
+        for name, ds in variants.items():
             t0 = time.perf_counter()
-            collate([ds[i % n] for i in range(start, start + b)])
+            torch.utils.data.default_collate([ds[i % n] for i in range(start, start + b)])
             seconds[name] += (time.perf_counter() - t0) * (start >= 0)
     torch.set_num_threads(threads)
-    res["baseline"]["data_img_s"] = n // b * b / seconds["plain"]
-    res["ours"]["data_img_s"] = n // b * b / seconds["ours"]
-    res["ours"]["data_photometry_img_s"] = n // b * b / seconds["ours_photometry"]
+    for name in variants:
+        res[name]["data_img_s"] = n // b * b / seconds[name]
+
+
+def timed_images_per_s(batches, step, warmup, steps, device):
+    """Images/s of `steps` batches fetched and stepped after `warmup` of them: the clock starts before the first
+    timed fetch. The warm-up must outlast the workers' start-up burst (each delivers its prefetched batches at
+    once), so that a loader-bound run is not credited with batches made before the clock started."""
+    batches = iter(batches)
+    for _ in range(warmup):
+        step(next(batches))
+    sync(device)
+    t0, images = time.perf_counter(), 0
+    for _ in range(steps):
+        crops = next(batches)
+        step(crops)
+        images += len(crops[0])
+    sync(device)
+    return images / (time.perf_counter() - t0)
 
 
 def bench_e2e(a, data_dir, device, runners, res):
     plain, geometry, photometry = transforms(dino_args(a))
     on_device = device.type == "cuda"
-    # on a GPU, time past the workers' start-up burst (they all deliver their first batches at once)
-    warmup, steps = (max(a.warmup, a.workers), max(a.steps, 3 * a.workers)) if on_device else (a.warmup, a.steps)
+    prefetched = 2 * a.workers  # the DataLoader's prefetch_factor (2) batches per worker
+    warmup, steps = max(a.warmup, 2 * prefetched), max(a.steps, 3 * a.workers)
     res["e2e_steps"] = steps
     for name, (step, _) in runners.items():
-        baseline = name == "baseline"
-        ds = dino.ImageDataset(data_dir, plain if baseline else geometry)
-        loader = torch.utils.data.DataLoader(  # as dino.build_loader, cycling over the images
+        ours_on_gpu = on_device and name == "ours"
+        ds = dino.ImageDataset(data_dir, geometry if ours_on_gpu else plain)
+        loader = torch.utils.data.DataLoader(  # as dino.train, cycling over the images
             ds, batch_size=a.batch_size, sampler=[i % len(ds) for i in range((warmup + steps) * a.batch_size)],
-            num_workers=a.workers, pin_memory=on_device, drop_last=True,
-            collate_fn=dino.MultiCropCollate(None if baseline or on_device else photometry))
-        for i, (crops, _) in enumerate(loader):
-            if i == warmup:
-                sync(device)
-                t0 = time.perf_counter()
+            num_workers=a.workers, pin_memory=on_device, drop_last=True)
+
+        def run(crops):
             crops = [c.to(device, non_blocking=True) for c in crops]
-            if on_device and not baseline:  # as dino.train_one_epoch
-                crops = photometry(crops)
-            step(crops, 0, 0.996)
-        sync(device)
-        res[name]["e2e_img_s"] = steps * a.batch_size / (time.perf_counter() - t0)
+            step(photometry(crops) if ours_on_gpu else crops, 0)  # as dino.train_one_epoch
+
+        res[name]["e2e_img_s"] = timed_images_per_s(loader, run, warmup, steps, device)
 
 
 # ------------------------------ report ---------------------------------------
@@ -352,9 +363,8 @@ def table(a, res, device, precisions):
         peak = f"of {a.peak_tflops:g} TFLOPS" if a.peak_tflops else "n/a without --peak_tflops"
         row(f"model FLOP utilization ({res['gflop_per_image']:.1f} GFLOP/image, {peak})", "mfu", ".1%")
     row("peak memory GiB (allocated, each run's own)", "peak_mem_gib", ".2f")
-    row("data images/s per worker (1 thread: decode + augment + collate)", "data_img_s", ".1f")
-    row("data images/s per worker, ours with the photometry on the CPU (the no-GPU path)", "data_img_s", ".1f",
-        okey="data_photometry_img_s")
+    row("data images/s per worker (1 thread: decode + augment + collate; ours: the GPU path's crops only)",
+        "data_img_s", ".1f")
     row(f"end-to-end images/s ({a.workers} workers, {res.get('e2e_steps')} steps)", "e2e_img_s", ".1f")
     return "\n".join(rows)
 

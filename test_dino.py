@@ -617,6 +617,67 @@ def test_recipe_defaults_and_teacher_starts_as_student_copy(tmp_path):
     assert all(b.drop_path.drop_prob == 0 for b in teacher.backbone.blocks)
 
 
+def record_forwards(monkeypatch):
+    """Every MultiCropWrapper call of a training run: (is teacher, crops, output, the network's state before)."""
+    calls = []
+    forward = dino.MultiCropWrapper.forward
+
+    def recording(self, crops):
+        is_teacher = not any(p.requires_grad for p in self.parameters())
+        state = {k: v.clone() for k, v in self.state_dict().items()}
+        out = forward(self, crops)
+        calls.append((is_teacher, [c.clone() for c in crops], out.detach().clone(), state))
+        return out
+
+    monkeypatch.setattr(dino.MultiCropWrapper, "forward", recording)
+    return calls
+
+
+def test_train_step_follows_algorithm_1(tmp_path, monkeypatch):
+    """Which crops each network sees, what the EMA and the center see (once per step), what is frozen when:
+    4 images, batch 4, so each epoch is one step."""
+    data = tiny_folder(tmp_path / "data", n=4)
+    calls = record_forwards(monkeypatch)
+    dino.main(train_argv(data, tmp_path / "out", "--saveckp_freq", "1", "--warmup_epochs", "0", "--lr", "10",
+                         "--momentum_teacher", "0.9", "--clip_grad", "0"))
+    assert [is_teacher for is_teacher, *_ in calls] == [True, False, True, False]  # teacher, then student, per step
+    (_, t_crops, t_out, t_state), (_, s_crops, _, s_state) = calls[:2]
+    assert [tuple(c.shape) for c in s_crops] == [(4, 3, 32, 32)] * 2 + [(4, 3, 16, 16)] * 2
+    assert len(t_crops) == 2 and all(torch.equal(t, s) for t, s in zip(t_crops, s_crops))  # the 2 global crops
+    epoch0, epoch1 = (dino.load_checkpoint_file(tmp_path / "out" / f"checkpoint000{e}.pth") for e in (0, 1))
+    # EMA, once: teacher_1 = 0.9 teacher_0 + 0.1 student_1 (the momentum at iteration 0 is the base value)
+    for k, v in epoch0["teacher"].items():
+        torch.testing.assert_close(v, 0.9 * t_state[k] + 0.1 * epoch0["student"][k], rtol=1e-5, atol=1e-6)
+    # the center moves once, by 0.1 x the mean teacher output over the batch (from 0)
+    torch.testing.assert_close(epoch0["dino_loss"]["center"], 0.1 * t_out.mean(0, keepdim=True))
+    # the last layer is fixed in epoch 0 (--freeze_last_layer 1) and learns in epoch 1; the rest learns throughout
+    last, block = "head.last_layer.weight_v", "backbone.blocks.0.mlp.fc1.weight"
+    assert torch.equal(epoch0["student"][last], s_state[last]) and not torch.equal(epoch1["student"][last],
+                                                                                   s_state[last])
+    assert not torch.equal(epoch0["student"][block], s_state[block])
+
+
+def test_bad_flags_are_one_line_errors_before_any_work(tmp_path, capsys):
+    data = tiny_folder(tmp_path / "data", n=4)
+    out = tmp_path / "out"
+    for flags, expected in [(["--batch_size_per_gpu", "0"], "--batch_size_per_gpu: must be at least 1"),
+                            (["--num_workers", "-1"], "--num_workers: must be at least 0"),
+                            (["--patch_size", "0"], "--patch_size: must be at least 1"),
+                            (["--global_crops_size", "70"], "--global_crops_size 70 is not a multiple of --patch_size"),
+                            (["--global_crops_scale", "1.5", "0.2"], "--global_crops_scale: must be in (0, 1]"),
+                            (["--global_crops_scale", "0.9", "0.2"], "the smaller scale comes first"),
+                            (["--lr", "-1"], "--lr: must be at least 0.0"), (["--out_dim", "1"], "at least 2"),
+                            (["--teacher_temp", "0"], "--teacher_temp: must be above 0"),
+                            (["--epochs", "0"], "--epochs: must be at least 1"),
+                            (["--optimizer", "lars"], "lars is the published code's optimizer for convnets")]:
+        assert expected in main_error(train_argv(data, out, *flags), capsys), flags
+    for command, flags, expected in [("knn", ["--nb_knn", "0"], "--nb_knn: must be at least 1"),
+                                     ("knn", ["--temperature", "0"], "--temperature: must be above 0"),
+                                     ("linear", ["--batch_size_per_gpu", "0"], "must be at least 1")]:
+        assert expected in main_error([command, "--output_dir", str(out), *flags], capsys)
+    assert not out.exists()
+
+
 def _two_rank_worker(rank, data, out, port, results):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))

@@ -1231,6 +1231,124 @@ def test_code_running_pickle_is_refused_by_every_entry_point(tmp_path, capsys):
 
 
 # -----------------------------------------------------------------------------
+# the published code's files and command lines
+
+def official_checkpoint(path, out_dim=32, numpy1=False):
+    """A checkpoint.pth laid out as the published main_dino.py writes it (vit_tiny/16): the DDP student's keys carry
+    `module.`, the teacher's not, heads with weight_g / weight_v, args an argparse.Namespace, numpy scalars in the
+    optimizer state, the loss center and the fp16 scaler. numpy1: with numpy 1's module names for the scalars."""
+    torch.manual_seed(3)
+    student, teacher = (dino.MultiCropWrapper(vits.vit_tiny(patch_size=16), vits.DINOHead(192, out_dim))
+                        for _ in range(2))
+    optimizer = torch.optim.AdamW(dino.get_params_groups(student))
+    for group in optimizer.param_groups:
+        group["lr"], group["weight_decay"] = np.float64(1e-4), np.float64(0.04)
+    args = argparse.Namespace(arch="vit_tiny", patch_size=16, out_dim=out_dim, norm_last_layer=True, use_fp16=True,
+                              global_crops_scale=(0.4, 1.0), lr=0.0005, dist_url="env://", gpu=0, rank=0)
+    ckpt = {"student": {f"module.{k}": v for k, v in student.state_dict().items()}, "teacher": teacher.state_dict(),
+            "optimizer": optimizer.state_dict(), "epoch": 7, "args": args,
+            "dino_loss": {"center": torch.randn(1, out_dim)}, "fp16_scaler": torch.amp.GradScaler("cpu").state_dict()}
+    assert isinstance(ckpt["optimizer"]["param_groups"][0]["lr"], np.float64)
+    if numpy1:
+        torch.save(ckpt, path, _use_new_zipfile_serialization=False)
+        raw = open(path, "rb").read()
+        assert raw.count(b"numpy._core.multiarray\nscalar") >= 1
+        open(path, "wb").write(raw.replace(b"numpy._core.multiarray\nscalar", b"numpy.core.multiarray\nscalar"))
+    else:
+        torch.save(ckpt, path)
+    return student.state_dict(), teacher.state_dict()
+
+
+def test_official_checkpoint_loads_through_every_entry_point(tmp_path, capsys):
+    for numpy1 in (False, True):
+        official = tmp_path / f"official{numpy1}.pth"
+        student, teacher = official_checkpoint(official, numpy1=numpy1)
+        ckpt = dino.load_checkpoint_file(official)
+        assert ckpt["args"].arch == "vit_tiny" and ckpt["epoch"] == 7
+        for key, expected in (("teacher", teacher), ("student", student)):
+            model = dino.load_pretrained_weights(vits.vit_tiny(patch_size=16), official, key)
+            assert all(torch.equal(v, expected[f"backbone.{k}"]) for k, v in model.state_dict().items())
+            assert capsys.readouterr().out == f"loaded {official}: {key} backbone, 150 tensors; head ignored\n"
+        head = dino.load_pretrained_weights(vits.DINOHead(192, 32), official)
+        assert torch.equal(head.last_layer.weight_v, teacher["head.last_layer.weight_v"])
+        assert capsys.readouterr().out == f"loaded {official}: teacher head, 8 tensors; backbone ignored\n"
+    data = make_folders(tmp_path / "data", size=32)
+    image = os.path.join(data, "val", "a", "0.png")
+    out = str(tmp_path / "eval")
+    for argv in (["knn", "--data_path", data, "--crop_size", "32", "--nb_knn", "2", "--num_workers", "0"],
+                 ["attn", "--image_path", image, "--image_size", "32", "32"],
+                 ["linear", "--data_path", data, "--crop_size", "32", "--epochs", "1", "--num_workers", "0"]):
+        dino.main(argv + ["--pretrained_weights", str(official), "--output_dir", out])  # arch from its args
+        assert f"loaded {official}: teacher backbone, 150 tensors; head ignored" in capsys.readouterr().out
+
+
+def test_continued_pretraining_from_a_full_checkpoint(tmp_path, capsys):
+    """lr 0 and teacher momentum 1: after an epoch both networks are still the file's, backbones and heads."""
+    official = tmp_path / "official.pth"
+    student, teacher = official_checkpoint(official)
+    data = tiny_folder(tmp_path / "data", n=4)
+    dino.main(train_argv(data, tmp_path / "out", "--pretrained_weights", str(official), "--epochs", "1", "--lr", "0",
+                         "--min_lr", "0", "--momentum_teacher", "1"))
+    printed = capsys.readouterr().out
+    assert f"loaded {official}: student backbone and head, 158 tensors" in printed
+    assert f"loaded {official}: teacher backbone and head, 158 tensors" in printed
+    run = dino.load_checkpoint_file(tmp_path / "out" / "checkpoint.pth")
+    for name, expected in (("teacher", teacher), ("student", student)):
+        assert run[name].keys() == expected.keys() and all(torch.equal(run[name][k], expected[k]) for k in expected)
+    assert run["epoch"] == 1 and torch.count_nonzero(run["dino_loss"]["center"]) > 0  # a fresh run, its own center
+    # the run in --output_dir wins over --pretrained_weights, and says so
+    dino.main(train_argv(data, tmp_path / "out", "--pretrained_weights", str(official), "--epochs", "1"))
+    assert "exists: resuming that run, --pretrained_weights is not used" in capsys.readouterr().out
+    # a head of another out_dim: one line that names the flags, or fresh heads on request
+    err = main_error(train_argv(data, tmp_path / "other", "--pretrained_weights", str(official), "--out_dim", "64"),
+                     capsys)
+    assert "--out_dim 32" in err and "--pretrained_heads false" in err
+    dino.main(train_argv(data, tmp_path / "other", "--pretrained_weights", str(official), "--out_dim", "64",
+                         "--pretrained_heads", "false", "--epochs", "1"))
+    assert "teacher backbone, 150 tensors; head ignored" in capsys.readouterr().out
+
+
+def test_freeze_backbone_epochs_keeps_pretrained_backbone_bit_identical(tmp_path, capsys):
+    weights = tmp_path / "dino_deittiny16_pretrain.pth"  # published-style: a plain backbone state dict
+    torch.manual_seed(5)
+    torch.save(vits.vit_tiny(patch_size=16).state_dict(), weights)
+    pretrained = torch.load(weights, weights_only=True)
+    data = tiny_folder(tmp_path / "data", n=4)
+    dino.main(train_argv(data, tmp_path / "out", "--pretrained_weights", str(weights), "--freeze_backbone_epochs",
+                         "1", "--saveckp_freq", "1", "--warmup_epochs", "0", "--lr", "1", "--freeze_last_layer", "0"))
+    assert "the heads start fresh" in capsys.readouterr().out
+    epoch0, epoch1 = (dino.load_checkpoint_file(tmp_path / "out" / f"checkpoint000{e}.pth") for e in (0, 1))
+    for net in ("student", "teacher"):
+        backbone = {k.removeprefix("backbone."): v for k, v in epoch0[net].items() if k.startswith("backbone.")}
+        assert all(torch.equal(backbone[k], v) for k, v in pretrained.items()), net
+        assert not torch.equal(epoch1[net]["backbone.blocks.0.attn.qkv.weight"], pretrained["blocks.0.attn.qkv.weight"])
+    init = dino.build_dino_networks(dino.parse_args(train_argv(data, tmp_path / "x")))[0].state_dict()
+    assert not torch.equal(epoch0["student"]["head.mlp.0.weight"], init["head.mlp.0.weight"])  # the head learned
+
+
+def test_official_command_line_parses_and_acts(tmp_path):
+    argv = ["train", "--arch", "deit_small", "--patch_size", "16", "--out_dim", "65536", "--norm_last_layer", "false",
+            "--warmup_teacher_temp", "0.04", "--teacher_temp", "0.07", "--warmup_teacher_temp_epochs", "30",
+            "--use_fp16", "false", "--weight_decay", "0.04", "--weight_decay_end", "0.4", "--clip_grad", "0",
+            "--batch_size_per_gpu", "64", "--epochs", "800", "--freeze_last_layer", "1", "--lr", "0.0005",
+            "--warmup_epochs", "10", "--min_lr", "1e-5", "--global_crops_scale", "0.25", "1.0", "--local_crops_scale",
+            "0.05", "0.25", "--local_crops_number", "10", "--seed", "0", "--num_workers", "10", "--optimizer", "sgd",
+            "--momentum_teacher", "0.996", "--drop_path_rate", "0.1", "--use_bn_in_head", "false", "--data_path",
+            str(tmp_path), "--output_dir", str(tmp_path / "out"), "--saveckp_freq", "20", "--dist_url", "env://",
+            "--local_rank", "0"]
+    args = parse_args(argv)
+    assert (args.arch, args.precision, args.optimizer, args.teacher_temp, args.local_crops_number) == \
+        ("deit_small", "fp32", "sgd", 0.07, 10)
+    assert args.global_crops_scale == [0.25, 1.0] and args.norm_last_layer is False and args.clip_grad == 0
+    assert parse_args(argv + ["--use_fp16", "true"]).precision == "fp16"
+    assert parse_args(argv + ["--local-rank=1"]).local_rank == 1
+    args.arch, args.out_dim, args.local_crops_number = "deit_tiny", 32, 2
+    s = dino.build_train_state(args, 1, 1, torch.device("cpu"))
+    assert isinstance(s.optimizer, torch.optim.SGD) and s.optimizer.defaults["momentum"] == 0.9
+    assert s.student.backbone.embed_dim == 192 and s.amp_dtype is None and not s.scaler.is_enabled()
+
+
+# -----------------------------------------------------------------------------
 # resuming with other flags
 
 def test_resume_refuses_network_changes_and_reports_harmless_ones(tmp_path, capsys):

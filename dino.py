@@ -709,14 +709,6 @@ def linear_features(model, images, n_last_blocks, avgpool_patchtokens):
     return torch.cat(features, dim=-1).float()
 
 
-def linear_classifier(dim, num_labels):
-    """nn.Linear initialized as published: weight N(0, 0.01), bias 0, and no BatchNorm in front."""
-    linear = nn.Linear(dim, num_labels)
-    nn.init.normal_(linear.weight, std=0.01)
-    nn.init.zeros_(linear.bias)
-    return linear
-
-
 def train_linear_epoch(model, classifier, loader, optimizer, args, device):
     """One epoch of SGD on the classifier; the backbone only runs forward. Returns this process's mean loss."""
     classifier.train()
@@ -744,12 +736,12 @@ def evaluate_linear(model, classifier, dataset, args, device):
     for images, labels in loader:
         logits = classifier(linear_features(model, images.to(device, non_blocking=True), args.n_last_blocks,
                                             args.avgpool_patchtokens))
-        hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels.to(device)[:, None]
-        counts += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum(), torch.tensor(len(labels), device=device)])
+        hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels.to(device, non_blocking=True)[:, None]
+        counts[:2] += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum()])
+        counts[2] += len(labels)  # a Python number: no host-to-device copy, no sync
     if get_world_size() > 1:
         dist.all_reduce(counts)
     return (100 * counts[0] / counts[2]).item(), (100 * counts[1] / counts[2]).item()
-
 
 
 # =============================================================================
@@ -1362,26 +1354,27 @@ def attn_main(args):
 
 
 def linear_main(args):
-    """Train a linear classifier on frozen features, validating every --val_freq epochs; save it as linear.pth."""
+    """Train a linear classifier on frozen features (SGD, cosine lr), validating every --val_freq epochs; the
+    classifier of the last epoch is saved to <output_dir>/linear.pth with its scores."""
     ckpt, train_args = open_weights(args)
     open_eval_data(args, train_args)
-    base = args.arch == "vit_base"  # the published evaluation: 4 last blocks, or 1 + the patch mean for ViT-B
+    base = args.arch == "vit_base"  # as published: the 4 last CLS tokens, for ViT-B the last one + the patch mean
     args.n_last_blocks = args.n_last_blocks or (1 if base else 4)
     args.avgpool_patchtokens = base if args.avgpool_patchtokens is None else args.avgpool_patchtokens
     rank, world_size, device = init_distributed()
     seed_everything(args.seed)
-    bicubic = T.InterpolationMode.BICUBIC
-    train_transform = T.Compose([T.RandomResizedCrop(args.crop_size, interpolation=bicubic), T.RandomHorizontalFlip(),
-                                 T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-    train_set, val_set = image_folders(args.data_path, train_transform,
-                                       eval_transform(args.resize_size, args.crop_size))
+    train_transform = T.Compose([T.RandomResizedCrop(args.crop_size, interpolation=T.InterpolationMode.BICUBIC),
+                                 T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    train_set, val_set = image_folders(args.data_path, train_transform, eval_transform(args.resize_size,
+                                                                                       args.crop_size))
     model = load_backbone(args, device, ckpt)
     dim = model.embed_dim * (args.n_last_blocks + int(args.avgpool_patchtokens))
-    classifier = linear_classifier(dim, len(train_set.classes)).to(device)
-    ddp_classifier = classifier if world_size == 1 else nn.parallel.DistributedDataParallel(
-        classifier, device_ids=[device] if device.type == "cuda" else None)
+    classifier = nn.Linear(dim, len(train_set.classes)).to(device)
+    nn.init.normal_(classifier.weight, std=0.01)  # as published; the bias starts at 0, no BatchNorm in front
+    nn.init.zeros_(classifier.bias)
+    ddp = nn.parallel.DistributedDataParallel(classifier) if world_size > 1 else classifier
     lr = args.lr * args.batch_size_per_gpu * world_size / 256
-    optimizer = torch.optim.SGD(ddp_classifier.parameters(), lr, momentum=0.9, weight_decay=0)
+    optimizer = torch.optim.SGD(ddp.parameters(), lr, momentum=0.9, weight_decay=0)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.epochs, eta_min=0)
     sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=world_size, rank=rank, seed=args.seed)
     loader = torch.utils.data.DataLoader(train_set, sampler=sampler, batch_size=args.batch_size_per_gpu,
@@ -1390,160 +1383,138 @@ def linear_main(args):
     if rank == 0:
         print(f"linear probe of {args.pretrained_weights} ({args.arch}/{args.patch_size}, {dim} features) on "
               f"{len(train_set)} train / {len(val_set)} val images, {len(train_set.classes)} classes, lr {lr:.2e}")
-    best = dict(top1=0.0, top5=0.0, epoch=0)
-    for epoch in range(args.epochs):
+    best = dict(top1=-1.0)
+    for epoch in range(1, args.epochs + 1):
         start = time.time()
         sampler.set_epoch(epoch)
-        loss = train_linear_epoch(model, ddp_classifier, loader, optimizer, args, device)
+        loss = train_linear_epoch(model, ddp, loader, optimizer, args, device)
         scheduler.step()
-        if (epoch + 1) % args.val_freq and epoch + 1 < args.epochs:
+        if epoch % args.val_freq and epoch < args.epochs:
             continue
         # the plain module: DDP's forward would expect every process to run the same number of batches
         top1, top5 = evaluate_linear(model, classifier, val_set, args, device)
-        if top1 > best["top1"] or not best["epoch"]:
-            best = dict(top1=top1, top5=top5, epoch=epoch + 1)
+        best = max(best, dict(top1=top1, top5=top5, epoch=epoch), key=lambda r: r["top1"])
         if rank == 0:
-            print(f"epoch {epoch + 1}/{args.epochs}: loss {loss:.4f}, val top-1 {top1:.2f} top-5 {top5:.2f} "
-                  f"(best top-1 {best['top1']:.2f} at epoch {best['epoch']}), {time.time() - start:.1f}s", flush=True)
-            save_checkpoint({"state_dict": classifier.state_dict(), "classes": train_set.classes,
-                             "epoch": epoch + 1, "top1": top1, "top5": top5, "best": best, "args": plain_args(args)},
-                            os.path.join(args.output_dir, "linear.pth"))
+            print(f"epoch {epoch}/{args.epochs}: loss {loss:.4f}, val top-1 {top1:.2f} top-5 {top5:.2f} (best "
+                  f"top-1 {best['top1']:.2f} at epoch {best['epoch']}), {time.time() - start:.1f}s", flush=True)
     if rank == 0:
-        print(f"best val top-1 {best['top1']:.2f} top-5 {best['top5']:.2f} (epoch {best['epoch']}); "
-              f"classifier saved in {os.path.join(args.output_dir, 'linear.pth')}")
+        path = os.path.join(args.output_dir, "linear.pth")
+        save_checkpoint({"state_dict": classifier.state_dict(), "classes": train_set.classes, "epoch": args.epochs,
+                         "top1": top1, "top5": top5, "best": best, "args": plain_args(args)}, path)
+        print(f"best val top-1 {best['top1']:.2f} top-5 {best['top5']:.2f} (epoch {best['epoch']}); the "
+              f"classifier of the last epoch is in {path}")
     return best
-
 
 
 # -----------------------------------------------------------------------------
 # the CLI
 
 class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and status 2, as for every other bad input (not the usage block)
+    def error(self, message):  # one line and status 2, like every other bad input (not argparse's usage block)
         print(f"error: {message}; see python dino.py {self.prog.split()[-1]} --help", file=sys.stderr)
         sys.exit(2)
 
 
-def bool_flag(s):
-    if s.lower() in ("1", "true", "on", "yes"):
-        return True
-    if s.lower() in ("0", "false", "off", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {s}")
-
-
-def at_least(low, kind=int):
-    """argparse type: a number of this kind that is >= low."""
+def number(kind, low, high=None, above=False):
+    """argparse type: a number of this kind, at least low (above it with `above`), at most high."""
     def parse(text):
         value = kind(text)
-        if not value >= low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
+        if (value <= low if above else value < low) or (high is not None and value > high):
+            bound = f"in ({low}, {high}]" if high is not None else f"above {low}" if above else f"at least {low}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
         return value
     return parse
 
 
-def positive(text):
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
-    return value
+COUNT, POSITIVE_INT, NONNEGATIVE = number(int, 0), number(int, 1), number(float, 0.0)
+POSITIVE, FRACTION = number(float, 0, above=True), number(float, 0, 1, above=True)
 
 
-def fraction(text):
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
+def bool_flag(s):
+    if s.lower() not in ("1", "true", "on", "yes", "0", "false", "off", "no"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {s}")
+    return s.lower() in ("1", "true", "on", "yes")
 
 
-def optimizer_name(text):
-    if text == "lars":
-        raise argparse.ArgumentTypeError("lars is the published code's optimizer for convnets; ViTs train with adamw")
-    if text not in ("adamw", "sgd"):
-        raise argparse.ArgumentTypeError(f"expected adamw or sgd, got {text}")
-    return text
+def optimizer_name(s):
+    if s not in ("adamw", "sgd"):
+        raise argparse.ArgumentTypeError("lars is the published code's optimizer for convnets; ViTs train with adamw"
+                                         if s == "lars" else f"expected adamw or sgd, got {s}")
+    return s
 
 
 def add_model_args(p):
-    p.add_argument("--pretrained_weights", help="published DINO weights, a state dict, or a training checkpoint "
-                   "(ours or the published code's); default: <output_dir>/checkpoint.pth")
+    p.add_argument("--pretrained_weights", help="published weights, a state dict or a training checkpoint (ours or "
+                   "the published code's); default: <output_dir>/checkpoint.pth")
     p.add_argument("--checkpoint_key", help="network of a training checkpoint (default: teacher)")
     p.add_argument("--arch", choices=list(ARCHS), help="default: the checkpoint's, else vit_small")
-    p.add_argument("--patch_size", type=at_least(1), help="default: the checkpoint's, else 16")
-    p.add_argument("--output_dir", default="output", help="the run to evaluate (its checkpoint.pth and demo_data/ "
-                   "are the defaults); results are written here")
+    p.add_argument("--patch_size", type=POSITIVE_INT, help="default: the checkpoint's, else 16")
+    p.add_argument("--output_dir", default="output", help="the run to evaluate; results are written here")
 
 
 def add_eval_data_args(p):
     p.add_argument("--data_path", help="folder holding train/<class>/ and val/<class>/; default: the demo data")
-    p.add_argument("--resize_size", type=at_least(1), help="shorter side before the center crop "
-                   "(default: crop_size * 256 / 224; the demo: crop_size)")
-    p.add_argument("--crop_size", type=at_least(1), help="default 224; the demo: its global crop size")
-    p.add_argument("--num_workers", type=at_least(0), default=10, help="data loader processes per GPU")
+    p.add_argument("--resize_size", type=POSITIVE_INT, help="default: crop_size * 256 / 224 (the demo: crop_size)")
+    p.add_argument("--crop_size", type=POSITIVE_INT, help="default: 224 (the demo: its global crop size)")
+    p.add_argument("--num_workers", type=COUNT, default=10, help="data loader processes per GPU")
 
 
 def add_train_args(p):
     p.add_argument("--data_path", help="folder of images (ImageFolder or flat, recursive); default: the demo data")
-    p.add_argument("--preset", choices=["paper", "demo"], help="defaults of the unset flags: the paper's ImageNet "
-                   "ViT-S/16 recipe (the default with --data_path) or the demo's small configuration")
+    p.add_argument("--preset", choices=["paper", "demo"], help="defaults of unset flags: the paper's ViT-S/16 recipe "
+                   "(the default with --data_path) or the demo's")
     p.add_argument("--output_dir", default="output", help="checkpoints and log.txt; resumes from checkpoint.pth here")
     p.add_argument("--pretrained_weights", help="start both networks from these weights (continued pre-training)")
-    p.add_argument("--checkpoint_key", help="take both networks from this entry of a training checkpoint "
-                   "(default: each its own)")
-    p.add_argument("--pretrained_heads", type=bool_flag, default=True, help="from a training checkpoint, take the "
-                   "heads too")
-    p.add_argument("--freeze_backbone_epochs", type=at_least(0), default=0, help="epochs during which only the "
-                   "student's head trains")
+    p.add_argument("--checkpoint_key", help="entry of a training checkpoint for both networks (default: each its own)")
+    p.add_argument("--pretrained_heads", type=bool_flag, default=True, help="take a training checkpoint's heads too")
+    p.add_argument("--freeze_backbone_epochs", type=COUNT, default=0, help="epochs in which only the head trains")
     p.add_argument("--arch", default="vit_small", choices=list(ARCHS))
-    p.add_argument("--patch_size", type=at_least(1), default=16)
-    p.add_argument("--out_dim", type=at_least(2), default=65536, help="dimension of the DINO head output")
-    p.add_argument("--norm_last_layer", type=bool_flag, default=True, help="weight-normalize the head's last "
-                   "layer with g fixed at 1 (more stable); false can train better for small models")
+    p.add_argument("--patch_size", type=POSITIVE_INT, default=16)
+    p.add_argument("--out_dim", type=number(int, 2), default=65536, help="dimension of the DINO head output")
+    p.add_argument("--norm_last_layer", type=bool_flag, default=True, help="fix the last layer's weight norm at 1")
     p.add_argument("--use_bn_in_head", type=bool_flag, default=False)
-    p.add_argument("--momentum_teacher", type=fraction, default=0.996, help="base EMA momentum, cosine to 1")
-    p.add_argument("--warmup_teacher_temp", type=positive, default=0.04)
-    p.add_argument("--teacher_temp", type=positive, default=0.04)
-    p.add_argument("--warmup_teacher_temp_epochs", type=at_least(0), default=0)
+    p.add_argument("--momentum_teacher", type=FRACTION, default=0.996, help="base EMA momentum, cosine to 1")
+    p.add_argument("--warmup_teacher_temp", type=POSITIVE, default=0.04)
+    p.add_argument("--teacher_temp", type=POSITIVE, default=0.04)
+    p.add_argument("--warmup_teacher_temp_epochs", type=COUNT, default=0)
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
                    help="auto: bf16 autocast on GPUs with native bf16, fp16 on older GPUs, fp32 on the CPU")
     p.add_argument("--use_fp16", dest="precision", type=lambda s: "fp16" if bool_flag(s) else "fp32",
                    default=argparse.SUPPRESS, help="the published code's flag: true is --precision fp16, false fp32")
     p.add_argument("--optimizer", type=optimizer_name, default="adamw", help="adamw or sgd")
-    p.add_argument("--weight_decay", type=at_least(0.0, float), default=0.04)
-    p.add_argument("--weight_decay_end", type=at_least(0.0, float), default=0.4)
-    p.add_argument("--clip_grad", type=at_least(0.0, float), default=3.0, help="max gradient norm per parameter "
-                   "tensor; 0 disables")
-    p.add_argument("--batch_size_per_gpu", type=at_least(1), default=64)
-    p.add_argument("--epochs", type=at_least(1), default=100)
-    p.add_argument("--freeze_last_layer", type=at_least(0), default=1, help="epochs with the head's last layer fixed")
-    p.add_argument("--lr", type=at_least(0.0, float), default=0.0005, help="peak lr for a total batch of 256")
-    p.add_argument("--warmup_epochs", type=at_least(0), default=10)
-    p.add_argument("--min_lr", type=at_least(0.0, float), default=1e-6)
-    p.add_argument("--drop_path_rate", type=at_least(0.0, float), default=0.1, help="stochastic depth of the student")
-    p.add_argument("--global_crops_scale", type=fraction, nargs=2, default=[0.4, 1.0])
-    p.add_argument("--local_crops_number", type=at_least(0), default=8)
-    p.add_argument("--local_crops_scale", type=fraction, nargs=2, default=[0.05, 0.4])
-    p.add_argument("--global_crops_size", type=at_least(1), default=224)
-    p.add_argument("--local_crops_size", type=at_least(1), default=96)
-    p.add_argument("--saveckp_freq", type=at_least(0), default=20, help="also keep checkpointNNNN.pth this often")
+    p.add_argument("--weight_decay", type=NONNEGATIVE, default=0.04)
+    p.add_argument("--weight_decay_end", type=NONNEGATIVE, default=0.4)
+    p.add_argument("--clip_grad", type=NONNEGATIVE, default=3.0, help="max gradient norm per tensor; 0: no clipping")
+    p.add_argument("--batch_size_per_gpu", type=POSITIVE_INT, default=64)
+    p.add_argument("--epochs", type=POSITIVE_INT, default=100)
+    p.add_argument("--freeze_last_layer", type=COUNT, default=1, help="epochs with the head's last layer fixed")
+    p.add_argument("--lr", type=NONNEGATIVE, default=0.0005, help="peak lr for a total batch of 256")
+    p.add_argument("--warmup_epochs", type=COUNT, default=10)
+    p.add_argument("--min_lr", type=NONNEGATIVE, default=1e-6)
+    p.add_argument("--drop_path_rate", type=NONNEGATIVE, default=0.1, help="stochastic depth of the student")
+    p.add_argument("--global_crops_scale", type=FRACTION, nargs=2, default=[0.4, 1.0])
+    p.add_argument("--local_crops_number", type=COUNT, default=8)
+    p.add_argument("--local_crops_scale", type=FRACTION, nargs=2, default=[0.05, 0.4])
+    p.add_argument("--global_crops_size", type=POSITIVE_INT, default=224)
+    p.add_argument("--local_crops_size", type=POSITIVE_INT, default=96)
+    p.add_argument("--saveckp_freq", type=COUNT, default=20, help="also keep checkpointNNNN.pth this often")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num_workers", type=at_least(0), default=10, help="data loader processes per GPU")
-    p.add_argument("--log_every", type=at_least(1), default=10, help="iterations between progress lines")
+    p.add_argument("--num_workers", type=COUNT, default=10, help="data loader processes per GPU")
+    p.add_argument("--log_every", type=POSITIVE_INT, default=10, help="iterations between progress lines")
     p.add_argument("--compile", action="store_true", help="torch.compile the student and teacher")
-    p.add_argument("--dist_timeout", type=positive, default=30, help="minutes a collective may wait for a lost peer")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=0, help="accepted for the published code's "
-                   "command lines; the launcher's environment decides")
-    p.add_argument("--dist_url", default="env://", help="accepted for the published code's command lines")
+    p.add_argument("--dist_timeout", type=POSITIVE, default=30, help="minutes a collective waits for a lost peer")
+    p.add_argument("--local_rank", "--local-rank", type=int, help="accepted for the published code's command lines; "
+                   "the launcher's environment decides")
+    p.add_argument("--dist_url", help="accepted likewise")
 
 
 def add_knn_args(p):
     add_model_args(p)
     add_eval_data_args(p)
-    p.add_argument("--nb_knn", type=at_least(1), nargs="+", default=[10, 20, 100, 200], help="numbers of neighbours")
-    p.add_argument("--temperature", type=positive, default=0.07, help="votes weigh exp(cos_sim / temperature)")
-    p.add_argument("--batch_size_per_gpu", type=at_least(1), default=128)
-    p.add_argument("--random_init", type=bool_flag, default=False, help="also evaluate the architecture at random "
-                   "init, to show what training added (the demo: true)")
+    p.add_argument("--nb_knn", type=POSITIVE_INT, nargs="+", default=[10, 20, 100, 200], help="numbers of neighbours")
+    p.add_argument("--temperature", type=POSITIVE, default=0.07, help="votes weigh exp(cos_sim / temperature)")
+    p.add_argument("--batch_size_per_gpu", type=POSITIVE_INT, default=128)
+    p.add_argument("--random_init", type=bool_flag, default=False, help="also evaluate a random init (the demo: true)")
     p.add_argument("--dump_features", help="also save the features and labels in this folder")
     p.add_argument("--load_features", help="use the features saved by --dump_features in this folder instead")
 
@@ -1551,24 +1522,21 @@ def add_knn_args(p):
 def add_attn_args(p):
     add_model_args(p)
     p.add_argument("--image_path", help="any image PIL reads; default: the first demo val image")
-    p.add_argument("--image_size", type=at_least(1), nargs=2, metavar=("H", "W"), help="resize to this before "
-                   "cropping to patch multiples (default 480 480; the demo: 4x its global crop size)")
-    p.add_argument("--threshold", type=fraction, help="also write per-head masks keeping the smallest set of "
-                   "patches that holds this fraction of the attention mass (e.g. 0.6)")
+    p.add_argument("--image_size", type=POSITIVE_INT, nargs=2, metavar=("H", "W"), help="resize to this first "
+                   "(default 480 480; the demo: 4x its global crop size)")
+    p.add_argument("--threshold", type=FRACTION, help="also write per-head masks of this fraction of the attention")
 
 
 def add_linear_args(p):
     add_model_args(p)
     add_eval_data_args(p)
-    p.add_argument("--n_last_blocks", type=at_least(1), help="concatenate the CLS tokens of this many last blocks "
-                   "(default: 4; 1 for vit_base, as published)")
-    p.add_argument("--avgpool_patchtokens", type=bool_flag, help="also concatenate the last block's average "
-                   "patch token (default: false; true for vit_base, as published)")
-    p.add_argument("--epochs", type=at_least(1), default=100)
-    p.add_argument("--lr", type=at_least(0.0, float), default=0.001, help="SGD lr for a total batch of 256, cosine "
-                   "to 0")
-    p.add_argument("--batch_size_per_gpu", type=at_least(1), default=128)
-    p.add_argument("--val_freq", type=at_least(1), default=1, help="epochs between validations")
+    p.add_argument("--n_last_blocks", type=POSITIVE_INT, help="CLS tokens of this many last blocks (default: 4; 1 "
+                   "for vit_base, as published)")
+    p.add_argument("--avgpool_patchtokens", type=bool_flag, help="and the mean patch token (default: for vit_base)")
+    p.add_argument("--epochs", type=POSITIVE_INT, default=100)
+    p.add_argument("--lr", type=NONNEGATIVE, default=0.001, help="SGD lr for a total batch of 256, cosine to 0")
+    p.add_argument("--batch_size_per_gpu", type=POSITIVE_INT, default=128)
+    p.add_argument("--val_freq", type=POSITIVE_INT, default=1, help="epochs between validations")
     p.add_argument("--seed", type=int, default=0)
 
 

@@ -16,6 +16,7 @@ the sections above it. Part 2, the tool: checkpoints, processes, the demo data a
 CLI. Importing this file has no side effects.
 """
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import itertools
@@ -384,8 +385,10 @@ class MultiCropWrapper(nn.Module):
 
 
 def build_dino_networks(args):
-    """Student (with drop path) and teacher (a copy without it), each backbone + DINO head."""
-    student = ARCHS[args.arch](patch_size=args.patch_size, drop_path_rate=args.drop_path_rate)
+    """Student (with drop path, and activation checkpointing if asked) and teacher (a copy without either, it
+    needs no gradients), each backbone + DINO head."""
+    student = ARCHS[args.arch](patch_size=args.patch_size, drop_path_rate=args.drop_path_rate,
+                               grad_checkpointing=args.grad_checkpointing)
     teacher = ARCHS[args.arch](patch_size=args.patch_size)
     student = MultiCropWrapper(student, vits.DINOHead(student.embed_dim, args.out_dim, args.use_bn_in_head,
                                                       args.norm_last_layer))
@@ -415,9 +418,12 @@ class DINOLoss(nn.Module):
         self.teacher_temp_schedule = np.concatenate((
             np.linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs),
             np.ones(max(nepochs - warmup_teacher_temp_epochs, 0)) * teacher_temp))
-        self.stats = {}  # detached collapse indicators of the last call; read them only when logging
+        self.stats = {}  # detached collapse indicators of the last center update; read them only when logging
+        self._samples = 0  # samples summed in self._sums since the last center update
 
-    def forward(self, student_output, teacher_output, epoch):
+    def forward(self, student_output, teacher_output, epoch, update_center=True):
+        """The loss; then the center moves. update_center=False (gradient accumulation) leaves the center where it
+        is and only adds this batch to the sums that update_center() then uses once."""
         temp = self.teacher_temp_schedule[min(epoch, len(self.teacher_temp_schedule) - 1)]
         log_p = F.log_softmax(student_output.float() / self.student_temp, dim=-1).unflatten(0, (self.ncrops, -1))
         log_q = F.log_softmax((teacher_output.float() - self.center) / temp, dim=-1).unflatten(0, (2, -1))
@@ -426,26 +432,35 @@ class DINOLoss(nn.Module):
         n_pairs = 2 * (self.ncrops - 1)
         cross = (q * (log_p.sum(0, keepdim=True) - log_p[:2])).sum()
         loss = -cross / (batch * n_pairs)
-        self._record_stats(loss, q, log_q)
-        self.update_center(teacher_output)
+        self._accumulate(loss, q, log_q, teacher_output)
+        if update_center:
+            self.update_center()
         return loss
 
     @torch.no_grad()
-    def _record_stats(self, loss, q, log_q):
-        # The paper's collapse study: loss = h(P_t) + KL(P_t || P_s).
-        teacher_entropy = -(q * log_q).sum(-1).mean()
-        mean_q = q.mean(dim=(0, 1))
-        self.stats = {"teacher_entropy": teacher_entropy, "kl": loss.detach() - teacher_entropy,
-                      "batch_mean_entropy": -(mean_q * mean_q.clamp_min(1e-12).log()).sum()}
+    def _accumulate(self, loss, q, log_q, teacher_output):
+        """Sums over the samples since the last center update: loss, teacher entropy, mean teacher softmax (for
+        the collapse indicators) and teacher output (for the center), so that a batch split into micro-batches
+        gives the whole batch's values."""
+        n = q.shape[1]
+        sums = [loss.detach() * n, -(q * log_q).sum(-1).mean() * n, q.mean(dim=(0, 1)) * n,
+                teacher_output.float().sum(dim=0, keepdim=True)]
+        self._sums = sums if self._samples == 0 else [a + b for a, b in zip(self._sums, sums)]
+        self._samples += n
 
     @torch.no_grad()
-    def update_center(self, teacher_output):
-        batch_center = teacher_output.float().sum(dim=0, keepdim=True)
-        world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        if world_size > 1:
-            dist.all_reduce(batch_center)
-        batch_center /= len(teacher_output) * world_size  # a Python scalar: no host-to-device copy per step
-        self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
+    def update_center(self):
+        """Move the center toward the mean teacher output over the samples since the last update (and over all
+        processes, which step equal batches), and set the collapse indicators of those samples (this process's).
+        The paper's collapse study: loss = h(P_t) + KL(P_t || P_s)."""
+        loss, entropy, mean_q, teacher = (s / self._samples for s in self._sums)
+        self.stats = {"teacher_entropy": entropy, "kl": loss - entropy,
+                      "batch_mean_entropy": -(mean_q * mean_q.clamp_min(1e-12).log()).sum()}
+        if get_world_size() > 1:
+            dist.all_reduce(teacher)
+        teacher /= 2 * get_world_size()  # 2 teacher views per sample; a Python scalar: no host-to-device copy
+        self.center.mul_(self.center_momentum).add_(teacher, alpha=1 - self.center_momentum)
+        self._samples = 0
 
 
 # -----------------------------------------------------------------------------
@@ -506,18 +521,32 @@ class TrainState:
     student_forward: nn.Module = None  # the student as the step runs it (DDP-wrapped, compiled); default: student
 
 
-def train_step(s, crops, epoch, i):
-    """Iteration i of Algorithm 1 on one batch (the 2 global crops first); returns the loss as a device tensor."""
+def train_step(s, micro_batches, epoch, i):
+    """Iteration i of Algorithm 1 on one batch, given as a list of micro-batches (each a list of crops, the 2
+    global ones first) whose gradients add up to the whole batch's: one optimizer step, EMA and center update for
+    all of them. Returns the batch's loss as a device tensor."""
     for group in s.optimizer.param_groups:
         group["lr"] = s.schedules["lr"][i]
     s.optimizer.param_groups[0]["weight_decay"] = s.schedules["wd"][i]  # group 0 is the regularized one
-    with torch.autocast(crops[0].device.type, dtype=s.amp_dtype or torch.float32, enabled=s.amp_dtype is not None):
-        with torch.no_grad():
-            teacher_output = s.teacher(crops[:2])  # the teacher sees only the 2 global views
-        student_output = (s.student_forward or s.student)(crops)  # the student sees all of them
-        loss = s.dino_loss(student_output, teacher_output, epoch)  # also moves the center
     s.optimizer.zero_grad(set_to_none=True)
-    s.scaler.scale(loss).backward()
+    student = s.student_forward or s.student
+    n = sum(len(crops[0]) for crops in micro_batches)  # samples in the batch
+    loss = 0.0
+    for k, crops in enumerate(micro_batches):
+        # DDP all-reduces the gradients once, in the last micro-batch's backward
+        last = k == len(micro_batches) - 1 or not hasattr(student, "no_sync")
+        with contextlib.nullcontext() if last else student.no_sync():
+            with torch.autocast(crops[0].device.type, dtype=s.amp_dtype or torch.float32,
+                                enabled=s.amp_dtype is not None):
+                with torch.no_grad():
+                    teacher_output = s.teacher(crops[:2])  # the teacher sees only the 2 global views
+                student_output = student(crops)  # the student sees all of them
+                # the loss is a mean over the micro-batch: weighted by its share, the gradients sum to the batch's
+                micro_loss = s.dino_loss(student_output, teacher_output, epoch, update_center=False) \
+                    * (len(crops[0]) / n)
+            s.scaler.scale(micro_loss).backward()
+        loss = loss + micro_loss.detach()
+    s.dino_loss.update_center()  # by the mean teacher output over all micro-batches, the same center for each
     s.scaler.unscale_(s.optimizer)
     if s.args.clip_grad:
         clip_gradients(s.student.parameters(), s.args.clip_grad)
@@ -531,7 +560,7 @@ def train_step(s, crops, epoch, i):
     s.scaler.step(s.optimizer)
     s.scaler.update()
     update_teacher(list(s.student.parameters()), list(s.teacher.parameters()), s.schedules["momentum"][i])
-    return loss.detach()
+    return loss
 
 
 def stop_if_not_finite(bad_iter, epoch, args):
@@ -545,15 +574,17 @@ def stop_if_not_finite(bad_iter, epoch, args):
 
 
 def train_one_epoch(s, loader, epoch, photometry=None):
-    """One pass over the loader; returns the epoch's means (loss, collapse indicators) and its speed."""
-    device, n_iter, args = s.dino_loss.center.device, len(loader), s.args
+    """One pass over the loader, --accum_iter of its batches per optimizer step (a last incomplete group is
+    dropped, as drop_last drops a partial batch); returns the epoch's means (loss, collapse indicators) and speed."""
+    device, args = s.dino_loss.center.device, s.args
+    n_iter, batch = len(loader) // args.accum_iter, args.batch_size_per_gpu * args.accum_iter * get_world_size()
     sums, bad_iter, start = {}, torch.tensor(-1, device=device), time.time()
-    for it, crops in enumerate(loader):
+    for it, batches in enumerate(zip(*[iter(loader)] * args.accum_iter)):  # groups of accum_iter batches
         i = epoch * n_iter + it
-        crops = [c.to(device, non_blocking=True) for c in crops]
+        micro_batches = [[c.to(device, non_blocking=True) for c in crops] for crops in batches]
         if photometry is not None:  # the GPU path: colour, blur and solarize run batched on the device
-            crops = photometry(crops)
-        loss = train_step(s, crops, epoch, i)
+            micro_batches = [photometry(crops) for crops in micro_batches]
+        loss = train_step(s, micro_batches, epoch, i)
         bad_iter = torch.where((bad_iter < 0) & ~torch.isfinite(loss), it, bad_iter)  # no host sync
         for k, v in {"loss": loss, **s.dino_loss.stats}.items():
             sums[k] = sums.get(k, 0.0) + v
@@ -564,8 +595,7 @@ def train_one_epoch(s, loader, epoch, photometry=None):
             if get_rank() == 0:
                 print(f"epoch {epoch}/{args.epochs} it {it + 1}/{n_iter} loss {sums['loss'].item() / (it + 1):.4f} "
                       f"lr {s.schedules['lr'][i]:.2e} wd {s.schedules['wd'][i]:.3f} "
-                      f"momentum {s.schedules['momentum'][i]:.4f} "
-                      f"{(it + 1) * len(crops[0]) * get_world_size() / elapsed:.1f} img/s "
+                      f"momentum {s.schedules['momentum'][i]:.4f} {(it + 1) * batch / elapsed:.1f} img/s "
                       f"eta {datetime.timedelta(seconds=int(eta))}", flush=True)
     means = torch.stack(list(sums.values())).float() / n_iter
     if get_world_size() > 1:
@@ -574,7 +604,7 @@ def train_one_epoch(s, loader, epoch, photometry=None):
     elapsed = time.time() - start
     return dict(zip(sums, means.tolist()), epoch=epoch, lr=s.schedules["lr"][i], wd=s.schedules["wd"][i],
                 momentum=s.schedules["momentum"][i], epoch_time_s=elapsed,
-                images_per_s=n_iter * len(crops[0]) * get_world_size() / elapsed)
+                images_per_s=n_iter * batch / elapsed)
 
 
 # -----------------------------------------------------------------------------
@@ -1137,7 +1167,7 @@ def build_train_state(args, n_iter, world_size, device):
     dino_loss = DINOLoss(args.out_dim, 2 + args.local_crops_number, args.warmup_teacher_temp, args.teacher_temp,
                          args.warmup_teacher_temp_epochs, args.epochs).to(device)
     amp_dtype = autocast_dtype(args.precision, device)
-    lr = args.lr * args.batch_size_per_gpu * world_size / 256.0  # the linear scaling rule
+    lr = args.lr * args.batch_size_per_gpu * args.accum_iter * world_size / 256.0  # linear scaling: the total batch
     schedules = {  # .tolist(): plain floats, so the optimizer state stays loadable with weights_only
         "lr": cosine_scheduler(lr, args.min_lr, args.epochs, n_iter, args.warmup_epochs).tolist(),
         "wd": cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, n_iter).tolist(),
@@ -1163,10 +1193,11 @@ def train(args):
     loader = torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=args.batch_size_per_gpu,
                                          num_workers=args.num_workers, pin_memory=device.type == "cuda",
                                          drop_last=True, persistent_workers=args.num_workers > 0)
-    if len(loader) == 0:
+    if len(loader) < args.accum_iter:
         raise DinoError(f"{len(dataset)} images split over {world_size} process(es) do not fill one batch of "
-                        f"--batch_size_per_gpu {args.batch_size_per_gpu}; lower it or add images")
-    s = build_train_state(args, len(loader), world_size, device)
+                        f"--batch_size_per_gpu {args.batch_size_per_gpu} x --accum_iter {args.accum_iter}; lower "
+                        f"them or add images")
+    s = build_train_state(args, len(loader) // args.accum_iter, world_size, device)
     checkpoint = os.path.join(args.output_dir, "checkpoint.pth")
     start_epoch = 0
     if os.path.exists(checkpoint):  # an existing run wins over --pretrained_weights
@@ -1187,7 +1218,8 @@ def train(args):
         s.teacher.compile()
     if rank == 0:
         print(f"training {args.arch}/{args.patch_size} on {len(dataset)} images, {world_size} process(es) on "
-              f"{device.type}, batch {args.batch_size_per_gpu * world_size}, {len(loader)} it/epoch, "
+              f"{device.type}, batch {args.batch_size_per_gpu * args.accum_iter * world_size}, "
+              f"{len(loader) // args.accum_iter} it/epoch, "
               f"precision {args.precision}", flush=True)
     for epoch in range(start_epoch, args.epochs):
         sampler.set_epoch(epoch)
@@ -1486,6 +1518,10 @@ def add_train_args(p):
     p.add_argument("--weight_decay_end", type=NONNEGATIVE, default=0.4)
     p.add_argument("--clip_grad", type=NONNEGATIVE, default=3.0, help="max gradient norm per tensor; 0: no clipping")
     p.add_argument("--batch_size_per_gpu", type=POSITIVE_INT, default=64)
+    p.add_argument("--accum_iter", type=POSITIVE_INT, default=1, help="micro-batches per optimizer step: the total "
+                   "batch (for lr scaling, EMA, center) is accum_iter x batch_size_per_gpu x processes")
+    p.add_argument("--grad_checkpointing", action="store_true", help="recompute the student's block activations "
+                   "in backward: less memory, about a third more compute")
     p.add_argument("--epochs", type=POSITIVE_INT, default=100)
     p.add_argument("--freeze_last_layer", type=COUNT, default=1, help="epochs with the head's last layer fixed")
     p.add_argument("--lr", type=NONNEGATIVE, default=0.0005, help="peak lr for a total batch of 256")

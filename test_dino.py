@@ -686,8 +686,8 @@ def _two_rank_worker(rank, data, out, port, results):
     teacher, loss = run.teacher, run.dino_loss
     # the center must equal the EMA of the all-process batch means: check one update by hand
     center = loss.center.clone()
-    teacher_out = torch.randn(3, 32) + rank
-    loss.update_center(teacher_out)
+    teacher_out = torch.randn(6, 32) + rank  # 3 samples x 2 views
+    loss(torch.randn(12, 32), teacher_out, 0)  # 3 samples x 4 crops
     results[rank] = {"teacher": {k: v.clone() for k, v in teacher.state_dict().items()}, "center_before": center,
                      "center_after": loss.center.clone(), "teacher_out": teacher_out}
     torch.distributed.destroy_process_group()
@@ -757,8 +757,8 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys, 
     data = tiny_folder(tmp_path / "data")
     forward = dino.DINOLoss.forward
 
-    def nan_in_epoch_1(self, student_output, teacher_output, epoch):
-        loss = forward(self, student_output, teacher_output, epoch)
+    def nan_in_epoch_1(self, student_output, teacher_output, epoch, **kwargs):
+        loss = forward(self, student_output, teacher_output, epoch, **kwargs)
         return loss * float("nan") if epoch == 1 else loss
 
     monkeypatch.setattr(dino.DINOLoss, "forward", nan_in_epoch_1)

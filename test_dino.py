@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 from PIL import Image
@@ -705,6 +706,77 @@ def test_two_processes_train_together(tmp_path):
     torch.testing.assert_close(r0["center_after"], 0.9 * r0["center_before"] + 0.1 * mean)
     torch.testing.assert_close(r1["center_after"], r0["center_after"])
     assert read_log(tmp_path / "out")[0]["epoch"] == 0
+
+
+# --accum_iter: micro-batches of 2 from the loader are the batch of 4 it would give with batch 4 (same sampler order,
+# per-sample augmentation seeds): with drop path 0 the runs must agree. SGD, as AdamW would hide a wrong gradient
+# scale (it normalizes the gradient).
+ACCUM = ("--drop_path_rate", "0", "--optimizer", "sgd", "--lr", "10", "--warmup_epochs", "0")
+BIG, MICRO = ("--batch_size_per_gpu", "4"), ("--batch_size_per_gpu", "2", "--accum_iter", "2")
+
+
+def assert_same_run(a, b, tol=1e-5):
+    for net in ("student", "teacher"):
+        for k in a[net]:
+            torch.testing.assert_close(a[net][k], b[net][k], rtol=tol, atol=tol, msg=f"{net} {k}")
+    torch.testing.assert_close(a["dino_loss"]["center"], b["dino_loss"]["center"], rtol=tol, atol=tol)
+
+
+def test_accum_iter_equals_the_big_batch(tmp_path, capsys):
+    """2 epochs of 2 steps: the same student, teacher, center and log (lr scaled by the total batch, schedules
+    stepped per optimizer step). Without clipping, so the summed gradient's scale is checked exactly."""
+    data = tiny_folder(tmp_path / "data", n=8)
+    dino.main(train_argv(data, tmp_path / "big", *ACCUM, "--clip_grad", "0", *BIG))
+    capsys.readouterr()
+    dino.main(train_argv(data, tmp_path / "micro", *ACCUM, "--clip_grad", "0", *MICRO))
+    printed = capsys.readouterr().out
+    assert "batch 4, 2 it/epoch" in printed and "it 2/2 " in printed and "it 3/" not in printed
+    assert_same_run(*(dino.load_checkpoint_file(tmp_path / run / "checkpoint.pth") for run in ("big", "micro")))
+    big, micro = read_log(tmp_path / "big"), read_log(tmp_path / "micro")
+    assert big[1]["lr"] == micro[1]["lr"] > 0
+    for k in ("loss", "teacher_entropy", "kl", "batch_mean_entropy"):  # of the whole batch, not of a micro-batch
+        assert [e[k] for e in micro] == pytest.approx([e[k] for e in big], rel=1e-5), k
+
+
+class CountingDDP(nn.parallel.DistributedDataParallel):
+    """DDP that counts its gradient all-reduces (one per bucket and backward that synchronizes)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.reductions = 0
+
+        def hook(state, bucket):
+            self.reductions += 1
+            return allreduce_hook(None, bucket)
+        self.register_comm_hook(None, hook)
+
+
+def _accum_worker(rank, data, out, port, results):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    nn.parallel.DistributedDataParallel = CountingDDP
+    runs = {}
+    for name, flags in (("big", BIG), ("micro", MICRO)):
+        # clipping on and active: once, on the summed gradient (a lr so high that its direction shows above tol)
+        s = dino.train(dino.parse_args(train_argv(data, out / name, *ACCUM, "--clip_grad", "0.01", "--lr", "1000",
+                                                  "--epochs", "1", *flags)))
+        runs[name] = {"student": s.student.state_dict(), "teacher": s.teacher.state_dict(),
+                      "dino_loss": s.dino_loss.state_dict(), "reductions": s.student_forward.reductions}
+    results[rank] = runs
+    torch.distributed.destroy_process_group()
+
+
+def test_accum_iter_two_processes_equals_the_big_batch(tmp_path):
+    """8 images, 4 per process: one step of a batch of 4 per process, or of 2 micro-batches of 2."""
+    data = tiny_folder(tmp_path / "data", n=8)
+    results = torch.multiprocessing.Manager().dict()
+    torch.multiprocessing.spawn(_accum_worker, args=(data, tmp_path, dino._free_port(), results), nprocs=2)
+    for rank in range(2):
+        assert_same_run(results[rank]["big"], results[rank]["micro"])
+        assert_same_run(results[0]["micro"], results[rank]["micro"], tol=0)  # every process holds the same networks
+        # no_sync: the gradients are all-reduced in the last micro-batch's backward only
+        assert results[rank]["micro"]["reductions"] == results[rank]["big"]["reductions"] > 0
 
 
 def main_error(argv, capsys):

@@ -354,6 +354,29 @@ class ImageDataset(torch.utils.data.Dataset):
         raise DinoError(f"no image under the data path could be read (last tried: {path})")
 
 
+class ImageFiles(ImageDataset):
+    """The images under root for inference: (image, True), or for an unreadable file (a warning names it) a blank
+    image and False, whose row the caller drops: nothing takes its place."""
+
+    def __init__(self, root, transform, blank):
+        super().__init__(root, transform)
+        self.blank = blank
+
+    def __getitem__(self, index):
+        try:
+            return self.transform(load_rgb(self.files[index])), True
+        except UNREADABLE as e:
+            print(f"warning: skipping unreadable image {self.files[index]}: {e}", file=sys.stderr)
+            return self.blank, False
+
+
+def eval_transform(resize_size, crop_size):
+    """The evaluation preprocessing (the paper's k-NN and linear eval): bicubic resize of the short side (None: in
+    the paper's ratio, 256 for a 224 crop), center crop, ImageNet normalization."""
+    resize = T.Resize(resize_size or round(crop_size * 256 / 224), interpolation=T.InterpolationMode.BICUBIC)
+    return T.Compose([resize, T.CenterCrop(crop_size), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
 class EpochSampler(torch.utils.data.DistributedSampler):
     """DistributedSampler whose indices carry their epoch, for ImageDataset's per-sample seeds."""
 
@@ -651,16 +674,38 @@ def extract_features(model, dataset, batch_size, num_workers, device):
                                          pin_memory=device.type == "cuda")
     features = [F.normalize(model(images.to(device, non_blocking=True)).float(), dim=1) for images, _ in loader]
     features = torch.cat(features) if features else torch.zeros(0, model.embed_dim, device=device)
-    world_size, n = get_world_size(), len(dataset)
+    return gather_shards(features, len(dataset))
+
+
+def gather_shards(x, n):
+    """Each process's rows for its shard() of n items -> all n rows in order on process 0's CPU (None elsewhere)."""
+    world_size = get_world_size()
     if world_size == 1:
-        return features.cpu()
+        return x.cpu()
     longest = -(-n // world_size)  # shards are this long or one shorter: pad to it, gather, then drop the padding
-    padded = torch.cat([features, features.new_zeros(longest - len(features), features.shape[1])])
+    padded = torch.cat([x, x.new_zeros(longest - len(x), *x.shape[1:])])
     shards = [torch.empty_like(padded) for _ in range(world_size)] if get_rank() == 0 else None
     dist.gather(padded, shards, dst=0)
     if get_rank() != 0:
         return None
     return torch.cat([s[:n * (r + 1) // world_size - n * r // world_size] for r, s in enumerate(shards)]).cpu()
+
+
+def knn_top1(model, train_set, val_set, batch_size, num_workers, device, k=20, T=0.07):
+    """Weighted k-NN top-1 of model's features on ImageFolder-like (image, label) datasets with .targets, the
+    model in eval mode meanwhile (then back in its mode); on process 0, None on the others."""
+    training = model.training
+    model.eval()
+    try:
+        train_features, val_features = (extract_features(model, data, batch_size, num_workers, device)
+                                        for data in (train_set, val_set))
+    finally:
+        model.train(training)
+    if train_features is None:
+        return None
+    tensors = [t.to(device) for t in (train_features, torch.tensor(train_set.targets), val_features,
+                                      torch.tensor(val_set.targets))]
+    return knn_classifier(*tensors, min(k, len(train_set)), T, int(max(tensors[1].max(), tensors[3].max())) + 1)[0]
 
 
 # -----------------------------------------------------------------------------
@@ -774,6 +819,46 @@ def evaluate_linear(model, classifier, dataset, args, device):
     return (100 * counts[0] / counts[2]).item(), (100 * counts[1] / counts[2]).item()
 
 
+# -----------------------------------------------------------------------------
+# embeddings
+
+@torch.no_grad()
+def embed_folder(model, folder, resize_size=None, crop_size=224, patch_tokens=False, n_last_blocks=0, batch_size=64,
+                 num_workers=0, device="cpu"):
+    """Embeddings of every readable image under folder (recursively; unreadable ones skipped, a warning each) by a
+    VisionTransformer in eval mode, preprocessed as for k-NN. Each process embeds its shard; process 0 gets a dict
+    (None elsewhere): 'paths' relative to folder, in order; 'cls' [N, D] final-norm CLS tokens (= model(x));
+    with patch_tokens, 'patch_tokens' [N, h, w, D] final-norm patch tokens; with n_last_blocks n, 'last_blocks'
+    [N, n, D] the final-norm CLS tokens of the last n blocks. Float32 tensors on the CPU."""
+    device, h, dim = torch.device(device), crop_size // model.patch_size, model.embed_dim
+    dataset = ImageFiles(folder, eval_transform(resize_size, crop_size), torch.zeros(3, crop_size, crop_size))
+    loader = torch.utils.data.DataLoader(shard(dataset), batch_size=batch_size, num_workers=num_workers,
+                                         pin_memory=device.type == "cuda")
+    shapes = {"cls": (dim,), "readable": ()} | ({"patch_tokens": (h, h, dim)} if patch_tokens else {}) | \
+        ({"last_blocks": (n_last_blocks, dim)} if n_last_blocks else {})
+    rows = {k: [torch.zeros(0, *shape, device=device)] for k, shape in shapes.items()}  # a shard may be empty
+    start, done = time.time(), 0
+    for b, (images, readable) in enumerate(loader):
+        blocks = model.get_intermediate_layers(images.to(device, non_blocking=True), max(n_last_blocks, 1))
+        rows["cls"].append(blocks[-1][:, 0])
+        rows["readable"].append(readable.to(device, torch.float32))  # gloo gathers no bool
+        if patch_tokens:
+            rows["patch_tokens"].append(blocks[-1][:, 1:].unflatten(1, (h, h)))
+        if n_last_blocks:
+            rows["last_blocks"].append(torch.stack([x[:, 0] for x in blocks], dim=1))
+        done += len(images)
+        if get_rank() == 0 and ((b + 1) % 20 == 0 or b + 1 == len(loader)):
+            print(f"embedded {done}/{len(loader.dataset)} images (process 0's share), "
+                  f"{done / (time.time() - start):.1f} images/s per process", flush=True)
+    rows = {k: gather_shards(torch.cat(v).float(), len(dataset)) for k, v in rows.items()}
+    if get_rank() != 0:
+        return None
+    keep = rows.pop("readable").bool()
+    paths = [p.relative_to(folder).as_posix() for p, kept in zip(dataset.files, keep) if kept]
+    print(f"embedded {len(paths)} images, skipped {len(keep) - len(paths)} unreadable ones")
+    return {"paths": paths} | {k: v[keep] for k, v in rows.items()}
+
+
 # =============================================================================
 # Part 2: the tool
 # =============================================================================
@@ -876,12 +961,12 @@ def load_pretrained_weights(model, path, checkpoint_key=None, checkpoint=None):
     return model
 
 
-def save_checkpoint(state, path):
-    """Write to a temporary file, flush to disk, then rename: a crash never leaves a half-written checkpoint."""
+def save_checkpoint(state, path, write=torch.save):
+    """write(state, file) to a temporary file, flush to disk, then rename: a crash never leaves a half-written file."""
     tmp = f"{path}.tmp"  # not per process: a killed save leaves one stale file that the next save replaces
     try:
         with open(tmp, "wb") as f:
-            torch.save(state, f)
+            write(state, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -1116,7 +1201,7 @@ def make_demo_dataset(root, n_train=100, n_val=25, seed=0):
 DEMO = {"train": dict(arch="vit_tiny", patch_size=8, out_dim=256, epochs=20, batch_size_per_gpu=32, lr=0.01,
                       warmup_epochs=3, momentum_teacher=0.99, global_crops_size=32, local_crops_size=16,
                       local_crops_number=4, local_crops_scale=[0.1, 0.4], num_workers=2, saveckp_freq=5,
-                      norm_last_layer=False, drop_path_rate=0.0),
+                      norm_last_layer=False, drop_path_rate=0.0, knn_every=5),
         # a few hundred images give a few dozen steps: they need a larger lr than ImageNet's 100 epochs
         "linear": dict(epochs=10, lr=0.1, batch_size_per_gpu=32, num_workers=2),
         "knn": dict(num_workers=2, random_init=True)}
@@ -1198,6 +1283,9 @@ def train(args):
                         f"--batch_size_per_gpu {args.batch_size_per_gpu} x --accum_iter {args.accum_iter}; lower "
                         f"them or add images")
     s = build_train_state(args, len(loader) // args.accum_iter, world_size, device)
+    if args.knn_every:  # at the training resolution: resize to the global crop size, center crop
+        transform = eval_transform(args.global_crops_size, args.global_crops_size)
+        knn_sets = image_folders(args.knn_data_path, transform, transform)
     checkpoint = os.path.join(args.output_dir, "checkpoint.pth")
     start_epoch = 0
     if os.path.exists(checkpoint):  # an existing run wins over --pretrained_weights
@@ -1230,6 +1318,12 @@ def train(args):
         if world_size > 1:
             dist.all_reduce(skipped)
         stats["skipped_images"] = skipped.item()
+        if args.knn_every and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
+            stats["knn_top1"] = knn_top1(s.teacher.backbone, *knn_sets, args.batch_size_per_gpu, args.num_workers,
+                                         device)
+            if rank == 0:
+                print(f"epoch {epoch}: teacher k-NN top-1 {stats['knn_top1']:.2f} % (k=20, T=0.07, "
+                      f"{args.knn_data_path})", flush=True)
         if rank == 0:
             save_epoch(s, epoch, stats)
     if world_size > 1:
@@ -1237,9 +1331,10 @@ def train(args):
     return s
 
 
-def open_weights(args):
+def open_weights(args, out_dir):
     """Read --pretrained_weights once (default: the run in --output_dir) and take --arch / --patch_size from the
-    flags it was trained with when unset. Returns (file content, its training flags)."""
+    flags it was trained with when unset; check that out_dir, where the command writes, is writable. Returns (file
+    content, its training flags)."""
     if args.pretrained_weights is None:
         args.pretrained_weights = os.path.join(args.output_dir, "checkpoint.pth")
         if not os.path.isfile(args.pretrained_weights):
@@ -1249,7 +1344,7 @@ def open_weights(args):
     train_args = plain_args(ckpt.get("args")) if isinstance(ckpt, dict) else {}
     args.arch = args.arch or train_args.get("arch", "vit_small")
     args.patch_size = args.patch_size or train_args.get("patch_size", 16)
-    prepare_output_dir(args.output_dir)  # knn, attn and linear write there (and the demo data): fail before any work
+    prepare_output_dir(out_dir)  # fail before any work
     return ckpt, train_args
 
 
@@ -1264,6 +1359,13 @@ def load_backbone(args, device, checkpoint=None):
     return model.eval().requires_grad_(False).to(device)
 
 
+def eval_sizes(args):
+    """--crop_size (default 224; --resize_size default: see eval_transform), a multiple of the patch size."""
+    args.crop_size = args.crop_size or 224
+    if args.crop_size % args.patch_size:
+        raise DinoError(f"--crop_size {args.crop_size} is not a multiple of --patch_size {args.patch_size}")
+
+
 def open_eval_data(args, train_args):
     """--data_path (the demo data when unset) and its image sizes, for knn and linear."""
     if args.data_path is None:
@@ -1273,19 +1375,11 @@ def open_eval_data(args, train_args):
         args.resize_size = args.resize_size or args.crop_size
         print(f"no --data_path: evaluating {args.pretrained_weights} ({args.arch}/{args.patch_size}) on the demo "
               f"data in {args.data_path} at {args.crop_size} pixels")
-    args.crop_size = args.crop_size or 224
-    args.resize_size = args.resize_size or round(args.crop_size * 256 / 224)  # the paper's 256 -> 224
-    if args.crop_size % args.patch_size:
-        raise DinoError(f"--crop_size {args.crop_size} is not a multiple of --patch_size {args.patch_size}")
+    eval_sizes(args)
     for split in ("train", "val"):
         if not os.path.isdir(os.path.join(args.data_path, split)):
             raise DinoError(f"--data_path {args.data_path} has no {split}/ folder; it must hold "
                             f"train/<class>/ and val/<class>/ image folders")
-
-
-def eval_transform(resize_size, crop_size):
-    return T.Compose([T.Resize(resize_size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(crop_size),
-                      T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
 def image_folders(data_path, train_transform, val_transform):
@@ -1314,7 +1408,7 @@ def knn_features(args, device):
     if args.load_features:
         return {args.load_features: tuple(load_checkpoint_file(os.path.join(args.load_features, f"{name}.pth"))
                                           for name in FEATURE_FILES)}
-    ckpt, train_args = open_weights(args)
+    ckpt, train_args = open_weights(args, args.output_dir)
     open_eval_data(args, train_args)
     transform = eval_transform(args.resize_size, args.crop_size)
     train_set, val_set = image_folders(args.data_path, transform, transform)
@@ -1360,8 +1454,9 @@ def knn_main(args):
 
 
 def attn_main(args):
-    """Attention maps of the last block's heads for one image; one process (device: first GPU, else CPU)."""
-    ckpt, train_args = open_weights(args)
+    """Attention maps of the last block's heads for an image, or for every image in a folder (recursively: one
+    output folder per image, named after its relative path); one process (device: first GPU, else CPU)."""
+    ckpt, train_args = open_weights(args, args.output_dir)
     if args.image_path is None:
         args.image_path = str(list_images(os.path.join(make_demo_dataset(os.path.join(args.output_dir,
                                                                                        "demo_data")), "val"))[0])
@@ -1372,23 +1467,61 @@ def attn_main(args):
     if min(args.image_size) < args.patch_size:
         raise DinoError(f"--image_size {args.image_size[0]} {args.image_size[1]} is smaller than one "
                         f"{args.patch_size}-pixel patch")
+    out_dir, folder = os.path.join(args.output_dir, "attn"), os.path.isdir(args.image_path)
+    images = [(path, os.path.join(out_dir, path.relative_to(args.image_path).with_suffix("")))
+              for path in list_images(args.image_path)] if folder else [(args.image_path, out_dir)]
+    if not images:
+        raise DinoError(f"--image_path {args.image_path} holds no images ({', '.join(IMG_EXTENSIONS)})")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        img = load_rgb(args.image_path)
-    except UNREADABLE as e:
-        raise DinoError(f"--image_path {args.image_path} is not a readable image ({str(e).splitlines()[0]})") from None
-    img, x = prepare_image(img, args.image_size, args.patch_size)
+    model, done = None, 0
+    for n, (path, out) in enumerate(images, 1):
+        try:
+            img = load_rgb(path)
+        except UNREADABLE as e:
+            if not folder:
+                raise DinoError(f"--image_path {path} is not a readable image ({str(e).splitlines()[0]})") from None
+            print(f"warning: skipping unreadable image {path}: {e}", file=sys.stderr)
+            continue
+        if model is None:  # after the first readable image: an unreadable file is reported before the weights
+            model = load_backbone(args, device, ckpt)
+        img, x = prepare_image(img, args.image_size, args.patch_size)
+        maps = attention_maps(model, x.to(device)).float().cpu()
+        masks = None if args.threshold is None else threshold_masks(maps, args.threshold)
+        written = save_attention_images(img, maps, masks, args.patch_size, out)
+        done += 1
+        print(f"{n}/{len(images)} {path}: {len(written)} images in {out}" if folder else "\n".join(written),
+              flush=True)
+    if not done:
+        raise DinoError(f"no image in --image_path {args.image_path} could be read")
+
+
+def embed_main(args):
+    """embed_folder on --data_path with --pretrained_weights, written by process 0 to --output (.npz or .pt)."""
+    _, _, device = init_distributed()
+    ckpt, _ = open_weights(args, os.path.dirname(os.path.abspath(args.output)))
+    eval_sizes(args)
     model = load_backbone(args, device, ckpt)
-    maps = attention_maps(model, x.to(device)).float().cpu()
-    masks = None if args.threshold is None else threshold_masks(maps, args.threshold)
-    for path in save_attention_images(img, maps, masks, args.patch_size, os.path.join(args.output_dir, "attn")):
-        print(path)
+    if args.n_last_blocks > len(model.blocks):
+        raise DinoError(f"--n_last_blocks {args.n_last_blocks}: {args.arch} has only {len(model.blocks)} blocks")
+    out = embed_folder(model, args.data_path, args.resize_size, args.crop_size, args.patch_tokens, args.n_last_blocks,
+                       args.batch_size_per_gpu, args.num_workers, device)
+    if out is None:
+        return None
+    if not out["paths"]:
+        raise DinoError(f"no image under --data_path {args.data_path} could be read")
+    out = {k: v if k == "paths" else v.to(getattr(torch, args.dtype)) for k, v in out.items()}
+    if args.output.endswith(".npz"):  # the paths as a string array: np.load needs no pickle
+        save_checkpoint({k: np.asarray(v) for k, v in out.items()}, args.output, lambda a, f: np.savez(f, **a))
+    else:
+        save_checkpoint(out, args.output)
+    print(f"wrote {args.output}: " + ", ".join(f"{k} {list(v.shape)}" for k, v in out.items() if k != "paths"))
+    return out
 
 
 def linear_main(args):
     """Train a linear classifier on frozen features (SGD, cosine lr), validating every --val_freq epochs; the
     classifier of the last epoch is saved to <output_dir>/linear.pth with its scores."""
-    ckpt, train_args = open_weights(args)
+    ckpt, train_args = open_weights(args, args.output_dir)
     open_eval_data(args, train_args)
     base = args.arch == "vit_base"  # as published: the 4 last CLS tokens, for ViT-B the last one + the patch mean
     args.n_last_blocks = args.n_last_blocks or (1 if base else 4)
@@ -1481,7 +1614,8 @@ def add_model_args(p):
     p.add_argument("--checkpoint_key", help="network of a training checkpoint (default: teacher)")
     p.add_argument("--arch", choices=list(ARCHS), help="default: the checkpoint's, else vit_small")
     p.add_argument("--patch_size", type=POSITIVE_INT, help="default: the checkpoint's, else 16")
-    p.add_argument("--output_dir", default="output", help="the run to evaluate; results are written here")
+    p.add_argument("--output_dir", default="output", help="the run to evaluate (its checkpoint.pth is the default "
+                   "weights); knn, attn and linear write their results here")
 
 
 def add_eval_data_args(p):
@@ -1534,6 +1668,10 @@ def add_train_args(p):
     p.add_argument("--global_crops_size", type=POSITIVE_INT, default=224)
     p.add_argument("--local_crops_size", type=POSITIVE_INT, default=96)
     p.add_argument("--saveckp_freq", type=COUNT, default=20, help="also keep checkpointNNNN.pth this often")
+    p.add_argument("--knn_every", type=COUNT, default=0, help="every this many epochs (and the last), the teacher's "
+                   "k-NN top-1 (k=20) in log.txt; 0: never")
+    p.add_argument("--knn_data_path", help="for --knn_every: train/<class>/ and val/<class>/ folders (the demo: "
+                   "its data)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num_workers", type=COUNT, default=10, help="data loader processes per GPU")
     p.add_argument("--log_every", type=POSITIVE_INT, default=10, help="iterations between progress lines")
@@ -1563,6 +1701,25 @@ def add_attn_args(p):
     p.add_argument("--threshold", type=FRACTION, help="also write per-head masks of this fraction of the attention")
 
 
+def embeddings_file(path):
+    if not path.endswith((".npz", ".pt")):
+        raise argparse.ArgumentTypeError(f"must end in .npz (numpy) or .pt (torch), which picks the format; got {path}")
+    return path
+
+
+def add_embed_args(p):
+    add_model_args(p)
+    p.add_argument("--data_path", required=True, help="folder of images, searched recursively")
+    p.add_argument("--output", required=True, type=embeddings_file, help="FILE.npz or FILE.pt")
+    p.add_argument("--patch_tokens", action="store_true", help="also the final-norm patch tokens [N, h, w, D]")
+    p.add_argument("--n_last_blocks", type=COUNT, default=0, help="also the CLS tokens of the last n blocks [N, n, D]")
+    p.add_argument("--resize_size", type=POSITIVE_INT, help="default: crop_size * 256 / 224")
+    p.add_argument("--crop_size", type=POSITIVE_INT, help="default: 224")
+    p.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="float16 halves the file")
+    p.add_argument("--batch_size_per_gpu", type=POSITIVE_INT, default=128)
+    p.add_argument("--num_workers", type=COUNT, default=10, help="data loader processes per GPU")
+
+
 def add_linear_args(p):
     add_model_args(p)
     add_eval_data_args(p)
@@ -1579,7 +1736,8 @@ def add_linear_args(p):
 COMMANDS = {"train": ("self-supervised pre-training", add_train_args),
             "knn": ("weighted k-NN accuracy of frozen features", add_knn_args),
             "attn": ("last-block attention maps of an image", add_attn_args),
-            "linear": ("linear classifier on frozen features", add_linear_args)}
+            "linear": ("linear classifier on frozen features", add_linear_args),
+            "embed": ("CLS (and patch) token embeddings of every image in a folder", add_embed_args)}
 
 
 def build_parser(preset="paper"):
@@ -1607,11 +1765,16 @@ def check_train_args(args):
 
 def parse_args(argv=None):
     args = build_parser().parse_args(argv)
+    no_knn_data = args.command == "train" and args.knn_data_path is None and args.data_path is not None
+    if no_knn_data and args.knn_every:  # the paper preset's knn_every is 0: this one was given
+        raise DinoError("--knn_every needs --knn_data_path, a folder holding train/<class>/ and val/<class>/")
     default_preset = "demo" if args.command != "attn" and args.data_path is None else "paper"
     args.preset = getattr(args, "preset", None) or default_preset
     if args.preset == "demo":
         args = build_parser("demo").parse_args(argv)
         args.preset = "demo"
+    if no_knn_data:
+        args.knn_every = 0  # the demo preset's k-NN needs labelled data: the demo's, or --knn_data_path
     if args.command == "train":
         check_train_args(args)
     return args
@@ -1623,7 +1786,8 @@ def main(argv=None):
         if args.command == "train":
             prepare_output_dir(args.output_dir)  # before the demo data is written there, or any image is listed
             if args.data_path is None:  # written here, once, before the processes start
-                args.data_path = os.path.join(make_demo_dataset(os.path.join(args.output_dir, "demo_data")), "train")
+                demo = make_demo_dataset(os.path.join(args.output_dir, "demo_data"))
+                args.data_path, args.knn_data_path = os.path.join(demo, "train"), args.knn_data_path or demo
                 print(f"no --data_path: the demo dataset in {args.data_path}")
             print(f"--preset {args.preset}: {args.arch}/{args.patch_size}, crops {args.global_crops_size}/"
                   f"{args.local_crops_size}, out_dim {args.out_dim}, {args.epochs} epochs (unset flags take its values)")
@@ -1631,7 +1795,7 @@ def main(argv=None):
         elif args.command == "attn":
             attn_main(args)
         else:
-            launch({"knn": knn_main, "linear": linear_main}[args.command], args)
+            launch({"knn": knn_main, "linear": linear_main, "embed": embed_main}[args.command], args)
     except DinoError as e:
         if get_rank() == 0 or isinstance(e, LostContactError):
             print(f"error: {e}", file=sys.stderr)

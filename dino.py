@@ -712,11 +712,11 @@ def knn_top1(model, train_set, val_set, batch_size, num_workers, device, k=20, T
 # attention maps
 
 @torch.no_grad()
-def attention_maps(model, img):
-    """Last block's CLS-to-patch attention for one normalized image [3, H, W] -> [heads, H/p, W/p]."""
+def attention_maps(model, images):
+    """Last block's CLS-to-patch attention of normalized images [B, 3, H, W] -> [B, heads, H/p, W/p]."""
     p = model.patch_size
-    attn = model.get_last_selfattention(img[None])  # [1, heads, N, N], token 0 is CLS
-    return attn[0, :, 0, 1:].reshape(-1, img.shape[-2] // p, img.shape[-1] // p)
+    attn = model.get_last_selfattention(images)  # [B, heads, N, N], token 0 is CLS
+    return attn[:, :, 0, 1:].unflatten(-1, (images.shape[-2] // p, images.shape[-1] // p))
 
 
 def threshold_masks(maps, threshold):
@@ -731,6 +731,13 @@ def threshold_masks(maps, threshold):
     keep = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, order, mass_before < threshold)
     return keep.reshape(maps.shape)
 
+
+
+def attention_jaccard(maps, masks, patch_size, mass=0.6):
+    """The paper's segmentation score: per image, the Jaccard index |A & B| / |A | B| of the patches A holding
+    `mass` of the attention map [N, h, w] (nearest-upsampled to pixels) and the object's pixel mask B [N, H, W]."""
+    kept = threshold_masks(maps, mass).repeat_interleave(patch_size, 1).repeat_interleave(patch_size, 2)
+    return (kept & masks).flatten(1).sum(1) / (kept | masks).flatten(1).sum(1).clamp_min(1)
 
 # viridis at 0, 1/8, ..., 1: heat maps without a matplotlib dependency
 VIRIDIS = np.array([[68, 1, 84], [71, 44, 123], [59, 82, 139], [44, 114, 142], [33, 145, 140],
@@ -1485,7 +1492,7 @@ def attn_main(args):
         if model is None:  # after the first readable image: an unreadable file is reported before the weights
             model = load_backbone(args, device, ckpt)
         img, x = prepare_image(img, args.image_size, args.patch_size)
-        maps = attention_maps(model, x.to(device)).float().cpu()
+        maps = attention_maps(model, x[None].to(device))[0].float().cpu()
         masks = None if args.threshold is None else threshold_masks(maps, args.threshold)
         written = save_attention_images(img, maps, masks, args.patch_size, out)
         done += 1
@@ -1516,6 +1523,31 @@ def embed_main(args):
         save_checkpoint(out, args.output)
     print(f"wrote {args.output}: " + ", ".join(f"{k} {list(v.shape)}" for k, v in out.items() if k != "paths"))
     return out
+
+
+@torch.no_grad()
+def demo_attention_scores(args, ckpt, size, device):
+    """How well the last block's CLS attention finds the demo's objects: the mean Jaccard of the 60 % attention
+    mass (the mean over heads, and the best head) with the object masks of the demo val images at the training
+    resolution, for the trained network and the same architecture at random init; chance: the objects' area."""
+    root = os.path.join(args.output_dir, "demo_data")
+    val = torchvision.datasets.ImageFolder(os.path.join(root, "val"), eval_transform(size, size), loader=load_rgb)
+    images = torch.stack([image for image, _ in val])
+    masks = torch.stack([torch.from_numpy(np.asarray(Image.open(os.path.join(root, "masks", os.path.relpath(
+        path, root))).convert("L").resize((size, size), Image.BOX)) >= 128) for path, _ in val.samples])
+    scores = {"chance": masks.float().mean().item(), "images": len(val), "size": size}
+    for name, checkpoint in (("trained", ckpt), ("random", None)):
+        model = load_backbone(args, device, checkpoint)
+        maps = torch.cat([attention_maps(model, batch.to(device)).cpu() for batch in images.split(64)])
+        scores[name] = attention_jaccard(maps.mean(1), masks, args.patch_size).mean().item()
+        scores[f"{name}_best_head"] = max(attention_jaccard(maps[:, h], masks, args.patch_size).mean().item()
+                                          for h in range(maps.shape[1]))
+    with open(os.path.join(args.output_dir, "attn", "demo_jaccard.json"), "w") as f:
+        json.dump(scores, f, indent=1)
+    print(f"attention vs object masks ({len(val)} demo val images at {size} px, Jaccard of the 60 % attention mass, "
+          f"mean over heads / best head): trained {scores['trained']:.3f} / {scores['trained_best_head']:.3f}, "
+          f"random init {scores['random']:.3f} / {scores['random_best_head']:.3f}, chance {scores['chance']:.3f}")
+    return scores
 
 
 def linear_main(args):

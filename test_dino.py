@@ -1074,11 +1074,13 @@ def test_knn_every_defaults(tmp_path, monkeypatch, capsys):
 def test_attention_maps_non_square():
     model = tiny_vit()
     img = torch.randn(3, 48, 64)
-    maps = attention_maps(model, img)
-    assert maps.shape == (3, 3, 4)
+    maps = attention_maps(model, torch.stack([img, img.flip(-1)]))
+    assert maps.shape == (2, 3, 3, 4)
     with torch.no_grad():
-        expected = model.get_last_selfattention(img[None])[0, :, 0, 1:].reshape(3, 3, 4)
-    torch.testing.assert_close(maps, expected)
+        for i, x in enumerate((img, img.flip(-1))):  # row r, column c is patch r * 4 + c, the token after it
+            attn = model.get_last_selfattention(x[None])[0]
+            for r, c in ((0, 0), (1, 3), (2, 1)):
+                torch.testing.assert_close(maps[i, :, r, c], attn[:, 0, 1 + r * 4 + c])
 
 
 def test_threshold_masks_are_minimal():
@@ -1091,6 +1093,17 @@ def test_threshold_masks_are_minimal():
             assert fraction >= threshold - 1e-12
             assert fraction - m[keep].min() / m.sum() < threshold  # without the smallest kept patch: short
             assert (~keep).all() or keep.all() or m[keep].min() >= m[~keep].max()  # the largest patches are kept
+
+
+def test_attention_jaccard_on_hand_made_maps():
+    """2 x 2 patches of 2 x 2 pixels; the 60 % mass keeps: the 0.7 patch alone; the top row (0.4 + 0.4); all but the
+    0.2 patch (0.3, then both 0.25s: 0.55 before the second is still short of 0.6)."""
+    maps = torch.tensor([[[0.7, 0.1], [0.1, 0.1]], [[0.4, 0.4], [0.1, 0.1]], [[0.3, 0.25], [0.25, 0.2]]])
+    masks = torch.zeros(3, 4, 4, dtype=torch.bool)
+    masks[0, :2, :1] = True  # half of the kept patch: 2 / 4
+    masks[1, :, :2] = True  # the left half, against the top row: 4 / (8 + 8 - 4)
+    masks[2] = True  # the whole image: 12 / 16
+    torch.testing.assert_close(dino.attention_jaccard(maps, masks, 2), torch.tensor([0.5, 1 / 3, 0.75]))
 
 
 def test_attn_main_writes_maps(tmp_path, checkpoint, capsys):

@@ -7,13 +7,14 @@ DINO: self-distillation with no labels (Caron et al., ICCV 2021), in one file.
     python dino.py train --data_path my_images --pretrained_weights dino_deitsmall16_pretrain.pth   # continue
     python dino.py attn --image_path cat.jpg --pretrained_weights dino_deitsmall16_pretrain.pth
     python dino.py linear --data_path /imagenet --pretrained_weights runs/vits16/checkpoint.pth
+    python dino.py embed --data_path photos --pretrained_weights runs/vits16/checkpoint.pth --output photos.npz
 
 Every visible CUDA GPU gets one process; under torchrun the launcher's environment is used (multi-node); with
 no GPU everything runs on the CPU. The file reads in two parts. Part 1, the algorithm, in the order of the
 paper's Algorithm 1: data and multi-crop, model glue, loss, schedules and updates, the train step and epoch
-loop, then k-NN, attention maps and the linear probe; each section uses only torch, torchvision, numpy, PIL and
-the sections above it. Part 2, the tool: checkpoints, processes, the demo data and presets, the commands and the
-CLI. Importing this file has no side effects.
+loop, then k-NN, attention maps, the linear probe and embeddings; each section uses only torch, torchvision, numpy,
+PIL and the sections above it. Part 2, the tool: checkpoints, processes, the demo data and presets, the commands and
+the CLI. Importing this file has no side effects.
 """
 import argparse
 import contextlib
@@ -462,9 +463,8 @@ class DINOLoss(nn.Module):
 
     @torch.no_grad()
     def _accumulate(self, loss, q, log_q, teacher_output):
-        """Sums over the samples since the last center update: loss, teacher entropy, mean teacher softmax (for
-        the collapse indicators) and teacher output (for the center), so that a batch split into micro-batches
-        gives the whole batch's values."""
+        """Sums since the last center update of the loss, teacher entropy and softmax (collapse indicators) and
+        teacher output (center) over the samples: micro-batches give the whole batch's values."""
         n = q.shape[1]
         sums = [loss.detach() * n, -(q * log_q).sum(-1).mean() * n, q.mean(dim=(0, 1)) * n,
                 teacher_output.float().sum(dim=0, keepdim=True)]
@@ -692,20 +692,17 @@ def gather_shards(x, n):
 
 
 def knn_top1(model, train_set, val_set, batch_size, num_workers, device, k=20, T=0.07):
-    """Weighted k-NN top-1 of model's features on ImageFolder-like (image, label) datasets with .targets, the
-    model in eval mode meanwhile (then back in its mode); on process 0, None on the others."""
+    """Weighted k-NN top-1 of model's features on ImageFolders, the model in eval mode meanwhile (then back in its
+    mode); on process 0, None on the others."""
     training = model.training
-    model.eval()
-    try:
-        train_features, val_features = (extract_features(model, data, batch_size, num_workers, device)
-                                        for data in (train_set, val_set))
-    finally:
-        model.train(training)
+    train_features, val_features = (extract_features(model.eval(), data, batch_size, num_workers, device)
+                                    for data in (train_set, val_set))
+    model.train(training)
     if train_features is None:
         return None
     tensors = [t.to(device) for t in (train_features, torch.tensor(train_set.targets), val_features,
                                       torch.tensor(val_set.targets))]
-    return knn_classifier(*tensors, min(k, len(train_set)), T, int(max(tensors[1].max(), tensors[3].max())) + 1)[0]
+    return knn_classifier(*tensors, min(k, len(train_set)), T, len(train_set.classes))[0]
 
 
 # -----------------------------------------------------------------------------
@@ -847,12 +844,11 @@ def embed_folder(model, folder, resize_size=None, crop_size=224, patch_tokens=Fa
     start, done = time.time(), 0
     for b, (images, readable) in enumerate(loader):
         blocks = model.get_intermediate_layers(images.to(device, non_blocking=True), max(n_last_blocks, 1))
-        rows["cls"].append(blocks[-1][:, 0])
-        rows["readable"].append(readable.to(device, torch.float32))  # gloo gathers no bool
-        if patch_tokens:
-            rows["patch_tokens"].append(blocks[-1][:, 1:].unflatten(1, (h, h)))
-        if n_last_blocks:
-            rows["last_blocks"].append(torch.stack([x[:, 0] for x in blocks], dim=1))
+        batch = {"cls": blocks[-1][:, 0], "readable": readable.to(device, torch.float32),  # gloo gathers no bool
+                 "patch_tokens": blocks[-1][:, 1:].unflatten(1, (h, h)),
+                 "last_blocks": torch.stack([x[:, 0] for x in blocks], dim=1)}
+        for k in rows:
+            rows[k].append(batch[k])
         done += len(images)
         if get_rank() == 0 and ((b + 1) % 20 == 0 or b + 1 == len(loader)):
             print(f"embedded {done}/{len(loader.dataset)} images (process 0's share), "
@@ -1285,11 +1281,12 @@ def train(args):
     loader = torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=args.batch_size_per_gpu,
                                          num_workers=args.num_workers, pin_memory=device.type == "cuda",
                                          drop_last=True, persistent_workers=args.num_workers > 0)
-    if len(loader) < args.accum_iter:
+    n_iter = len(loader) // args.accum_iter  # optimizer steps per epoch
+    if n_iter == 0:
         raise DinoError(f"{len(dataset)} images split over {world_size} process(es) do not fill one batch of "
                         f"--batch_size_per_gpu {args.batch_size_per_gpu} x --accum_iter {args.accum_iter}; lower "
                         f"them or add images")
-    s = build_train_state(args, len(loader) // args.accum_iter, world_size, device)
+    s = build_train_state(args, n_iter, world_size, device)
     if args.knn_every:  # at the training resolution: resize to the global crop size, center crop
         transform = eval_transform(args.global_crops_size, args.global_crops_size)
         knn_sets = image_folders(args.knn_data_path, transform, transform)
@@ -1313,8 +1310,7 @@ def train(args):
         s.teacher.compile()
     if rank == 0:
         print(f"training {args.arch}/{args.patch_size} on {len(dataset)} images, {world_size} process(es) on "
-              f"{device.type}, batch {args.batch_size_per_gpu * args.accum_iter * world_size}, "
-              f"{len(loader) // args.accum_iter} it/epoch, "
+              f"{device.type}, batch {args.batch_size_per_gpu * args.accum_iter * world_size}, {n_iter} it/epoch, "
               f"precision {args.precision}", flush=True)
     for epoch in range(start_epoch, args.epochs):
         sampler.set_epoch(epoch)
@@ -1329,8 +1325,7 @@ def train(args):
             stats["knn_top1"] = knn_top1(s.teacher.backbone, *knn_sets, args.batch_size_per_gpu, args.num_workers,
                                          device)
             if rank == 0:
-                print(f"epoch {epoch}: teacher k-NN top-1 {stats['knn_top1']:.2f} % (k=20, T=0.07, "
-                      f"{args.knn_data_path})", flush=True)
+                print(f"epoch {epoch}: teacher k-NN top-1 {stats['knn_top1']:.2f} % on {args.knn_data_path}")
         if rank == 0:
             save_epoch(s, epoch, stats)
     if world_size > 1:
@@ -1513,7 +1508,7 @@ def embed_main(args):
     out = embed_folder(model, args.data_path, args.resize_size, args.crop_size, args.patch_tokens, args.n_last_blocks,
                        args.batch_size_per_gpu, args.num_workers, device)
     if out is None:
-        return None
+        return
     if not out["paths"]:
         raise DinoError(f"no image under --data_path {args.data_path} could be read")
     out = {k: v if k == "paths" else v.to(getattr(torch, args.dtype)) for k, v in out.items()}
@@ -1522,7 +1517,6 @@ def embed_main(args):
     else:
         save_checkpoint(out, args.output)
     print(f"wrote {args.output}: " + ", ".join(f"{k} {list(v.shape)}" for k, v in out.items() if k != "paths"))
-    return out
 
 
 @torch.no_grad()

@@ -1360,31 +1360,6 @@ def attn_main(args):
         print(path)
 
 
-@torch.no_grad()
-def demo_attention_scores(args, ckpt, size, device):
-    """How well the last block's CLS attention finds the demo's objects: the mean Jaccard of the 60 % attention
-    mass (the mean over heads, and the best head) with the object masks of the demo val images at the training
-    resolution, for the trained network and the same architecture at random init; chance: the objects' area."""
-    root = os.path.join(args.output_dir, "demo_data")
-    val = torchvision.datasets.ImageFolder(os.path.join(root, "val"), eval_transform(size, size), loader=load_rgb)
-    images = torch.stack([image for image, _ in val])
-    masks = torch.stack([torch.from_numpy(np.asarray(Image.open(os.path.join(root, "masks", os.path.relpath(
-        path, root))).convert("L").resize((size, size), Image.BOX)) >= 128) for path, _ in val.samples])
-    scores = {"chance": masks.float().mean().item(), "images": len(val), "size": size}
-    for name, checkpoint in (("trained", ckpt), ("random", None)):
-        model = load_backbone(args, device, checkpoint)
-        maps = torch.cat([attention_maps(model, batch.to(device)).cpu() for batch in images.split(64)])
-        scores[name] = attention_jaccard(maps.mean(1), masks, args.patch_size).mean().item()
-        scores[f"{name}_best_head"] = max(attention_jaccard(maps[:, h], masks, args.patch_size).mean().item()
-                                          for h in range(maps.shape[1]))
-    with open(os.path.join(args.output_dir, "attn", "demo_jaccard.json"), "w") as f:
-        json.dump(scores, f, indent=1)
-    print(f"attention vs object masks ({len(val)} demo val images at {size} px, Jaccard of the 60 % attention mass, "
-          f"mean over heads / best head): trained {scores['trained']:.3f} / {scores['trained_best_head']:.3f}, "
-          f"random init {scores['random']:.3f} / {scores['random_best_head']:.3f}, chance {scores['chance']:.3f}")
-    return scores
-
-
 def linear_main(args):
     """Train a linear classifier on frozen features (SGD, cosine lr), validating every --val_freq epochs; the
     classifier of the last epoch is saved to <output_dir>/linear.pth with its scores."""

@@ -6,6 +6,8 @@ side in one process. Prints one markdown table (--json PATH also writes the numb
     python bench.py --threads 1                                     # a CPU shared with other jobs: steadier
     python bench.py --arch vit_small --batch_size 64 --workers 15   # one GPU (H100): the targets
     python bench.py --arch vit_base --only step                     # the model step alone, ViT-B/16
+    python bench.py --arch vit_small --batch_size 16 --accum_iter 4 --grad_checkpointing   # memory: ours on one batch
+                                                         # as is, as 4 accumulated micro-batches, with checkpointing
 
 Parts: the train step on synthetic crops already on the device (images/s, ms/step, model FLOP utilization from an
 analytic FLOP count, peak memory); the data pipeline per worker (in this process, one thread) on a folder of JPEGs
@@ -17,6 +19,9 @@ GPU (fp32 on the CPU), the loss pair by pair, per-parameter gradient clipping wi
 (dino.DataAugmentationDINO). Ours: what `python dino.py train` runs (dino.train_step and its parts, fused AdamW, bf16
 autocast on a GPU; on a GPU MultiCropGeometry in the workers and MultiCropPhotometry on the device, without one
 DataAugmentationDINO in the workers, as the baseline).
+
+With --accum_iter N and/or --grad_checkpointing it measures instead ours alone on one batch: as is, as N micro-batches
+(dino.py --accum_iter), with activation checkpointing; each in a fresh process, so that each peak memory is its own.
 """
 import argparse
 import datetime
@@ -24,6 +29,8 @@ import json
 import math
 import multiprocessing
 import os
+import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -141,7 +148,9 @@ def build(args, device, amp_dtype, baseline):
         if args.compile:
             s.student.compile()
             s.teacher.compile()
-        return (lambda crops, epoch: dino.train_step(s, crops, epoch, 0)), (s.student, s.teacher, s.optimizer)
+        def step(crops, epoch):  # the batch as --accum_iter micro-batches
+            return dino.train_step(s, list(zip(*(c.chunk(args.accum_iter) for c in crops))), epoch, 0)
+        return step, (s.student, s.teacher, s.optimizer)
     student, teacher = (m.to(device) for m in dino.build_dino_networks(args))
     swap = {vits.Attention: ExplicitAttention, vits.WeightNormLinear: PlainWeightNormLinear}
     for m in [*student.modules(), *teacher.modules()]:
@@ -333,6 +342,81 @@ def bench_e2e(a, data_dir, device, runners, res):
         res[name]["e2e_img_s"] = timed_images_per_s(loader, run, warmup, steps, device)
 
 
+def memory_child(a, device, amp):
+    """In a fresh process (its peak memory is its own): ours with the dino.py flags a.variant (JSON) changes, one
+    warm-up step and the best of a.steps timed ones; prints one JSON line. Peak memory: on a GPU the peak allocated during the
+    steps; on the CPU the process's peak resident set and its growth over what it held with the networks built."""
+    args = dino_args(a, **json.loads(a.variant))
+    step, _ = build(args, device, amp, False)
+    crops = synthetic_crops(args, a.batch_size, device)
+    built = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    step(crops, 0)
+    ms = []
+    for _ in range(a.steps):  # the best step: a load change on a shared machine only slows some
+        sync(device)
+        t0 = time.perf_counter()
+        step(crops, 0)
+        sync(device)
+        ms.append((time.perf_counter() - t0) * 1000)
+    ms, peak = min(ms), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"peak_gib": (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak) / 2**30,
+                      "growth_gib": None if device.type == "cuda" else (peak - built) / 2**30,
+                      "ms_per_step": ms, "img_s": a.batch_size * 1000 / ms}))
+
+
+def bench_memory(a, device):
+    """Ours on the same batch as one, as --accum_iter micro-batches, and with --grad_checkpointing (those asked
+    for), each in its own subprocess: (results, the table)."""
+    variants = {f"batch {a.batch_size}": {}}
+    if a.accum_iter > 1:
+        variants[f"{a.accum_iter} x {a.batch_size // a.accum_iter} accumulated"] = {"accum_iter": a.accum_iter}
+    if a.grad_checkpointing:
+        variants["--grad_checkpointing"] = {"grad_checkpointing": True}
+    res = {}
+    for name, flags in variants.items():
+        child = subprocess.run([sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--variant",
+                                json.dumps(flags)], capture_output=True, text=True)
+        if child.returncode:
+            sys.exit(child.stderr)
+        res[name] = json.loads(child.stdout.splitlines()[-1])
+    kind = "GiB allocated" if device.type == "cuda" else "GiB resident"
+    rows = [f"device: {device_name(device)}; torch {torch.__version__}; {datetime.datetime.now():%Y-%m-%d %H:%M}",
+            f"command: python {' '.join(sys.argv)}", "",
+            f"| {a.arch}/{a.patch_size}, one step on a batch of {a.batch_size} | " + " | ".join(res) + " |",
+            "|---|" + "---|" * len(res)]
+    for key, name, spec in (("peak_gib", f"peak memory, {kind}", ".2f"),
+                            ("growth_gib", "peak growth over the built networks, GiB", ".2f"),
+                            ("ms_per_step", f"ms/step (best of {a.steps})", ".0f"), ("img_s", "images/s", ".2f")):
+        if res[next(iter(res))][key] is not None:
+            rows.append(f"| {name} | " + " | ".join(format(r[key], spec) for r in res.values()) + " |")
+    return res, "\n".join(rows)
+
+
+def side_by_side(a, device, amp, amp_base, precisions):
+    """The baseline and ours, the parts --only picks: (results, the table)."""
+    res = {"baseline": {}, "ours": {}}
+    if a.only in (None, "step"):
+        check_same_loss(a, device, res)
+    if a.only in (None, "step", "e2e"):
+        args = dino_args(a)
+        runners = {"baseline": build(args, device, amp_base, True), "ours": build(args, device, amp, False)}
+    if a.only in (None, "step"):
+        bench_step(a, device, runners, res)
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = a.data_dir
+        if a.only != "step" and data_dir is None:
+            data_dir = tmp
+            with multiprocessing.Pool() as pool:
+                pool.starmap(make_jpeg, [(os.path.join(tmp, f"{i:05d}.jpg"), i) for i in range(a.images)])
+        if a.only in (None, "data"):
+            bench_data(a, data_dir, res)
+        if a.only in (None, "e2e"):
+            bench_e2e(a, data_dir, device, runners, res)
+    return res, table(a, res, device, precisions)
+
+
 # ------------------------------ report ---------------------------------------
 def device_name(device):
     if device.type == "cuda":
@@ -393,6 +477,11 @@ def main():
                    help="peak for FLOP utilization (default on a GPU: H100 SXM dense bf16/fp16, 989)")
     p.add_argument("--only", choices=["step", "data", "e2e"])
     p.add_argument("--json", default=None, help="also write the results to this file")
+    p.add_argument("--accum_iter", type=int, default=1, help="instead: peak memory and speed of ours on the batch "
+                   "as one and as this many accumulated micro-batches, each in a fresh process")
+    p.add_argument("--grad_checkpointing", action="store_true", help="instead: the same, and with activation "
+                   "checkpointing of the student's blocks")
+    p.add_argument("--variant", help=argparse.SUPPRESS)  # internal: one of the runs of the above, as JSON flags
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -401,25 +490,11 @@ def main():
     amp_base = {"auto": torch.float16 if cuda else None, "fp16": torch.float16, "fp32": None}[a.baseline_precision]
     precisions = ["fp16 + GradScaler" if amp_base else "fp32" + ("" if cuda else " (fp16 + GradScaler is GPU-only)"),
                   {torch.bfloat16: "bf16 autocast", torch.float16: "fp16 + GradScaler", None: "fp32"}[amp]]
-    res = {"baseline": {}, "ours": {}}
-    if a.only in (None, "step"):
-        check_same_loss(a, device, res)
-    if a.only in (None, "step", "e2e"):
-        args = dino_args(a)
-        runners = {"baseline": build(args, device, amp_base, True), "ours": build(args, device, amp, False)}
-    if a.only in (None, "step"):
-        bench_step(a, device, runners, res)
-    with tempfile.TemporaryDirectory() as tmp:
-        data_dir = a.data_dir
-        if a.only != "step" and data_dir is None:
-            data_dir = tmp
-            with multiprocessing.Pool() as pool:
-                pool.starmap(make_jpeg, [(os.path.join(tmp, f"{i:05d}.jpg"), i) for i in range(a.images)])
-        if a.only in (None, "data"):
-            bench_data(a, data_dir, res)
-        if a.only in (None, "e2e"):
-            bench_e2e(a, data_dir, device, runners, res)
-    print(table(a, res, device, precisions))
+    if a.variant:
+        return memory_child(a, device, amp)
+    res, report = bench_memory(a, device) if a.accum_iter > 1 or a.grad_checkpointing else \
+        side_by_side(a, device, amp, amp_base, precisions)
+    print(report)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(dict(vars(a), device=device_name(device), torch=torch.__version__, results=res), f, indent=1)

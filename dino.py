@@ -7,15 +7,17 @@ DINO: self-distillation with no labels (Caron et al., ICCV 2021), in one file.
     python dino.py train --data_path my_images --pretrained_weights dino_deitsmall16_pretrain.pth   # continue
     python dino.py attn --image_path cat.jpg --pretrained_weights dino_deitsmall16_pretrain.pth
     python dino.py linear --data_path /imagenet --pretrained_weights runs/vits16/checkpoint.pth
+    python dino.py embed --data_path photos --pretrained_weights runs/vits16/checkpoint.pth --output photos.npz
 
 Every visible CUDA GPU gets one process; under torchrun the launcher's environment is used (multi-node); with
 no GPU everything runs on the CPU. The file reads in two parts. Part 1, the algorithm, in the order of the
 paper's Algorithm 1: data and multi-crop, model glue, loss, schedules and updates, the train step and epoch
-loop, then k-NN, attention maps and the linear probe; each section uses only torch, torchvision, numpy, PIL and
-the sections above it. Part 2, the tool: checkpoints, processes, the demo data and presets, the commands and the
-CLI. Importing this file has no side effects.
+loop, then k-NN, attention maps, the linear probe and embeddings; each section uses only torch, torchvision, numpy,
+PIL and the sections above it. Part 2, the tool: checkpoints, processes, the demo data and presets, the commands and
+the CLI. Importing this file has no side effects.
 """
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import itertools
@@ -353,6 +355,29 @@ class ImageDataset(torch.utils.data.Dataset):
         raise DinoError(f"no image under the data path could be read (last tried: {path})")
 
 
+class ImageFiles(ImageDataset):
+    """The images under root for inference: (image, True), or for an unreadable file (a warning names it) a blank
+    image and False, whose row the caller drops: nothing takes its place."""
+
+    def __init__(self, root, transform, blank):
+        super().__init__(root, transform)
+        self.blank = blank
+
+    def __getitem__(self, index):
+        try:
+            return self.transform(load_rgb(self.files[index])), True
+        except UNREADABLE as e:
+            print(f"warning: skipping unreadable image {self.files[index]}: {e}", file=sys.stderr)
+            return self.blank, False
+
+
+def eval_transform(resize_size, crop_size):
+    """The evaluation preprocessing (the paper's k-NN and linear eval): bicubic resize of the short side (None: in
+    the paper's ratio, 256 for a 224 crop), center crop, ImageNet normalization."""
+    resize = T.Resize(resize_size or round(crop_size * 256 / 224), interpolation=T.InterpolationMode.BICUBIC)
+    return T.Compose([resize, T.CenterCrop(crop_size), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
 class EpochSampler(torch.utils.data.DistributedSampler):
     """DistributedSampler whose indices carry their epoch, for ImageDataset's per-sample seeds."""
 
@@ -384,8 +409,10 @@ class MultiCropWrapper(nn.Module):
 
 
 def build_dino_networks(args):
-    """Student (with drop path) and teacher (a copy without it), each backbone + DINO head."""
-    student = ARCHS[args.arch](patch_size=args.patch_size, drop_path_rate=args.drop_path_rate)
+    """Student (with drop path, and activation checkpointing if asked) and teacher (a copy without either, it
+    needs no gradients), each backbone + DINO head."""
+    student = ARCHS[args.arch](patch_size=args.patch_size, drop_path_rate=args.drop_path_rate,
+                               grad_checkpointing=args.grad_checkpointing)
     teacher = ARCHS[args.arch](patch_size=args.patch_size)
     student = MultiCropWrapper(student, vits.DINOHead(student.embed_dim, args.out_dim, args.use_bn_in_head,
                                                       args.norm_last_layer))
@@ -415,9 +442,12 @@ class DINOLoss(nn.Module):
         self.teacher_temp_schedule = np.concatenate((
             np.linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs),
             np.ones(max(nepochs - warmup_teacher_temp_epochs, 0)) * teacher_temp))
-        self.stats = {}  # detached collapse indicators of the last call; read them only when logging
+        self.stats = {}  # detached collapse indicators of the last center update; read them only when logging
+        self._samples = 0  # samples summed in self._sums since the last center update
 
-    def forward(self, student_output, teacher_output, epoch):
+    def forward(self, student_output, teacher_output, epoch, update_center=True):
+        """The loss; then the center moves. update_center=False (gradient accumulation) leaves the center where it
+        is and only adds this batch to the sums that update_center() then uses once."""
         temp = self.teacher_temp_schedule[min(epoch, len(self.teacher_temp_schedule) - 1)]
         log_p = F.log_softmax(student_output.float() / self.student_temp, dim=-1).unflatten(0, (self.ncrops, -1))
         log_q = F.log_softmax((teacher_output.float() - self.center) / temp, dim=-1).unflatten(0, (2, -1))
@@ -426,26 +456,34 @@ class DINOLoss(nn.Module):
         n_pairs = 2 * (self.ncrops - 1)
         cross = (q * (log_p.sum(0, keepdim=True) - log_p[:2])).sum()
         loss = -cross / (batch * n_pairs)
-        self._record_stats(loss, q, log_q)
-        self.update_center(teacher_output)
+        self._accumulate(loss, q, log_q, teacher_output)
+        if update_center:
+            self.update_center()
         return loss
 
     @torch.no_grad()
-    def _record_stats(self, loss, q, log_q):
-        # The paper's collapse study: loss = h(P_t) + KL(P_t || P_s).
-        teacher_entropy = -(q * log_q).sum(-1).mean()
-        mean_q = q.mean(dim=(0, 1))
-        self.stats = {"teacher_entropy": teacher_entropy, "kl": loss.detach() - teacher_entropy,
-                      "batch_mean_entropy": -(mean_q * mean_q.clamp_min(1e-12).log()).sum()}
+    def _accumulate(self, loss, q, log_q, teacher_output):
+        """Sums since the last center update of the loss, teacher entropy and softmax (collapse indicators) and
+        teacher output (center) over the samples: micro-batches give the whole batch's values."""
+        n = q.shape[1]
+        sums = [loss.detach() * n, -(q * log_q).sum(-1).mean() * n, q.mean(dim=(0, 1)) * n,
+                teacher_output.float().sum(dim=0, keepdim=True)]
+        self._sums = sums if self._samples == 0 else [a + b for a, b in zip(self._sums, sums)]
+        self._samples += n
 
     @torch.no_grad()
-    def update_center(self, teacher_output):
-        batch_center = teacher_output.float().sum(dim=0, keepdim=True)
-        world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        if world_size > 1:
-            dist.all_reduce(batch_center)
-        batch_center /= len(teacher_output) * world_size  # a Python scalar: no host-to-device copy per step
-        self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
+    def update_center(self):
+        """Move the center toward the mean teacher output over the samples since the last update (and over all
+        processes, which step equal batches), and set the collapse indicators of those samples (this process's).
+        The paper's collapse study: loss = h(P_t) + KL(P_t || P_s)."""
+        loss, entropy, mean_q, teacher = (s / self._samples for s in self._sums)
+        self.stats = {"teacher_entropy": entropy, "kl": loss - entropy,
+                      "batch_mean_entropy": -(mean_q * mean_q.clamp_min(1e-12).log()).sum()}
+        if get_world_size() > 1:
+            dist.all_reduce(teacher)
+        teacher /= 2 * get_world_size()  # 2 teacher views per sample; a Python scalar: no host-to-device copy
+        self.center.mul_(self.center_momentum).add_(teacher, alpha=1 - self.center_momentum)
+        self._samples = 0
 
 
 # -----------------------------------------------------------------------------
@@ -506,18 +544,32 @@ class TrainState:
     student_forward: nn.Module = None  # the student as the step runs it (DDP-wrapped, compiled); default: student
 
 
-def train_step(s, crops, epoch, i):
-    """Iteration i of Algorithm 1 on one batch (the 2 global crops first); returns the loss as a device tensor."""
+def train_step(s, micro_batches, epoch, i):
+    """Iteration i of Algorithm 1 on one batch, given as a list of micro-batches (each a list of crops, the 2
+    global ones first) whose gradients add up to the whole batch's: one optimizer step, EMA and center update for
+    all of them. Returns the batch's loss as a device tensor."""
     for group in s.optimizer.param_groups:
         group["lr"] = s.schedules["lr"][i]
     s.optimizer.param_groups[0]["weight_decay"] = s.schedules["wd"][i]  # group 0 is the regularized one
-    with torch.autocast(crops[0].device.type, dtype=s.amp_dtype or torch.float32, enabled=s.amp_dtype is not None):
-        with torch.no_grad():
-            teacher_output = s.teacher(crops[:2])  # the teacher sees only the 2 global views
-        student_output = (s.student_forward or s.student)(crops)  # the student sees all of them
-        loss = s.dino_loss(student_output, teacher_output, epoch)  # also moves the center
     s.optimizer.zero_grad(set_to_none=True)
-    s.scaler.scale(loss).backward()
+    student = s.student_forward or s.student
+    n = sum(len(crops[0]) for crops in micro_batches)  # samples in the batch
+    loss = 0.0
+    for k, crops in enumerate(micro_batches):
+        # DDP all-reduces the gradients once, in the last micro-batch's backward
+        last = k == len(micro_batches) - 1 or not hasattr(student, "no_sync")
+        with contextlib.nullcontext() if last else student.no_sync():
+            with torch.autocast(crops[0].device.type, dtype=s.amp_dtype or torch.float32,
+                                enabled=s.amp_dtype is not None):
+                with torch.no_grad():
+                    teacher_output = s.teacher(crops[:2])  # the teacher sees only the 2 global views
+                student_output = student(crops)  # the student sees all of them
+                # the loss is a mean over the micro-batch: weighted by its share, the gradients sum to the batch's
+                micro_loss = s.dino_loss(student_output, teacher_output, epoch, update_center=False) \
+                    * (len(crops[0]) / n)
+            s.scaler.scale(micro_loss).backward()
+        loss = loss + micro_loss.detach()
+    s.dino_loss.update_center()  # by the mean teacher output over all micro-batches, the same center for each
     s.scaler.unscale_(s.optimizer)
     if s.args.clip_grad:
         clip_gradients(s.student.parameters(), s.args.clip_grad)
@@ -531,7 +583,7 @@ def train_step(s, crops, epoch, i):
     s.scaler.step(s.optimizer)
     s.scaler.update()
     update_teacher(list(s.student.parameters()), list(s.teacher.parameters()), s.schedules["momentum"][i])
-    return loss.detach()
+    return loss
 
 
 def stop_if_not_finite(bad_iter, epoch, args):
@@ -545,15 +597,17 @@ def stop_if_not_finite(bad_iter, epoch, args):
 
 
 def train_one_epoch(s, loader, epoch, photometry=None):
-    """One pass over the loader; returns the epoch's means (loss, collapse indicators) and its speed."""
-    device, n_iter, args = s.dino_loss.center.device, len(loader), s.args
+    """One pass over the loader, --accum_iter of its batches per optimizer step (a last incomplete group is
+    dropped, as drop_last drops a partial batch); returns the epoch's means (loss, collapse indicators) and speed."""
+    device, args = s.dino_loss.center.device, s.args
+    n_iter, batch = len(loader) // args.accum_iter, args.batch_size_per_gpu * args.accum_iter * get_world_size()
     sums, bad_iter, start = {}, torch.tensor(-1, device=device), time.time()
-    for it, crops in enumerate(loader):
+    for it, batches in enumerate(zip(*[iter(loader)] * args.accum_iter)):  # groups of accum_iter batches
         i = epoch * n_iter + it
-        crops = [c.to(device, non_blocking=True) for c in crops]
+        micro_batches = [[c.to(device, non_blocking=True) for c in crops] for crops in batches]
         if photometry is not None:  # the GPU path: colour, blur and solarize run batched on the device
-            crops = photometry(crops)
-        loss = train_step(s, crops, epoch, i)
+            micro_batches = [photometry(crops) for crops in micro_batches]
+        loss = train_step(s, micro_batches, epoch, i)
         bad_iter = torch.where((bad_iter < 0) & ~torch.isfinite(loss), it, bad_iter)  # no host sync
         for k, v in {"loss": loss, **s.dino_loss.stats}.items():
             sums[k] = sums.get(k, 0.0) + v
@@ -564,8 +618,7 @@ def train_one_epoch(s, loader, epoch, photometry=None):
             if get_rank() == 0:
                 print(f"epoch {epoch}/{args.epochs} it {it + 1}/{n_iter} loss {sums['loss'].item() / (it + 1):.4f} "
                       f"lr {s.schedules['lr'][i]:.2e} wd {s.schedules['wd'][i]:.3f} "
-                      f"momentum {s.schedules['momentum'][i]:.4f} "
-                      f"{(it + 1) * len(crops[0]) * get_world_size() / elapsed:.1f} img/s "
+                      f"momentum {s.schedules['momentum'][i]:.4f} {(it + 1) * batch / elapsed:.1f} img/s "
                       f"eta {datetime.timedelta(seconds=int(eta))}", flush=True)
     means = torch.stack(list(sums.values())).float() / n_iter
     if get_world_size() > 1:
@@ -574,7 +627,7 @@ def train_one_epoch(s, loader, epoch, photometry=None):
     elapsed = time.time() - start
     return dict(zip(sums, means.tolist()), epoch=epoch, lr=s.schedules["lr"][i], wd=s.schedules["wd"][i],
                 momentum=s.schedules["momentum"][i], epoch_time_s=elapsed,
-                images_per_s=n_iter * len(crops[0]) * get_world_size() / elapsed)
+                images_per_s=n_iter * batch / elapsed)
 
 
 # -----------------------------------------------------------------------------
@@ -621,16 +674,35 @@ def extract_features(model, dataset, batch_size, num_workers, device):
                                          pin_memory=device.type == "cuda")
     features = [F.normalize(model(images.to(device, non_blocking=True)).float(), dim=1) for images, _ in loader]
     features = torch.cat(features) if features else torch.zeros(0, model.embed_dim, device=device)
-    world_size, n = get_world_size(), len(dataset)
+    return gather_shards(features, len(dataset))
+
+
+def gather_shards(x, n):
+    """Each process's rows for its shard() of n items -> all n rows in order on process 0's CPU (None elsewhere)."""
+    world_size = get_world_size()
     if world_size == 1:
-        return features.cpu()
+        return x.cpu()
     longest = -(-n // world_size)  # shards are this long or one shorter: pad to it, gather, then drop the padding
-    padded = torch.cat([features, features.new_zeros(longest - len(features), features.shape[1])])
+    padded = torch.cat([x, x.new_zeros(longest - len(x), *x.shape[1:])])
     shards = [torch.empty_like(padded) for _ in range(world_size)] if get_rank() == 0 else None
     dist.gather(padded, shards, dst=0)
     if get_rank() != 0:
         return None
     return torch.cat([s[:n * (r + 1) // world_size - n * r // world_size] for r, s in enumerate(shards)]).cpu()
+
+
+def knn_top1(model, train_set, val_set, batch_size, num_workers, device, k=20, T=0.07):
+    """Weighted k-NN top-1 of model's features on ImageFolders, the model in eval mode meanwhile (then back in its
+    mode); on process 0, None on the others."""
+    training = model.training
+    train_features, val_features = (extract_features(model.eval(), data, batch_size, num_workers, device)
+                                    for data in (train_set, val_set))
+    model.train(training)
+    if train_features is None:
+        return None
+    tensors = [t.to(device) for t in (train_features, torch.tensor(train_set.targets), val_features,
+                                      torch.tensor(val_set.targets))]
+    return knn_classifier(*tensors, min(k, len(train_set)), T, len(train_set.classes))[0]
 
 
 # -----------------------------------------------------------------------------
@@ -751,6 +823,45 @@ def evaluate_linear(model, classifier, dataset, args, device):
     return (100 * counts[0] / counts[2]).item(), (100 * counts[1] / counts[2]).item()
 
 
+# -----------------------------------------------------------------------------
+# embeddings
+
+@torch.no_grad()
+def embed_folder(model, folder, resize_size=None, crop_size=224, patch_tokens=False, n_last_blocks=0, batch_size=64,
+                 num_workers=0, device="cpu"):
+    """Embeddings of every readable image under folder (recursively; unreadable ones skipped, a warning each) by a
+    VisionTransformer in eval mode, preprocessed as for k-NN. Each process embeds its shard; process 0 gets a dict
+    (None elsewhere): 'paths' relative to folder, in order; 'cls' [N, D] final-norm CLS tokens (= model(x));
+    with patch_tokens, 'patch_tokens' [N, h, w, D] final-norm patch tokens; with n_last_blocks n, 'last_blocks'
+    [N, n, D] the final-norm CLS tokens of the last n blocks. Float32 tensors on the CPU."""
+    device, h, dim = torch.device(device), crop_size // model.patch_size, model.embed_dim
+    dataset = ImageFiles(folder, eval_transform(resize_size, crop_size), torch.zeros(3, crop_size, crop_size))
+    loader = torch.utils.data.DataLoader(shard(dataset), batch_size=batch_size, num_workers=num_workers,
+                                         pin_memory=device.type == "cuda")
+    shapes = {"cls": (dim,), "readable": ()} | ({"patch_tokens": (h, h, dim)} if patch_tokens else {}) | \
+        ({"last_blocks": (n_last_blocks, dim)} if n_last_blocks else {})
+    rows = {k: [torch.zeros(0, *shape, device=device)] for k, shape in shapes.items()}  # a shard may be empty
+    start, done = time.time(), 0
+    for b, (images, readable) in enumerate(loader):
+        blocks = model.get_intermediate_layers(images.to(device, non_blocking=True), max(n_last_blocks, 1))
+        batch = {"cls": blocks[-1][:, 0], "readable": readable.to(device, torch.float32),  # gloo gathers no bool
+                 "patch_tokens": blocks[-1][:, 1:].unflatten(1, (h, h)),
+                 "last_blocks": torch.stack([x[:, 0] for x in blocks], dim=1)}
+        for k in rows:
+            rows[k].append(batch[k])
+        done += len(images)
+        if get_rank() == 0 and ((b + 1) % 20 == 0 or b + 1 == len(loader)):
+            print(f"embedded {done}/{len(loader.dataset)} images (process 0's share), "
+                  f"{done / (time.time() - start):.1f} images/s per process", flush=True)
+    rows = {k: gather_shards(torch.cat(v).float(), len(dataset)) for k, v in rows.items()}
+    if get_rank() != 0:
+        return None
+    keep = rows.pop("readable").bool()
+    paths = [p.relative_to(folder).as_posix() for p, kept in zip(dataset.files, keep) if kept]
+    print(f"embedded {len(paths)} images, skipped {len(keep) - len(paths)} unreadable ones")
+    return {"paths": paths} | {k: v[keep] for k, v in rows.items()}
+
+
 # =============================================================================
 # Part 2: the tool
 # =============================================================================
@@ -853,12 +964,12 @@ def load_pretrained_weights(model, path, checkpoint_key=None, checkpoint=None):
     return model
 
 
-def save_checkpoint(state, path):
-    """Write to a temporary file, flush to disk, then rename: a crash never leaves a half-written checkpoint."""
+def save_checkpoint(state, path, write=torch.save):
+    """write(state, file) to a temporary file, flush to disk, then rename: a crash never leaves a half-written file."""
     tmp = f"{path}.tmp"  # not per process: a killed save leaves one stale file that the next save replaces
     try:
         with open(tmp, "wb") as f:
-            torch.save(state, f)
+            write(state, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -1093,7 +1204,7 @@ def make_demo_dataset(root, n_train=100, n_val=25, seed=0):
 DEMO = {"train": dict(arch="vit_tiny", patch_size=8, out_dim=256, epochs=20, batch_size_per_gpu=32, lr=0.01,
                       warmup_epochs=3, momentum_teacher=0.99, global_crops_size=32, local_crops_size=16,
                       local_crops_number=4, local_crops_scale=[0.1, 0.4], num_workers=2, saveckp_freq=5,
-                      norm_last_layer=False, drop_path_rate=0.0),
+                      norm_last_layer=False, drop_path_rate=0.0, knn_every=5),
         # a few hundred images give a few dozen steps: they need a larger lr than ImageNet's 100 epochs
         "linear": dict(epochs=10, lr=0.1, batch_size_per_gpu=32, num_workers=2),
         "knn": dict(num_workers=2, random_init=True)}
@@ -1144,7 +1255,7 @@ def build_train_state(args, n_iter, world_size, device):
     dino_loss = DINOLoss(args.out_dim, 2 + args.local_crops_number, args.warmup_teacher_temp, args.teacher_temp,
                          args.warmup_teacher_temp_epochs, args.epochs).to(device)
     amp_dtype = autocast_dtype(args.precision, device)
-    lr = args.lr * args.batch_size_per_gpu * world_size / 256.0  # the linear scaling rule
+    lr = args.lr * args.batch_size_per_gpu * args.accum_iter * world_size / 256.0  # linear scaling: the total batch
     schedules = {  # .tolist(): plain floats, so the optimizer state stays loadable with weights_only
         "lr": cosine_scheduler(lr, args.min_lr, args.epochs, n_iter, args.warmup_epochs).tolist(),
         "wd": cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, n_iter).tolist(),
@@ -1170,10 +1281,15 @@ def train(args):
     loader = torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=args.batch_size_per_gpu,
                                          num_workers=args.num_workers, pin_memory=device.type == "cuda",
                                          drop_last=True, persistent_workers=args.num_workers > 0)
-    if len(loader) == 0:
+    n_iter = len(loader) // args.accum_iter  # optimizer steps per epoch
+    if n_iter == 0:
         raise DinoError(f"{len(dataset)} images split over {world_size} process(es) do not fill one batch of "
-                        f"--batch_size_per_gpu {args.batch_size_per_gpu}; lower it or add images")
-    s = build_train_state(args, len(loader), world_size, device)
+                        f"--batch_size_per_gpu {args.batch_size_per_gpu} x --accum_iter {args.accum_iter}; lower "
+                        f"them or add images")
+    s = build_train_state(args, n_iter, world_size, device)
+    if args.knn_every:  # at the training resolution: resize to the global crop size, center crop
+        transform = eval_transform(args.global_crops_size, args.global_crops_size)
+        knn_sets = image_folders(args.knn_data_path, transform, transform)
     checkpoint = os.path.join(args.output_dir, "checkpoint.pth")
     start_epoch = 0
     if os.path.exists(checkpoint):  # an existing run wins over --pretrained_weights
@@ -1194,7 +1310,7 @@ def train(args):
         s.teacher.compile()
     if rank == 0:
         print(f"training {args.arch}/{args.patch_size} on {len(dataset)} images, {world_size} process(es) on "
-              f"{device.type}, batch {args.batch_size_per_gpu * world_size}, {len(loader)} it/epoch, "
+              f"{device.type}, batch {args.batch_size_per_gpu * args.accum_iter * world_size}, {n_iter} it/epoch, "
               f"precision {args.precision}", flush=True)
     for epoch in range(start_epoch, args.epochs):
         sampler.set_epoch(epoch)
@@ -1205,6 +1321,11 @@ def train(args):
         if world_size > 1:
             dist.all_reduce(skipped)
         stats["skipped_images"] = skipped.item()
+        if args.knn_every and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
+            stats["knn_top1"] = knn_top1(s.teacher.backbone, *knn_sets, args.batch_size_per_gpu, args.num_workers,
+                                         device)
+            if rank == 0:
+                print(f"epoch {epoch}: teacher k-NN top-1 {stats['knn_top1']:.2f} % on {args.knn_data_path}")
         if rank == 0:
             save_epoch(s, epoch, stats)
     if world_size > 1:
@@ -1212,9 +1333,10 @@ def train(args):
     return s
 
 
-def open_weights(args):
+def open_weights(args, out_dir):
     """Read --pretrained_weights once (default: the run in --output_dir) and take --arch / --patch_size from the
-    flags it was trained with when unset. Returns (file content, its training flags)."""
+    flags it was trained with when unset; check that out_dir, where the command writes, is writable. Returns (file
+    content, its training flags)."""
     if args.pretrained_weights is None:
         args.pretrained_weights = os.path.join(args.output_dir, "checkpoint.pth")
         if not os.path.isfile(args.pretrained_weights):
@@ -1224,7 +1346,7 @@ def open_weights(args):
     train_args = plain_args(ckpt.get("args")) if isinstance(ckpt, dict) else {}
     args.arch = args.arch or train_args.get("arch", "vit_small")
     args.patch_size = args.patch_size or train_args.get("patch_size", 16)
-    prepare_output_dir(args.output_dir)  # knn, attn and linear write there (and the demo data): fail before any work
+    prepare_output_dir(out_dir)  # fail before any work
     return ckpt, train_args
 
 
@@ -1239,6 +1361,13 @@ def load_backbone(args, device, checkpoint=None):
     return model.eval().requires_grad_(False).to(device)
 
 
+def eval_sizes(args):
+    """--crop_size (default 224; --resize_size default: see eval_transform), a multiple of the patch size."""
+    args.crop_size = args.crop_size or 224
+    if args.crop_size % args.patch_size:
+        raise DinoError(f"--crop_size {args.crop_size} is not a multiple of --patch_size {args.patch_size}")
+
+
 def open_eval_data(args, train_args):
     """--data_path (the demo data when unset) and its image sizes, for knn and linear."""
     if args.data_path is None:
@@ -1248,19 +1377,11 @@ def open_eval_data(args, train_args):
         args.resize_size = args.resize_size or args.crop_size
         print(f"no --data_path: evaluating {args.pretrained_weights} ({args.arch}/{args.patch_size}) on the demo "
               f"data in {args.data_path} at {args.crop_size} pixels")
-    args.crop_size = args.crop_size or 224
-    args.resize_size = args.resize_size or round(args.crop_size * 256 / 224)  # the paper's 256 -> 224
-    if args.crop_size % args.patch_size:
-        raise DinoError(f"--crop_size {args.crop_size} is not a multiple of --patch_size {args.patch_size}")
+    eval_sizes(args)
     for split in ("train", "val"):
         if not os.path.isdir(os.path.join(args.data_path, split)):
             raise DinoError(f"--data_path {args.data_path} has no {split}/ folder; it must hold "
                             f"train/<class>/ and val/<class>/ image folders")
-
-
-def eval_transform(resize_size, crop_size):
-    return T.Compose([T.Resize(resize_size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(crop_size),
-                      T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
 def image_folders(data_path, train_transform, val_transform):
@@ -1289,7 +1410,7 @@ def knn_features(args, device):
     if args.load_features:
         return {args.load_features: tuple(load_checkpoint_file(os.path.join(args.load_features, f"{name}.pth"))
                                           for name in FEATURE_FILES)}
-    ckpt, train_args = open_weights(args)
+    ckpt, train_args = open_weights(args, args.output_dir)
     open_eval_data(args, train_args)
     transform = eval_transform(args.resize_size, args.crop_size)
     train_set, val_set = image_folders(args.data_path, transform, transform)
@@ -1335,8 +1456,9 @@ def knn_main(args):
 
 
 def attn_main(args):
-    """Attention maps of the last block's heads for one image; one process (device: first GPU, else CPU)."""
-    ckpt, train_args = open_weights(args)
+    """Attention maps of the last block's heads for an image, or for every image in a folder (recursively: one
+    output folder per image, named after its relative path); one process (device: first GPU, else CPU)."""
+    ckpt, train_args = open_weights(args, args.output_dir)
     if args.image_path is None:
         args.image_path = str(list_images(os.path.join(make_demo_dataset(os.path.join(args.output_dir,
                                                                                        "demo_data")), "val"))[0])
@@ -1347,23 +1469,60 @@ def attn_main(args):
     if min(args.image_size) < args.patch_size:
         raise DinoError(f"--image_size {args.image_size[0]} {args.image_size[1]} is smaller than one "
                         f"{args.patch_size}-pixel patch")
+    out_dir, folder = os.path.join(args.output_dir, "attn"), os.path.isdir(args.image_path)
+    images = [(path, os.path.join(out_dir, path.relative_to(args.image_path).with_suffix("")))
+              for path in list_images(args.image_path)] if folder else [(args.image_path, out_dir)]
+    if not images:
+        raise DinoError(f"--image_path {args.image_path} holds no images ({', '.join(IMG_EXTENSIONS)})")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        img = load_rgb(args.image_path)
-    except UNREADABLE as e:
-        raise DinoError(f"--image_path {args.image_path} is not a readable image ({str(e).splitlines()[0]})") from None
-    img, x = prepare_image(img, args.image_size, args.patch_size)
+    model, done = None, 0
+    for n, (path, out) in enumerate(images, 1):
+        try:
+            img = load_rgb(path)
+        except UNREADABLE as e:
+            if not folder:
+                raise DinoError(f"--image_path {path} is not a readable image ({str(e).splitlines()[0]})") from None
+            print(f"warning: skipping unreadable image {path}: {e}", file=sys.stderr)
+            continue
+        if model is None:  # after the first readable image: an unreadable file is reported before the weights
+            model = load_backbone(args, device, ckpt)
+        img, x = prepare_image(img, args.image_size, args.patch_size)
+        maps = attention_maps(model, x[None].to(device))[0].float().cpu()
+        masks = None if args.threshold is None else threshold_masks(maps, args.threshold)
+        written = save_attention_images(img, maps, masks, args.patch_size, out)
+        done += 1
+        print(f"{n}/{len(images)} {path}: {len(written)} images in {out}" if folder else "\n".join(written),
+              flush=True)
+    if not done:
+        raise DinoError(f"no image in --image_path {args.image_path} could be read")
+
+
+def embed_main(args):
+    """embed_folder on --data_path with --pretrained_weights, written by process 0 to --output (.npz or .pt)."""
+    _, _, device = init_distributed()
+    ckpt, _ = open_weights(args, os.path.dirname(os.path.abspath(args.output)))
+    eval_sizes(args)
     model = load_backbone(args, device, ckpt)
-    maps = attention_maps(model, x[None].to(device))[0].float().cpu()
-    masks = None if args.threshold is None else threshold_masks(maps, args.threshold)
-    for path in save_attention_images(img, maps, masks, args.patch_size, os.path.join(args.output_dir, "attn")):
-        print(path)
+    if args.n_last_blocks > len(model.blocks):
+        raise DinoError(f"--n_last_blocks {args.n_last_blocks}: {args.arch} has only {len(model.blocks)} blocks")
+    out = embed_folder(model, args.data_path, args.resize_size, args.crop_size, args.patch_tokens, args.n_last_blocks,
+                       args.batch_size_per_gpu, args.num_workers, device)
+    if out is None:
+        return
+    if not out["paths"]:
+        raise DinoError(f"no image under --data_path {args.data_path} could be read")
+    out = {k: v if k == "paths" else v.to(getattr(torch, args.dtype)) for k, v in out.items()}
+    if args.output.endswith(".npz"):  # the paths as a string array: np.load needs no pickle
+        save_checkpoint({k: np.asarray(v) for k, v in out.items()}, args.output, lambda a, f: np.savez(f, **a))
+    else:
+        save_checkpoint(out, args.output)
+    print(f"wrote {args.output}: " + ", ".join(f"{k} {list(v.shape)}" for k, v in out.items() if k != "paths"))
 
 
 def linear_main(args):
     """Train a linear classifier on frozen features (SGD, cosine lr), validating every --val_freq epochs; the
     classifier of the last epoch is saved to <output_dir>/linear.pth with its scores."""
-    ckpt, train_args = open_weights(args)
+    ckpt, train_args = open_weights(args, args.output_dir)
     open_eval_data(args, train_args)
     base = args.arch == "vit_base"  # as published: the 4 last CLS tokens, for ViT-B the last one + the patch mean
     args.n_last_blocks = args.n_last_blocks or (1 if base else 4)
@@ -1456,7 +1615,8 @@ def add_model_args(p):
     p.add_argument("--checkpoint_key", help="network of a training checkpoint (default: teacher)")
     p.add_argument("--arch", choices=list(ARCHS), help="default: the checkpoint's, else vit_small")
     p.add_argument("--patch_size", type=POSITIVE_INT, help="default: the checkpoint's, else 16")
-    p.add_argument("--output_dir", default="output", help="the run to evaluate; results are written here")
+    p.add_argument("--output_dir", default="output", help="the run to evaluate (its checkpoint.pth is the default "
+                   "weights); knn, attn and linear write their results here")
 
 
 def add_eval_data_args(p):
@@ -1493,6 +1653,10 @@ def add_train_args(p):
     p.add_argument("--weight_decay_end", type=NONNEGATIVE, default=0.4)
     p.add_argument("--clip_grad", type=NONNEGATIVE, default=3.0, help="max gradient norm per tensor; 0: no clipping")
     p.add_argument("--batch_size_per_gpu", type=POSITIVE_INT, default=64)
+    p.add_argument("--accum_iter", type=POSITIVE_INT, default=1, help="micro-batches per optimizer step: the total "
+                   "batch (for lr scaling, EMA, center) is accum_iter x batch_size_per_gpu x processes")
+    p.add_argument("--grad_checkpointing", action="store_true", help="recompute the student's block activations "
+                   "in backward: less memory, about a third more compute")
     p.add_argument("--epochs", type=POSITIVE_INT, default=100)
     p.add_argument("--freeze_last_layer", type=COUNT, default=1, help="epochs with the head's last layer fixed")
     p.add_argument("--lr", type=NONNEGATIVE, default=0.0005, help="peak lr for a total batch of 256")
@@ -1505,6 +1669,10 @@ def add_train_args(p):
     p.add_argument("--global_crops_size", type=POSITIVE_INT, default=224)
     p.add_argument("--local_crops_size", type=POSITIVE_INT, default=96)
     p.add_argument("--saveckp_freq", type=COUNT, default=20, help="also keep checkpointNNNN.pth this often")
+    p.add_argument("--knn_every", type=COUNT, default=0, help="every this many epochs (and the last), the teacher's "
+                   "k-NN top-1 (k=20) in log.txt; 0: never")
+    p.add_argument("--knn_data_path", help="for --knn_every: train/<class>/ and val/<class>/ folders (the demo: "
+                   "its data)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num_workers", type=COUNT, default=10, help="data loader processes per GPU")
     p.add_argument("--log_every", type=POSITIVE_INT, default=10, help="iterations between progress lines")
@@ -1534,6 +1702,25 @@ def add_attn_args(p):
     p.add_argument("--threshold", type=FRACTION, help="also write per-head masks of this fraction of the attention")
 
 
+def embeddings_file(path):
+    if not path.endswith((".npz", ".pt")):
+        raise argparse.ArgumentTypeError(f"must end in .npz (numpy) or .pt (torch), which picks the format; got {path}")
+    return path
+
+
+def add_embed_args(p):
+    add_model_args(p)
+    p.add_argument("--data_path", required=True, help="folder of images, searched recursively")
+    p.add_argument("--output", required=True, type=embeddings_file, help="FILE.npz or FILE.pt")
+    p.add_argument("--patch_tokens", action="store_true", help="also the final-norm patch tokens [N, h, w, D]")
+    p.add_argument("--n_last_blocks", type=COUNT, default=0, help="also the CLS tokens of the last n blocks [N, n, D]")
+    p.add_argument("--resize_size", type=POSITIVE_INT, help="default: crop_size * 256 / 224")
+    p.add_argument("--crop_size", type=POSITIVE_INT, help="default: 224")
+    p.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="float16 halves the file")
+    p.add_argument("--batch_size_per_gpu", type=POSITIVE_INT, default=128)
+    p.add_argument("--num_workers", type=COUNT, default=10, help="data loader processes per GPU")
+
+
 def add_linear_args(p):
     add_model_args(p)
     add_eval_data_args(p)
@@ -1550,7 +1737,8 @@ def add_linear_args(p):
 COMMANDS = {"train": ("self-supervised pre-training", add_train_args),
             "knn": ("weighted k-NN accuracy of frozen features", add_knn_args),
             "attn": ("last-block attention maps of an image", add_attn_args),
-            "linear": ("linear classifier on frozen features", add_linear_args)}
+            "linear": ("linear classifier on frozen features", add_linear_args),
+            "embed": ("CLS (and patch) token embeddings of every image in a folder", add_embed_args)}
 
 
 def build_parser(preset="paper"):
@@ -1578,11 +1766,16 @@ def check_train_args(args):
 
 def parse_args(argv=None):
     args = build_parser().parse_args(argv)
+    no_knn_data = args.command == "train" and args.knn_data_path is None and args.data_path is not None
+    if no_knn_data and args.knn_every:  # the paper preset's knn_every is 0: this one was given
+        raise DinoError("--knn_every needs --knn_data_path, a folder holding train/<class>/ and val/<class>/")
     default_preset = "demo" if args.command != "attn" and args.data_path is None else "paper"
     args.preset = getattr(args, "preset", None) or default_preset
     if args.preset == "demo":
         args = build_parser("demo").parse_args(argv)
         args.preset = "demo"
+    if no_knn_data:
+        args.knn_every = 0  # the demo preset's k-NN needs labelled data: the demo's, or --knn_data_path
     if args.command == "train":
         check_train_args(args)
     return args
@@ -1594,7 +1787,8 @@ def main(argv=None):
         if args.command == "train":
             prepare_output_dir(args.output_dir)  # before the demo data is written there, or any image is listed
             if args.data_path is None:  # written here, once, before the processes start
-                args.data_path = os.path.join(make_demo_dataset(os.path.join(args.output_dir, "demo_data")), "train")
+                demo = make_demo_dataset(os.path.join(args.output_dir, "demo_data"))
+                args.data_path, args.knn_data_path = os.path.join(demo, "train"), args.knn_data_path or demo
                 print(f"no --data_path: the demo dataset in {args.data_path}")
             print(f"--preset {args.preset}: {args.arch}/{args.patch_size}, crops {args.global_crops_size}/"
                   f"{args.local_crops_size}, out_dim {args.out_dim}, {args.epochs} epochs (unset flags take its values)")
@@ -1602,7 +1796,7 @@ def main(argv=None):
         elif args.command == "attn":
             attn_main(args)
         else:
-            launch({"knn": knn_main, "linear": linear_main}[args.command], args)
+            launch({"knn": knn_main, "linear": linear_main, "embed": embed_main}[args.command], args)
     except DinoError as e:
         if get_rank() == 0 or isinstance(e, LostContactError):
             print(f"error: {e}", file=sys.stderr)

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 from PIL import Image
@@ -150,6 +151,32 @@ def test_pos_embed_interpolation():
         model.interpolate_pos_encoding = lambda x, h, w: torch.cat((model.pos_embed[:, :1], by_size), dim=1)
         theirs = model(img)
     assert F.cosine_similarity(ours, theirs).min() > 0.999
+
+
+def test_grad_checkpointing_recomputes_blocks_and_keeps_the_gradients(tmp_path):
+    """The same gradients with activation checkpointing, each block run a second time in backward. Drop path 0.5,
+    so that masks are surely drawn: the recomputation must draw the same ones."""
+    grads, runs = [], []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = vits.vit_tiny(patch_size=16, drop_path_rate=0.5, grad_checkpointing=checkpointing)
+        calls = []
+        model.blocks[5].register_forward_pre_hook(lambda *_: calls.append(1))
+        x = torch.randn(4, 3, 32, 32)
+        model(x).square().sum().backward()
+        grads.append({n: p.grad for n, p in model.named_parameters()})
+        runs.append(len(calls))
+    assert runs == [1, 2]
+    for n, g in grads[0].items():
+        torch.testing.assert_close(grads[1][n], g, rtol=1e-6, atol=1e-7, msg=n)
+    with torch.no_grad():  # without gradients nothing needs recomputing
+        calls.clear()
+        model(x)
+    assert len(calls) == 1
+    args = parse_args(["train", "--data_path", str(tmp_path), "--arch", "vit_tiny", "--out_dim", "32",
+                       "--grad_checkpointing"])
+    student, teacher = dino.build_dino_networks(args)  # the teacher needs none: it never computes gradients
+    assert student.backbone.grad_checkpointing and not teacher.backbone.grad_checkpointing
 
 
 def test_drop_path_per_sample():
@@ -686,8 +713,8 @@ def _two_rank_worker(rank, data, out, port, results):
     teacher, loss = run.teacher, run.dino_loss
     # the center must equal the EMA of the all-process batch means: check one update by hand
     center = loss.center.clone()
-    teacher_out = torch.randn(3, 32) + rank
-    loss.update_center(teacher_out)
+    teacher_out = torch.randn(6, 32) + rank  # 3 samples x 2 views
+    loss(torch.randn(12, 32), teacher_out, 0)  # 3 samples x 4 crops
     results[rank] = {"teacher": {k: v.clone() for k, v in teacher.state_dict().items()}, "center_before": center,
                      "center_after": loss.center.clone(), "teacher_out": teacher_out}
     torch.distributed.destroy_process_group()
@@ -705,6 +732,77 @@ def test_two_processes_train_together(tmp_path):
     torch.testing.assert_close(r0["center_after"], 0.9 * r0["center_before"] + 0.1 * mean)
     torch.testing.assert_close(r1["center_after"], r0["center_after"])
     assert read_log(tmp_path / "out")[0]["epoch"] == 0
+
+
+# --accum_iter: micro-batches of 2 from the loader are the batch of 4 it would give with batch 4 (same sampler order,
+# per-sample augmentation seeds): with drop path 0 the runs must agree. SGD, as AdamW would hide a wrong gradient
+# scale (it normalizes the gradient).
+ACCUM = ("--drop_path_rate", "0", "--optimizer", "sgd", "--lr", "10", "--warmup_epochs", "0")
+BIG, MICRO = ("--batch_size_per_gpu", "4"), ("--batch_size_per_gpu", "2", "--accum_iter", "2")
+
+
+def assert_same_run(a, b, tol=1e-5):
+    for net in ("student", "teacher"):
+        for k in a[net]:
+            torch.testing.assert_close(a[net][k], b[net][k], rtol=tol, atol=tol, msg=f"{net} {k}")
+    torch.testing.assert_close(a["dino_loss"]["center"], b["dino_loss"]["center"], rtol=tol, atol=tol)
+
+
+def test_accum_iter_equals_the_big_batch(tmp_path, capsys):
+    """2 epochs of 2 steps: the same student, teacher, center and log (lr scaled by the total batch, schedules
+    stepped per optimizer step). Without clipping, so the summed gradient's scale is checked exactly."""
+    data = tiny_folder(tmp_path / "data", n=8)
+    dino.main(train_argv(data, tmp_path / "big", *ACCUM, "--clip_grad", "0", *BIG))
+    capsys.readouterr()
+    dino.main(train_argv(data, tmp_path / "micro", *ACCUM, "--clip_grad", "0", *MICRO))
+    printed = capsys.readouterr().out
+    assert "batch 4, 2 it/epoch" in printed and "it 2/2 " in printed and "it 3/" not in printed
+    assert_same_run(*(dino.load_checkpoint_file(tmp_path / run / "checkpoint.pth") for run in ("big", "micro")))
+    big, micro = read_log(tmp_path / "big"), read_log(tmp_path / "micro")
+    assert big[1]["lr"] == micro[1]["lr"] > 0
+    for k in ("loss", "teacher_entropy", "kl", "batch_mean_entropy"):  # of the whole batch, not of a micro-batch
+        assert [e[k] for e in micro] == pytest.approx([e[k] for e in big], rel=1e-5), k
+
+
+class CountingDDP(nn.parallel.DistributedDataParallel):
+    """DDP that counts its gradient all-reduces (one per bucket and backward that synchronizes)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.reductions = 0
+
+        def hook(state, bucket):
+            self.reductions += 1
+            return allreduce_hook(None, bucket)
+        self.register_comm_hook(None, hook)
+
+
+def _accum_worker(rank, data, out, port, results):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    nn.parallel.DistributedDataParallel = CountingDDP
+    runs = {}
+    for name, flags in (("big", BIG), ("micro", MICRO)):
+        # clipping on and active: once, on the summed gradient (a lr so high that its direction shows above tol)
+        s = dino.train(dino.parse_args(train_argv(data, out / name, *ACCUM, "--clip_grad", "0.01", "--lr", "1000",
+                                                  "--epochs", "1", *flags)))
+        runs[name] = {"student": s.student.state_dict(), "teacher": s.teacher.state_dict(),
+                      "dino_loss": s.dino_loss.state_dict(), "reductions": s.student_forward.reductions}
+    results[rank] = runs
+    torch.distributed.destroy_process_group()
+
+
+def test_accum_iter_two_processes_equals_the_big_batch(tmp_path):
+    """8 images, 4 per process: one step of a batch of 4 per process, or of 2 micro-batches of 2."""
+    data = tiny_folder(tmp_path / "data", n=8)
+    results = torch.multiprocessing.Manager().dict()
+    torch.multiprocessing.spawn(_accum_worker, args=(data, tmp_path, dino._free_port(), results), nprocs=2)
+    for rank in range(2):
+        assert_same_run(results[rank]["big"], results[rank]["micro"])
+        assert_same_run(results[0]["micro"], results[rank]["micro"], tol=0)  # every process holds the same networks
+        # no_sync: the gradients are all-reduced in the last micro-batch's backward only
+        assert results[rank]["micro"]["reductions"] == results[rank]["big"]["reductions"] > 0
 
 
 def main_error(argv, capsys):
@@ -757,8 +855,8 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys, 
     data = tiny_folder(tmp_path / "data")
     forward = dino.DINOLoss.forward
 
-    def nan_in_epoch_1(self, student_output, teacher_output, epoch):
-        loss = forward(self, student_output, teacher_output, epoch)
+    def nan_in_epoch_1(self, student_output, teacher_output, epoch, **kwargs):
+        loss = forward(self, student_output, teacher_output, epoch, **kwargs)
         return loss * float("nan") if epoch == 1 else loss
 
     monkeypatch.setattr(dino.DINOLoss, "forward", nan_in_epoch_1)
@@ -910,6 +1008,66 @@ def test_knn_main_demo_run_and_feature_dump(tmp_path, checkpoint, monkeypatch, c
     assert [(r["top1"], r["top5"]) for r in reloaded] == [(r["top1"], r["top5"]) for r in results[:2]]
 
 
+def test_knn_top1_runs_in_eval_mode_and_restores_the_mode(tmp_path):
+    root = make_folders(tmp_path, n_train=2, n_val=1)
+    transform = dino.eval_transform(32, 32)
+    sets = dino.image_folders(root, transform, transform)
+    for training in (True, False):
+        model, modes = tiny_vit().train(training), []
+        model.register_forward_pre_hook(lambda m, _: modes.append(m.training))
+        assert dino.knn_top1(model, *sets, 4, 0, "cpu") == 100.0  # the colors are trivially separable
+        assert modes and not any(modes) and model.training == training
+
+
+def reference_features(model, root, split, size):
+    """(L2-normalized CLS features, labels) of root/split/<class>/*, one image at a time: resize, center crop."""
+    features, labels = [], []
+    for label, cls in enumerate(sorted(os.listdir(os.path.join(root, split)))):
+        for name in sorted(os.listdir(os.path.join(root, split, cls))):
+            img = Image.open(os.path.join(root, split, cls, name)).convert("RGB")
+            x = T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size), T.ToTensor(),
+                           T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])(img)
+            with torch.no_grad():
+                features.append(F.normalize(model(x[None]), dim=1)[0])
+            labels.append(label)
+    return torch.stack(features), torch.tensor(labels)
+
+
+def test_knn_every_logs_the_teachers_knn_top1(tmp_path, capsys):
+    """Noise images with random labels: accuracies far from 0 and 100, checked against the saved teachers."""
+    data, root = tiny_folder(tmp_path / "data"), tmp_path / "labelled"
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 12), ("val", 9)):
+        for i in range(n):
+            save_png(root / split / "abc"[i % 3] / f"{i}.png", rng.integers(0, 255, (40, 36, 3)))
+    dino.main(train_argv(data, tmp_path / "out", "--knn_every", "1", "--knn_data_path", str(root),
+                         "--saveckp_freq", "1"))
+    log = read_log(tmp_path / "out")
+    assert [e["epoch"] for e in log] == [0, 1]
+    assert "teacher k-NN top-1" in capsys.readouterr().out
+    for e in log:
+        ckpt = dino.load_checkpoint_file(tmp_path / "out" / f"checkpoint{e['epoch']:04d}.pth")
+        teacher = vits.vit_tiny(patch_size=16).eval()
+        teacher.load_state_dict({k.removeprefix("backbone."): v for k, v in ckpt["teacher"].items()
+                                 if k.startswith("backbone.")})
+        (train, train_labels), (val, val_labels) = (reference_features(teacher, root, split, 32)
+                                                    for split in ("train", "val"))
+        assert 0 <= e["knn_top1"] <= 100
+        assert e["knn_top1"] == pytest.approx(reference_knn(train, train_labels, val, val_labels, 12, 0.07)[0])
+
+
+def test_knn_every_defaults(tmp_path, monkeypatch, capsys):
+    """The demo evaluates its own labelled data every 5 epochs; other data need --knn_data_path for it."""
+    launched = []
+    monkeypatch.setattr(dino, "launch", lambda fn, args: launched.append(args))
+    monkeypatch.setattr(dino, "make_demo_dataset", lambda root: make_folders(root))
+    dino.main(["train", "--output_dir", str(tmp_path)])
+    assert launched[0].knn_every == 5 and launched[0].knn_data_path == str(tmp_path / "demo_data")
+    assert parse_args(["train", "--preset", "demo", "--data_path", str(tmp_path)]).knn_every == 0  # unlabelled
+    assert "--knn_every needs --knn_data_path" in main_error(["train", "--data_path", str(tmp_path), "--knn_every",
+                                                              "2", "--output_dir", str(tmp_path)], capsys)
+
+
 # -----------------------------------------------------------------------------
 # attn
 
@@ -975,6 +1133,33 @@ def test_attn_demo_defaults(tmp_path, checkpoint, monkeypatch):
     assert args.image_path == str(tmp_path / "demo_data" / "val" / "a" / "0.png") and args.image_size == [128, 128]
 
 
+def test_attn_on_a_folder(tmp_path, checkpoint, capsys):
+    folder = tmp_path / "images"
+    rng = np.random.default_rng(0)
+    for name in ("a.png", "sub/b.jpg"):
+        save_png(folder / name, rng.integers(0, 255, (40, 50, 3)))
+    (folder / "sub" / "bad.png").write_bytes(b"not an image")
+    argv = ["--pretrained_weights", checkpoint, "--image_size", "32", "48"]
+    attn_main(parse("attn", [*argv, "--image_path", str(folder), "--output_dir", str(tmp_path / "out")]))
+    printed, err = capsys.readouterr()
+    assert re.findall(r"^(\d/3) ", printed, re.M) == ["1/3", "2/3"]  # progress; the 3rd image is the bad one
+    assert err.count("warning") == 1 and str(folder / "sub" / "bad.png") in err
+    files = sorted(["img.png", "attn-mean.png", "attn-overlay.png"] + [f"attn-head{i}.png" for i in range(3)])
+    for name in ("a", "sub/b"):  # each as the image alone would give
+        assert sorted(os.listdir(tmp_path / "out" / "attn" / name)) == files
+        attn_main(parse("attn", [*argv, "--image_path", str(folder / name) + (".png" if name == "a" else ".jpg"),
+                                 "--output_dir", str(tmp_path / name)]))
+        for f in files:
+            assert (tmp_path / "out" / "attn" / name / f).read_bytes() == (tmp_path / name / "attn" / f).read_bytes()
+    assert sorted(os.listdir(tmp_path / "out" / "attn")) == ["a", "sub"]
+    os.remove(folder / "a.png")
+    os.remove(folder / "sub" / "b.jpg")
+    argv += ["--image_path", str(folder), "--output_dir", str(tmp_path / "out")]
+    one_line_error(lambda: attn_main(parse("attn", argv)), "could be read")
+    os.remove(folder / "sub" / "bad.png")
+    one_line_error(lambda: attn_main(parse("attn", argv)), "holds no images")
+
+
 # -----------------------------------------------------------------------------
 # linear
 
@@ -1014,6 +1199,93 @@ def test_linear_probe_two_processes(tmp_path, checkpoint):
 
 
 # -----------------------------------------------------------------------------
+# embed
+
+def embed_images(folder):
+    """Readable images in an order that sorting by path gives, a corrupt one among them; their expected paths."""
+    rng = np.random.default_rng(0)
+    names = ["cat.png", "dogs/d1.png", "dogs/d2.jpg", "zebra.png"]
+    for name in names:
+        save_png(folder / name, rng.integers(0, 255, (40, 36, 3)))
+    (folder / "dogs" / "bad.png").write_bytes(b"\x89PNG broken")
+    return names
+
+
+def test_embed_folder_features_and_files(tmp_path, checkpoint, capsys):
+    folder, model = tmp_path / "images", tiny_vit()
+    names = embed_images(folder)
+    # the documented default preprocessing at crop 32: resize to round(32 * 256 / 224) = 37, center crop 32
+    x = torch.stack([T.Compose([T.Resize(37, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(32),
+                                T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])(
+        Image.open(folder / name).convert("RGB")) for name in names])
+    with torch.no_grad():
+        cls = model(x)
+        tokens = model.prepare_tokens(x)  # the patch tokens by hand: all blocks, then the final norm
+        for blk in model.blocks:
+            tokens = blk(tokens)
+        patches = model.norm(tokens)[:, 1:].reshape(4, 2, 2, 192)
+    out = dino.embed_folder(model, folder, crop_size=32, patch_tokens=True, n_last_blocks=3, batch_size=3)
+    assert out["paths"] == names
+    assert "dogs/bad.png" in capsys.readouterr().err
+    torch.testing.assert_close(out["cls"], cls)
+    torch.testing.assert_close(out["patch_tokens"], patches)  # [N, h, w, D], row-major patches
+    assert out["last_blocks"].shape == (4, 3, 192)
+    torch.testing.assert_close(out["last_blocks"][:, -1], cls)  # the last block's CLS token is model(x)
+    # the CLI: .npz and .pt hold the same; float16 halves; no pickle needed to read either
+    for ext, dtype in (("npz", "float32"), ("pt", "float16")):
+        dino.main(["embed", "--data_path", str(folder), "--pretrained_weights", checkpoint, "--crop_size", "32",
+                   "--patch_tokens", "--n_last_blocks", "3", "--num_workers", "0", "--dtype", dtype,
+                   "--output", str(tmp_path / f"e.{ext}")])
+        if ext == "npz":
+            with np.load(tmp_path / "e.npz", allow_pickle=False) as f:
+                saved = {k: torch.from_numpy(f[k]) if k != "paths" else f[k].tolist() for k in f.files}
+        else:
+            saved = torch.load(tmp_path / "e.pt", weights_only=True)
+        assert saved["paths"] == names and saved["cls"].dtype == getattr(torch, dtype)
+        for k in ("cls", "patch_tokens", "last_blocks"):
+            torch.testing.assert_close(saved[k].float(), out[k], atol=2e-3 if dtype == "float16" else 1e-5, rtol=2e-3)
+    assert "skipped 1 unreadable" in capsys.readouterr().out
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_embed_bad_inputs(tmp_path, checkpoint, capsys):
+    folder = tmp_path / "images"
+    embed_images(folder)
+    argv = ["embed", "--data_path", str(folder), "--pretrained_weights", checkpoint, "--num_workers", "0"]
+    assert "must end in .npz (numpy) or .pt" in main_error([*argv, "--output", str(tmp_path / "e.txt")], capsys)
+    assert "vit_tiny has only 12 blocks" in main_error([*argv, "--n_last_blocks", "13", "--output",
+                                                         str(tmp_path / "e.pt")], capsys)
+    for name in ("cat.png", "dogs/d1.png", "dogs/d2.jpg", "zebra.png"):
+        os.remove(folder / name)
+    with pytest.raises(SystemExit):
+        dino.main([*argv, "--crop_size", "32", "--output", str(tmp_path / "e.pt")])
+    warning, error = capsys.readouterr().err.strip().split("\n")  # the file named, then one line and status 2
+    assert "dogs/bad.png" in warning and error.startswith("error: no image under --data_path")
+    assert not (tmp_path / "e.pt").exists()
+
+
+def embed_worker(rank, port, folder, out):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        torch.save(dino.embed_folder(tiny_vit(), folder, crop_size=32, patch_tokens=True, batch_size=2),
+                   os.path.join(out, f"rank{rank}.pth"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_embed_folder_two_processes_equal_one(tmp_path):
+    folder = tmp_path / "images"
+    embed_images(folder)  # 5 files, the corrupt one in process 0's shard of 2
+    single = dino.embed_folder(tiny_vit(), folder, crop_size=32, patch_tokens=True)
+    torch.multiprocessing.spawn(embed_worker, args=(dino._free_port(), folder, str(tmp_path)), nprocs=2)
+    gathered = torch.load(tmp_path / "rank0.pth")
+    assert gathered["paths"] == single["paths"] and torch.load(tmp_path / "rank1.pth") is None
+    for k in ("cls", "patch_tokens"):
+        torch.testing.assert_close(gathered[k], single[k], atol=1e-5, rtol=1e-5)
+
+
+# -----------------------------------------------------------------------------
 # bad inputs: one-line DinoErrors
 
 def one_line_error(fn, match):
@@ -1028,9 +1300,10 @@ def test_bad_inputs(tmp_path, checkpoint):
     for command, run in (("knn", knn_main), ("linear", linear_main)):
         one_line_error(lambda: run(parse(command, ["--data_path", data, "--pretrained_weights", checkpoint])),
                        "no val/ folder")
-    args = parse("attn", ["--pretrained_weights", checkpoint, "--arch", "vit_small", "--image_path", str(tmp_path),
-                          "--output_dir", str(tmp_path)])
-    one_line_error(lambda: attn_main(args), "not a readable image")
+    os.makedirs(tmp_path / "empty")
+    args = parse("attn", ["--pretrained_weights", checkpoint, "--arch", "vit_small", "--image_path",
+                          str(tmp_path / "empty"), "--output_dir", str(tmp_path)])
+    one_line_error(lambda: attn_main(args), "holds no images")
     not_an_image = tmp_path / "notes.png"
     not_an_image.write_text("hello")
     args.image_path = str(not_an_image)

@@ -18,6 +18,7 @@ from functools import partial
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 def drop_path(x, drop_prob=0.0, training=False):
@@ -111,9 +112,10 @@ class PatchEmbed(nn.Module):
 class VisionTransformer(nn.Module):
     def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=0, embed_dim=768, depth=12,
                  num_heads=12, mlp_ratio=4.0, qkv_bias=False, drop_rate=0.0, attn_drop_rate=0.0,
-                 drop_path_rate=0.0, norm_layer=nn.LayerNorm):
+                 drop_path_rate=0.0, norm_layer=nn.LayerNorm, grad_checkpointing=False):
         super().__init__()
         self.num_features = self.embed_dim = embed_dim
+        self.grad_checkpointing = grad_checkpointing  # forward() with gradients keeps only the blocks' inputs
         self.num_heads = num_heads
         self.patch_size = patch_size
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
@@ -170,7 +172,10 @@ class VisionTransformer(nn.Module):
     def forward(self, x):
         x = self.prepare_tokens(x)
         for blk in self.blocks:
-            x = blk(x)
+            # Activation checkpointing recomputes the block in backward; the RNG state is restored for it, so drop
+            # path draws the same masks and the gradients are the same.
+            x = checkpoint(blk, x, use_reentrant=False) if self.grad_checkpointing and torch.is_grad_enabled() \
+                else blk(x)
         return self.norm(x)[:, 0]
 
     def get_last_selfattention(self, x):

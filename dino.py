@@ -1169,7 +1169,10 @@ def train(args):
     sampler = EpochSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
     loader = torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=args.batch_size_per_gpu,
                                          num_workers=args.num_workers, pin_memory=device.type == "cuda",
-                                         drop_last=True, persistent_workers=args.num_workers > 0)
+                                         drop_last=True, persistent_workers=args.num_workers > 0,
+                                         # its own: starting workers draws a seed, which from the global generator
+                                         # would shift drop path in epoch 0 of a run but the first epoch of a resume
+                                         generator=torch.Generator())
     if len(loader) == 0:
         raise DinoError(f"{len(dataset)} images split over {world_size} process(es) do not fill one batch of "
                         f"--batch_size_per_gpu {args.batch_size_per_gpu}; lower it or add images")

@@ -584,13 +584,15 @@ def test_short_training_run_writes_checkpoint_and_json_log(tmp_path, capsys):
     assert "it 2/2 loss" in printed and "img/s" in printed and "eta" in printed
 
 
-def test_resume_is_bit_exact(tmp_path):
+@pytest.mark.parametrize("workers", ["0", "2"])  # 2: persistent loader workers, started once per run
+def test_resume_is_bit_exact(tmp_path, workers):
     data = tiny_folder(tmp_path / "data")
-    dino.main(train_argv(data, tmp_path / "straight", "--saveckp_freq", "1"))
+    argv = ["--saveckp_freq", "1", "--num_workers", workers]
+    dino.main(train_argv(data, tmp_path / "straight", *argv))
     # An interrupted run: only the state after epoch 0 exists; rerunning the same command finishes it.
     os.makedirs(tmp_path / "resumed")
     os.replace(tmp_path / "straight" / "checkpoint0000.pth", tmp_path / "resumed" / "checkpoint.pth")
-    dino.main(train_argv(data, tmp_path / "resumed", "--saveckp_freq", "1"))
+    dino.main(train_argv(data, tmp_path / "resumed", *argv))
     a = torch.load(tmp_path / "straight" / "checkpoint.pth", weights_only=True)
     b = torch.load(tmp_path / "resumed" / "checkpoint.pth", weights_only=True)
     for net in ("teacher", "student"):

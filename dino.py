@@ -968,8 +968,8 @@ def init_distributed(timeout_minutes=30):
     if cuda:
         torch.cuda.set_device(device)
     # A lost or hung peer: gloo's collectives raise in Python (_run reports it); NCCL's wait on the GPU, out of
-    # Python's reach, until NCCL's watchdog aborts the process (SIGABRT) after the timeout, which the launcher or
-    # torchrun report. TORCH_NCCL_BLOCKING_WAIT would raise instead, but makes every collective's wait a host sync.
+    # Python's reach, until its watchdog aborts the process (SIGABRT) after the timeout, which the launcher or
+    # torchrun report. TORCH_NCCL_BLOCKING_WAIT would raise instead, but it makes every wait a host sync.
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=timeout_minutes),
                                 device_id=device if cuda else None)

@@ -1604,6 +1604,91 @@ def test_survivor_of_a_lost_process_exits_with_one_line_and_rerun_resumes(tmp_pa
 TWO_FAKE_GPUS = ["-c", "import sys, torch; torch.cuda.device_count = lambda: 2; import dino; dino.main(sys.argv[1:])"]
 
 
+@pytest.mark.parametrize("visible, index", [(1, 0), (4, 3)], ids=["one_gpu_per_process", "all_gpus_visible"])
+def test_device_is_the_local_rank_among_the_visible_gpus(monkeypatch, visible, index):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)  # joining the group is not what this checks
+    for name, value in dict(RANK="7", WORLD_SIZE="8", LOCAL_RANK="3").items():
+        monkeypatch.setenv(name, value)
+    assert dino.init_distributed() == (7, 8, torch.device("cuda", index))
+
+
+def test_a_process_leaves_its_group_whether_it_fails_or_not(monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+
+    def joins(fail):
+        dino.init_distributed()
+        assert dist.is_initialized()
+        if fail:
+            raise RuntimeError("a bug")
+        return "done"
+
+    for fail in (False, True):
+        monkeypatch.setenv("MASTER_PORT", str(dino._free_port()))
+        if fail:
+            with pytest.raises(RuntimeError, match="a bug"):  # one process: a bug keeps its traceback
+                dino._run(joins, fail)
+        else:
+            assert dino._run(joins, fail) == "done"
+        assert not dist.is_initialized()
+
+
+def test_processes_that_resume_different_epochs_stop(tmp_path, monkeypatch):
+    """Output dirs not shared between nodes: this process finds a checkpoint of epoch 1, another one none (its
+    all_reduce, MAX, is played here)."""
+    data = tiny_folder(tmp_path / "data", n=8)
+    argv = train_argv(data, tmp_path / "out")
+    os.makedirs(tmp_path / "out")
+    (tmp_path / "out" / "checkpoint.pth").touch()
+    monkeypatch.setattr(dino, "resume", lambda path, s: 1)
+    monkeypatch.setattr(dino, "init_distributed", lambda timeout: (0, 2, torch.device("cpu")))
+    other_process = torch.tensor([0, 0])  # resumed nothing: starts at epoch 0
+    monkeypatch.setattr(dist, "all_reduce", lambda t, op: t.copy_(torch.maximum(t, other_process)))
+    with pytest.raises(DinoError, match=r"the processes resumed different epochs \(0 to 1\).*shares"):
+        dino.train(parse_args(argv))
+
+
+def test_batchnorm_head_with_several_cpu_processes_is_not_synced(tmp_path):
+    """SyncBatchNorm runs on CUDA only: several CPU processes keep plain BatchNorm (statistics per process)."""
+    args = parse_args(train_argv(tmp_path, tmp_path / "out", "--use_bn_in_head", "true"))
+    s = dino.build_train_state(args, 1, 2, torch.device("cpu"))
+    kinds = {type(m) for m in [*s.student.head.modules(), *s.teacher.head.modules()]}
+    assert nn.BatchNorm1d in kinds and nn.SyncBatchNorm not in kinds
+    crops = [torch.randn(4, 3, size, size) for size in (32, 32, 16, 16)]
+    assert math.isfinite(dino.train_step(s, crops, 0, 0).item())
+
+
+def test_demo_data_appears_whole_or_not_at_all(tmp_path, monkeypatch):
+    """Written beside its place and renamed: a run that dies while writing leaves nothing there, and a process that
+    finds another one's copy renamed first keeps that one."""
+    root = tmp_path / "demo_data"
+    draw, rename, calls = dino.demo_image, os.rename, itertools.count()
+
+    def dies_at_image_10(cls, rng):
+        if next(calls) == 10:
+            raise KeyboardInterrupt
+        return draw(cls, rng)
+
+    monkeypatch.setattr(dino, "demo_image", dies_at_image_10)
+    with pytest.raises(KeyboardInterrupt):
+        dino.make_demo_dataset(root, n_train=3, n_val=1)
+    assert not root.exists()
+    before = set(os.listdir(tmp_path))
+
+    def another_process_first(src, dst):
+        os.makedirs(os.path.join(dst, "train"))
+        rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", another_process_first)
+    assert dino.make_demo_dataset(root, n_train=3, n_val=1) == str(root)
+    assert os.listdir(root) == ["train"]  # the other process's copy, untouched
+    assert set(os.listdir(tmp_path)) == before | {"demo_data"}  # ours is gone
+
+
 def test_error_in_launched_processes_is_one_line(tmp_path, capsys, monkeypatch):
     # launch() spawns one process per GPU; with two "GPUs" the spawned workers find none and join a gloo group.
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)

@@ -59,7 +59,7 @@ class ExplicitAttention(vits.Attention):
 
 
 class PlainWeightNormLinear(vits.WeightNormLinear):
-    """The published weight-normed last layer: F.linear, as nn.Linear computes it."""
+    """The published weight-normed last layer: F.linear at autocast's precision (ours computes it in fp32)."""
 
     def forward(self, x):
         return F.linear(x, self.weight)
@@ -128,6 +128,7 @@ def make_baseline_step(student, teacher, loss_fn, optimizer, scaler, amp_dtype, 
 # ------------------------------ building both --------------------------------
 def dino_args(a, **overrides):
     """dino.py's train flags for this benchmark, the unset ones from its paper recipe (nothing duplicated here)."""
+    overrides = {"last_layer_autocast": a.last_layer_autocast, **overrides}
     argv = ["train", "--data_path", a.data_dir or "unused", "--arch", a.arch, "--patch_size", str(a.patch_size),
             "--out_dim", str(a.out_dim), "--batch_size_per_gpu", str(a.batch_size), "--precision", a.precision,
             "--global_crops_size", str(a.global_crops_size), "--local_crops_size", str(a.local_crops_size),
@@ -144,6 +145,9 @@ def build(args, device, amp_dtype, baseline):
     lr = args.lr * args.batch_size_per_gpu / 256
     if not baseline:  # exactly what dino.train builds and runs
         s = dino.build_train_state(args, 1, 1, device)
+        if args.last_layer_autocast:  # what the fp32 last layer costs: ours with the published one
+            for m in (s.student.head.last_layer, s.teacher.head.last_layer):
+                m.__class__ = PlainWeightNormLinear
         s.schedules = {"lr": [lr], "wd": [args.weight_decay], "momentum": [args.momentum_teacher]}
         if args.compile:
             s.student.compile()
@@ -418,6 +422,16 @@ def side_by_side(a, device, amp, amp_base, precisions):
 
 
 # ------------------------------ report ---------------------------------------
+# Dense bf16 tensor-core peaks in TFLOP/s from NVIDIA's datasheets (whose headline figures, with 2:4 sparsity, are
+# twice these), by device name; the first match counts. Cards not listed here (H100 NVL, ...) need --peak_tflops.
+PEAK_TFLOPS = (("H100 PCIe", 756), ("H100 NVL", None), ("H200 NVL", None), ("H100", 989), ("H200", 989),
+               ("A100", 312))
+
+
+def peak_tflops(name):
+    return next((peak for key, peak in PEAK_TFLOPS if key.lower() in name.lower()), None)
+
+
 def device_name(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -473,8 +487,10 @@ def main():
     p.add_argument("--images", type=int, default=512 if cuda else 64, help="JPEGs to generate (or to use)")
     p.add_argument("--data_dir", default=None, help="a folder of images to use instead of generated JPEGs")
     p.add_argument("--threads", type=int, default=None, help="torch threads of this process (default: torch's)")
-    p.add_argument("--peak_tflops", type=float, default=989.0 if cuda else None,
-                   help="peak for FLOP utilization (default on a GPU: H100 SXM dense bf16/fp16, 989)")
+    p.add_argument("--peak_tflops", type=float, help="peak for FLOP utilization (default: the GPU's dense bf16 peak "
+                   "for an H100, H200 or A100, from its name; else FLOP utilization is n/a)")
+    p.add_argument("--last_layer_autocast", action="store_true",
+                   help="ours with the head's last layer at autocast's precision, to measure what fp32 costs")
     p.add_argument("--only", choices=["step", "data", "e2e"])
     p.add_argument("--json", default=None, help="also write the results to this file")
     p.add_argument("--accum_iter", type=int, default=1, help="instead: peak memory and speed of ours on the batch "
@@ -486,10 +502,13 @@ def main():
     if a.threads:
         torch.set_num_threads(a.threads)
     device = torch.device("cuda" if cuda else "cpu")
+    a.peak_tflops = a.peak_tflops or (peak_tflops(torch.cuda.get_device_name(device)) if cuda else None)
     amp = dino.autocast_dtype(a.precision, device)
     amp_base = {"auto": torch.float16 if cuda else None, "fp16": torch.float16, "fp32": None}[a.baseline_precision]
     precisions = ["fp16 + GradScaler" if amp_base else "fp32" + ("" if cuda else " (fp16 + GradScaler is GPU-only)"),
                   {torch.bfloat16: "bf16 autocast", torch.float16: "fp16 + GradScaler", None: "fp32"}[amp]]
+    if amp:
+        precisions[1] += " (last layer too)" if a.last_layer_autocast else " (head's last layer fp32)"
     if a.variant:
         return memory_child(a, device, amp)
     res, report = bench_memory(a, device) if a.accum_iter > 1 or a.grad_checkpointing else \

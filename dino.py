@@ -1078,6 +1078,9 @@ def init_distributed(timeout_minutes=30):
         else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
+    # A lost or hung peer: gloo's collectives raise in Python (_run reports it); NCCL's wait on the GPU, out of
+    # Python's reach, until its watchdog aborts the process (SIGABRT) after the timeout, which the launcher or
+    # torchrun report. TORCH_NCCL_BLOCKING_WAIT would raise instead, but it makes every wait a host sync.
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=timeout_minutes),
                                 device_id=device if cuda else None)
@@ -1095,8 +1098,8 @@ class LostContactError(DinoError):
 
 
 def _run(fn, args):
-    """fn(args) in this process. In a group, a failing collective (gloo raises RuntimeError, NCCL and the store
-    DistError, its subclass) means a peer died or hung: one line; the group is left either way."""
+    """fn(args) in this process. In a group, a failing collective or store (RuntimeError, or DistError, its
+    subclass) means a peer died or hung: one line; the group is left either way."""
     try:
         return fn(args)
     except RuntimeError as e:
@@ -1138,7 +1141,8 @@ def launch(fn, args):
         if not errors.empty():
             raise DinoError(errors.get()) from None
         if e.signal_name:
-            raise DinoError(f"training process {e.error_index} was killed by {e.signal_name}; "
+            why = " (NCCL's reaction to a lost or hung process)" if e.signal_name == "SIGABRT" else ""
+            raise DinoError(f"training process {e.error_index} was killed by {e.signal_name}{why}; "
                             f"rerun the same command to resume from the last checkpoint") from None
         raise
 
@@ -1265,14 +1269,16 @@ def build_train_state(args, n_iter, world_size, device):
     return TrainState(student, teacher, dino_loss, optimizer, scaler, schedules, args, amp_dtype)
 
 
-def train(args):
-    """The train command in one process: data, networks, resume or pretrained weights, then the epochs."""
+def train(args, device_photometry=None):
+    """The train command in one process: data, networks, resume or pretrained weights, then the epochs.
+    device_photometry: colour, blur and solarize batched on the device (default: on GPUs; the tests use the CPU)."""
     rank, world_size, device = init_distributed(args.dist_timeout)
     if rank == 0:
         prepare_output_dir(args.output_dir)
     seed_everything(args.seed)  # the same initial weights on every rank
     # Colour, blur and solarize run batched on the GPU; without one, the PIL recipe runs in the loader workers.
-    photometry = MultiCropPhotometry(args.local_crops_number) if device.type == "cuda" else None
+    on_device = device.type == "cuda" if device_photometry is None else device_photometry
+    photometry = MultiCropPhotometry(args.local_crops_number) if on_device else None
     crops = (args.global_crops_scale, args.local_crops_scale, args.local_crops_number, args.global_crops_size,
              args.local_crops_size)
     dataset = ImageDataset(args.data_path, MultiCropGeometry(*crops) if photometry else DataAugmentationDINO(*crops),
@@ -1280,7 +1286,10 @@ def train(args):
     sampler = EpochSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
     loader = torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=args.batch_size_per_gpu,
                                          num_workers=args.num_workers, pin_memory=device.type == "cuda",
-                                         drop_last=True, persistent_workers=args.num_workers > 0)
+                                         drop_last=True, persistent_workers=args.num_workers > 0,
+                                         # its own: starting workers draws a seed, which from the global generator
+                                         # would shift drop path in epoch 0 of a run but the first epoch of a resume
+                                         generator=torch.Generator())
     n_iter = len(loader) // args.accum_iter  # optimizer steps per epoch
     if n_iter == 0:
         raise DinoError(f"{len(dataset)} images split over {world_size} process(es) do not fill one batch of "
@@ -1353,6 +1362,7 @@ def open_weights(args, out_dir):
 def load_backbone(args, device, checkpoint=None):
     """The frozen backbone in eval mode, from --pretrained_weights (read already: checkpoint), or with checkpoint
     None a random init (seed 0), the baseline that shows what training added."""
+    torch.backends.cuda.matmul.allow_tf32 = True  # frozen features: TF32 on GPUs, PyTorch's default before 1.12
     if checkpoint is None:
         torch.manual_seed(0)
     model = ARCHS[args.arch](patch_size=args.patch_size)
@@ -1517,31 +1527,6 @@ def embed_main(args):
     else:
         save_checkpoint(out, args.output)
     print(f"wrote {args.output}: " + ", ".join(f"{k} {list(v.shape)}" for k, v in out.items() if k != "paths"))
-
-
-@torch.no_grad()
-def demo_attention_scores(args, ckpt, size, device):
-    """How well the last block's CLS attention finds the demo's objects: the mean Jaccard of the 60 % attention
-    mass (the mean over heads, and the best head) with the object masks of the demo val images at the training
-    resolution, for the trained network and the same architecture at random init; chance: the objects' area."""
-    root = os.path.join(args.output_dir, "demo_data")
-    val = torchvision.datasets.ImageFolder(os.path.join(root, "val"), eval_transform(size, size), loader=load_rgb)
-    images = torch.stack([image for image, _ in val])
-    masks = torch.stack([torch.from_numpy(np.asarray(Image.open(os.path.join(root, "masks", os.path.relpath(
-        path, root))).convert("L").resize((size, size), Image.BOX)) >= 128) for path, _ in val.samples])
-    scores = {"chance": masks.float().mean().item(), "images": len(val), "size": size}
-    for name, checkpoint in (("trained", ckpt), ("random", None)):
-        model = load_backbone(args, device, checkpoint)
-        maps = torch.cat([attention_maps(model, batch.to(device)).cpu() for batch in images.split(64)])
-        scores[name] = attention_jaccard(maps.mean(1), masks, args.patch_size).mean().item()
-        scores[f"{name}_best_head"] = max(attention_jaccard(maps[:, h], masks, args.patch_size).mean().item()
-                                          for h in range(maps.shape[1]))
-    with open(os.path.join(args.output_dir, "attn", "demo_jaccard.json"), "w") as f:
-        json.dump(scores, f, indent=1)
-    print(f"attention vs object masks ({len(val)} demo val images at {size} px, Jaccard of the 60 % attention mass, "
-          f"mean over heads / best head): trained {scores['trained']:.3f} / {scores['trained_best_head']:.3f}, "
-          f"random init {scores['random']:.3f} / {scores['random_best_head']:.3f}, chance {scores['chance']:.3f}")
-    return scores
 
 
 def linear_main(args):

@@ -5,6 +5,7 @@ Expectations are independent of the code under test: hand-computed values,
 invariants, or explicit slow references written here.
 """
 import argparse
+import itertools
 import json
 import math
 import os
@@ -27,6 +28,7 @@ import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 from PIL import Image
 
+import bench
 import dino
 import vision_transformer as vits
 from dino import (
@@ -218,6 +220,42 @@ def test_head_loads_both_weight_norm_namings():
     other.load_state_dict(head.state_dict())
     x = torch.randn(4, 8)
     torch.testing.assert_close(other(x), head(x))
+
+
+def test_head_last_layer_is_fp32_under_autocast():
+    """The teacher sharpens the head's output by 1/0.04: its last layer runs in fp32 even under bf16 autocast."""
+    torch.manual_seed(0)
+    head = vits.DINOHead(64, 4096, bottleneck_dim=32, norm_last_layer=False)
+    with torch.no_grad():
+        head.last_layer.weight_g.uniform_(0.5, 2.0)
+    v, g = head.last_layer.weight_v, head.last_layer.weight_g
+    x, z = torch.randn(16, 64), F.normalize(torch.randn(16, 32), dim=-1)
+    reference = z.double() @ (g * v / v.norm(dim=1, keepdim=True)).double().T  # logits up to ~1.2
+    with torch.no_grad():
+        fp32_out = head(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert head.mlp(x).dtype == torch.bfloat16  # autocast is on
+            out, last = head(x), head.last_layer(z)
+    assert out.dtype == last.dtype == torch.float32
+    # a bf16 output would be off by up to 2^-9 of a logit: 4e-3 here
+    torch.testing.assert_close(last.double(), reference, rtol=0, atol=1e-5)
+    torch.testing.assert_close(out, fp32_out, rtol=0, atol=0.02)  # the bf16 MLP's rounding, through the normalization
+
+
+@pytest.mark.parametrize("size", [32, 48], ids=["native_grid", "interpolated"])
+def test_residual_stream_is_fp32_under_autocast(size):
+    """As in the published code, bf16 autocast leaves the residual stream (tokens between blocks) in fp32, whether the
+    positional embedding is used as is or interpolated."""
+    model = vits.vit_tiny(patch_size=16, img_size=32).eval()
+    dtypes = []
+    for block in model.blocks:
+        block.register_forward_hook(lambda module, inputs, output: dtypes.append(output.dtype))
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model.patch_embed(x).dtype == torch.bfloat16
+        assert model.prepare_tokens(x).dtype == torch.float32
+        model(x)
+    assert dtypes == [torch.float32] * 12
 
 
 def make_checkpoint_files(tmp_path, arch="vit_tiny"):
@@ -611,13 +649,15 @@ def test_short_training_run_writes_checkpoint_and_json_log(tmp_path, capsys):
     assert "it 2/2 loss" in printed and "img/s" in printed and "eta" in printed
 
 
-def test_resume_is_bit_exact(tmp_path):
+@pytest.mark.parametrize("workers", ["0", "2"])  # 2: persistent loader workers, started once per run
+def test_resume_is_bit_exact(tmp_path, workers):
     data = tiny_folder(tmp_path / "data")
-    dino.main(train_argv(data, tmp_path / "straight", "--saveckp_freq", "1"))
+    argv = ["--saveckp_freq", "1", "--num_workers", workers]
+    dino.main(train_argv(data, tmp_path / "straight", *argv))
     # An interrupted run: only the state after epoch 0 exists; rerunning the same command finishes it.
     os.makedirs(tmp_path / "resumed")
     os.replace(tmp_path / "straight" / "checkpoint0000.pth", tmp_path / "resumed" / "checkpoint.pth")
-    dino.main(train_argv(data, tmp_path / "resumed", "--saveckp_freq", "1"))
+    dino.main(train_argv(data, tmp_path / "resumed", *argv))
     a = torch.load(tmp_path / "straight" / "checkpoint.pth", weights_only=True)
     b = torch.load(tmp_path / "resumed" / "checkpoint.pth", weights_only=True)
     for net in ("teacher", "student"):
@@ -682,6 +722,93 @@ def test_train_step_follows_algorithm_1(tmp_path, monkeypatch):
     assert torch.equal(epoch0["student"][last], s_state[last]) and not torch.equal(epoch1["student"][last],
                                                                                    s_state[last])
     assert not torch.equal(epoch0["student"][block], s_state[block])
+
+
+@pytest.mark.parametrize("major, expected", [(8, torch.bfloat16), (7, torch.float16)], ids=["A100", "V100"])
+def test_precision_auto_takes_bf16_only_where_gpus_compute_it_natively(monkeypatch, major, expected):
+    # A GPU of this compute capability, on which bf16 tensors can be made (emulated before capability 8)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: argparse.Namespace(major=major))
+    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda device: True)
+    assert dino.autocast_dtype("auto", torch.device("cuda", 0)) == expected
+    assert dino.autocast_dtype("auto", torch.device("cpu")) is None
+    assert dino.autocast_dtype("fp16", torch.device("cuda", 0)) == torch.float16
+
+
+def train_step_from(args, precision, device, crops):
+    """One train step of a fresh TrainState (seed 0) at this precision: (loss, gradients, parameter changes)."""
+    args.precision = precision
+    torch.manual_seed(0)
+    s = dino.build_train_state(args, 1, 1, device)
+    assert s.scaler.is_enabled() == (precision == "fp16")
+    before = [p.detach().clone() for p in s.student.parameters()]
+    torch.manual_seed(1)  # the same drop-path masks
+    loss = dino.train_step(s, crops, 0, 0).item()
+    # the gradients as the optimizer took them: unscaled (fp16) and clipped
+    grads = torch.cat([p.grad.flatten() for p in s.student.parameters() if p.grad is not None]).double()
+    moves = torch.cat([(p.detach() - b).flatten() for p, b in zip(s.student.parameters(), before)]).double()
+    return loss, grads, moves
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_mixed_precision_steps_are_close_to_fp32(tmp_path, device):
+    """The same step from the same init and crops at fp32 and under autocast (fp16: with the GradScaler). Tolerances:
+    bf16 keeps 8 significant bits, fp16 11; AdamW's first step moves every weight by about lr x sign(gradient), so
+    the few whose tiny gradients flip sign under rounding make up the relative difference of the moves."""
+    args = parse_args(train_argv(tmp_path, tmp_path / "out", "--out_dim", "64", "--warmup_epochs", "0",
+                                 "--freeze_last_layer", "0"))
+    g = torch.Generator().manual_seed(2)
+    crops = [torch.randn(4, 3, size, size, generator=g).to(device) for size in (32, 32, 16, 16)]
+    loss, grads, moves = train_step_from(args, "fp32", torch.device(device), crops)
+    for precision, loss_tol, grad_tol, move_tol in (("bf16", 2e-3, 0.05, 0.3), ("fp16", 5e-4, 0.01, 0.15)):
+        amp_loss, amp_grads, amp_moves = train_step_from(args, precision, torch.device(device), crops)
+        assert abs(amp_loss - loss) < loss_tol * loss, precision
+        assert (amp_grads - grads).norm() < grad_tol * grads.norm(), precision
+        assert moves.norm() > 0 and (amp_moves - moves).norm() < move_tol * moves.norm(), precision
+
+
+def test_device_photometry_path_on_the_cpu(tmp_path, monkeypatch):
+    """The GPU data path run on the CPU: the loader gives uint8 crops, colour / blur / solarize run batched before
+    the step, which gets normalized float crops of the same shapes. Training keeps TF32 off."""
+    data = tiny_folder(tmp_path / "data")
+    loaded, stepped = [], []
+    photometry, step = MultiCropPhotometry.__call__, dino.train_step
+
+    def recording_photometry(self, views):
+        loaded.append([(v.dtype, tuple(v.shape)) for v in views])
+        return photometry(self, views)
+
+    def recording_step(s, crops, epoch, i):
+        stepped.append([c.clone() for c in crops])
+        return step(s, crops, epoch, i)
+
+    monkeypatch.setattr(MultiCropPhotometry, "__call__", recording_photometry)
+    monkeypatch.setattr(dino, "train_step", recording_step)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    dino.train(parse_args(train_argv(data, tmp_path / "out", "--epochs", "1")), device_photometry=True)
+    shapes = [(4, 3, 32, 32)] * 2 + [(4, 3, 16, 16)] * 2
+    assert loaded == [[(torch.uint8, shape) for shape in shapes]] * 2  # 8 images, batch 4
+    assert len(stepped) == 2
+    for crops in stepped:
+        assert [tuple(c.shape) for c in crops] == shapes
+        assert all(c.dtype == torch.float32 and in_normalized_range(c) for c in crops)
+    assert math.isfinite(read_log(tmp_path / "out")[0]["loss"])
+    assert not torch.backends.cuda.matmul.allow_tf32
+
+
+@pytest.mark.parametrize("backend", [pytest.param("aot_eager", marks=pytest.mark.slow),
+                                     pytest.param("inductor", marks=pytest.mark.gpu)])
+def test_compiled_run_finishes_with_the_eager_loss(tmp_path, monkeypatch, backend):
+    """--compile for one epoch. On the CPU through aot_eager (graph capture, forward and backward, with no code
+    generation): inductor's CPU code generation takes about 5 minutes here, and the GPU's is another."""
+    data = tiny_folder(tmp_path / "data", n=4)
+    dino.main(train_argv(data, tmp_path / "eager", "--epochs", "1"))
+    compile_module = nn.Module.compile
+    monkeypatch.setattr(nn.Module, "compile", lambda self: compile_module(self, backend=backend))
+    dino.main(train_argv(data, tmp_path / "compiled", "--epochs", "1", "--compile"))
+    eager, compiled = read_log(tmp_path / "eager")[0]["loss"], read_log(tmp_path / "compiled")[0]["loss"]
+    assert math.isfinite(compiled) and compiled == pytest.approx(eager, rel=1e-2 if backend == "inductor" else 1e-5)
 
 
 def test_bad_flags_are_one_line_errors_before_any_work(tmp_path, capsys):
@@ -1005,6 +1132,12 @@ def test_extract_features_and_embed_folder_two_processes_equal_one(tmp_path):
     assert embedded["paths"] == single_embedded["paths"] and torch.load(tmp_path / "embedded1.pth") is None
     for k in ("cls", "patch_tokens"):
         torch.testing.assert_close(embedded[k], single_embedded[k], atol=1e-5, rtol=1e-5)
+
+
+def test_evaluation_allows_tf32_on_gpus(monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    dino.load_backbone(argparse.Namespace(arch="vit_tiny", patch_size=16), torch.device("cpu"))  # knn, attn, linear
+    assert torch.backends.cuda.matmul.allow_tf32
 
 
 def test_knn_main_demo_run_and_feature_dump(tmp_path, checkpoint, monkeypatch, capsys):
@@ -1733,6 +1866,91 @@ def test_survivor_of_a_lost_process_exits_with_one_line_and_rerun_resumes(tmp_pa
 TWO_FAKE_GPUS = ["-c", "import sys, torch; torch.cuda.device_count = lambda: 2; import dino; dino.main(sys.argv[1:])"]
 
 
+@pytest.mark.parametrize("visible, index", [(1, 0), (4, 3)], ids=["one_gpu_per_process", "all_gpus_visible"])
+def test_device_is_the_local_rank_among_the_visible_gpus(monkeypatch, visible, index):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: visible)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)  # joining the group is not what this checks
+    for name, value in dict(RANK="7", WORLD_SIZE="8", LOCAL_RANK="3").items():
+        monkeypatch.setenv(name, value)
+    assert dino.init_distributed() == (7, 8, torch.device("cuda", index))
+
+
+def test_a_process_leaves_its_group_whether_it_fails_or_not(monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+
+    def joins(fail):
+        dino.init_distributed()
+        assert dist.is_initialized()
+        if fail:
+            raise RuntimeError("a bug")
+        return "done"
+
+    for fail in (False, True):
+        monkeypatch.setenv("MASTER_PORT", str(dino._free_port()))
+        if fail:
+            with pytest.raises(RuntimeError, match="a bug"):  # one process: a bug keeps its traceback
+                dino._run(joins, fail)
+        else:
+            assert dino._run(joins, fail) == "done"
+        assert not dist.is_initialized()
+
+
+def test_processes_that_resume_different_epochs_stop(tmp_path, monkeypatch):
+    """Output dirs not shared between nodes: this process finds a checkpoint of epoch 1, another one none (its
+    all_reduce, MAX, is played here)."""
+    data = tiny_folder(tmp_path / "data", n=8)
+    argv = train_argv(data, tmp_path / "out")
+    os.makedirs(tmp_path / "out")
+    (tmp_path / "out" / "checkpoint.pth").touch()
+    monkeypatch.setattr(dino, "resume", lambda path, s: 1)
+    monkeypatch.setattr(dino, "init_distributed", lambda timeout: (0, 2, torch.device("cpu")))
+    other_process = torch.tensor([0, 0])  # resumed nothing: starts at epoch 0
+    monkeypatch.setattr(dist, "all_reduce", lambda t, op: t.copy_(torch.maximum(t, other_process)))
+    with pytest.raises(DinoError, match=r"the processes resumed different epochs \(0 to 1\).*shares"):
+        dino.train(parse_args(argv))
+
+
+def test_batchnorm_head_with_several_cpu_processes_is_not_synced(tmp_path):
+    """SyncBatchNorm runs on CUDA only: several CPU processes keep plain BatchNorm (statistics per process)."""
+    args = parse_args(train_argv(tmp_path, tmp_path / "out", "--use_bn_in_head", "true"))
+    s = dino.build_train_state(args, 1, 2, torch.device("cpu"))
+    kinds = {type(m) for m in [*s.student.head.modules(), *s.teacher.head.modules()]}
+    assert nn.BatchNorm1d in kinds and nn.SyncBatchNorm not in kinds
+    crops = [torch.randn(4, 3, size, size) for size in (32, 32, 16, 16)]
+    assert math.isfinite(dino.train_step(s, crops, 0, 0).item())
+
+
+def test_demo_data_appears_whole_or_not_at_all(tmp_path, monkeypatch):
+    """Written beside its place and renamed: a run that dies while writing leaves nothing there, and a process that
+    finds another one's copy renamed first keeps that one."""
+    root = tmp_path / "demo_data"
+    draw, rename, calls = dino.demo_image, os.rename, itertools.count()
+
+    def dies_at_image_10(cls, rng):
+        if next(calls) == 10:
+            raise KeyboardInterrupt
+        return draw(cls, rng)
+
+    monkeypatch.setattr(dino, "demo_image", dies_at_image_10)
+    with pytest.raises(KeyboardInterrupt):
+        dino.make_demo_dataset(root, n_train=3, n_val=1)
+    assert not root.exists()
+    before = set(os.listdir(tmp_path))
+
+    def another_process_first(src, dst):
+        os.makedirs(os.path.join(dst, "train"))
+        rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", another_process_first)
+    assert dino.make_demo_dataset(root, n_train=3, n_val=1) == str(root)
+    assert os.listdir(root) == ["train"]  # the other process's copy, untouched
+    assert set(os.listdir(tmp_path)) == before | {"demo_data"}  # ours is gone
+
+
 def test_error_in_launched_processes_is_one_line(tmp_path, capsys, monkeypatch):
     # launch() spawns one process per GPU; with two "GPUs" the spawned workers find none and join a gloo group.
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
@@ -1743,6 +1961,23 @@ def test_error_in_launched_processes_is_one_line(tmp_path, capsys, monkeypatch):
     assert "4 images split over 2 process(es) do not fill one batch" in err
 
 
+def test_launcher_names_a_process_killed_by_a_signal(monkeypatch):
+    """What torch.multiprocessing.spawn raises when a process dies of a signal (NCCL's watchdog aborts one whose peer
+    is lost), as one line; the real thing is the slow test below."""
+    def one_aborted(*args, **kwargs):
+        raise torch.multiprocessing.ProcessExitedException("process 1 terminated with signal SIGABRT", error_index=1,
+                                                           error_pid=4321, exit_code=-6, signal_name="SIGABRT")
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.multiprocessing, "spawn", one_aborted)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    with pytest.raises(DinoError) as e:
+        dino.launch(dino.train, None)
+    assert "training process 1 was killed by SIGABRT (NCCL" in str(e.value) and "rerun" in str(e.value)
+    assert "\n" not in str(e.value)
+
+
 def spawned_workers(pid):
     children = open(f"/proc/{pid}/task/{pid}/children").read().split()
     return [int(c) for c in children if "spawn_main" in open(f"/proc/{c}/cmdline").read()]
@@ -1750,7 +1985,8 @@ def spawned_workers(pid):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children"), reason="needs /proc")
-def test_launched_process_killed_is_one_line(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGABRT], ids=["killed", "aborted_as_by_nccl"])
+def test_launched_process_killed_is_one_line(tmp_path, sig):
     data = tiny_folder(tmp_path / "data", n=16)
     out = tmp_path / "out"
     p = start_cli(train_argv(data, out, "--epochs", "50"), tmp_path / "err.txt", python_args=TWO_FAKE_GPUS)
@@ -1758,10 +1994,88 @@ def test_launched_process_killed_is_one_line(tmp_path):
         assert wait_for(lambda: (out / "log.txt").exists(), p)
         workers = spawned_workers(p.pid)
         assert len(workers) == 2
-        os.kill(workers[1], signal.SIGKILL)
+        os.kill(workers[1], sig)
         assert p.wait(timeout=60) == 2
     finally:
         p.kill()
         p.wait()
     err = stderr_line(tmp_path / "err.txt")
-    assert "rerun the same command to resume" in err and ("killed by SIGKILL" in err or "lost contact" in err)
+    assert "rerun the same command to resume" in err and (f"killed by {sig.name}" in err or "lost contact" in err)
+
+
+# -----------------------------------------------------------------------------
+# bench.py
+
+def loader_bound(burst, period, batch):
+    """Batches as a DataLoader's workers make them: `burst` ready at the start (their prefetch), then one every
+    `period` seconds, made in the background whether or not they are taken yet."""
+    start = time.perf_counter()
+    for i in itertools.count():
+        time.sleep(max(0.0, start + (i - burst + 1) * period - time.perf_counter()))
+        yield [torch.zeros(batch, 1)]
+
+
+def test_bench_end_to_end_rate_is_the_loaders_rate():
+    batch, period, burst = 8, 0.05, 4  # 2 workers prefetching 2 batches each; a step faster than the loader
+    step = lambda crops: time.sleep(0.005)
+    cpu = torch.device("cpu")
+    measured = bench.timed_images_per_s(loader_bound(burst, period, batch), step, 2 * burst, 6, cpu)
+    assert measured == pytest.approx(batch / period, rel=0.15)  # 160 images/s
+    # The old timing: the clock started once warm-up batch 1 had arrived (counted), with the burst behind it.
+    for i, crops in enumerate(loader_bound(burst, period, batch)):
+        if i == 1:
+            start = time.perf_counter()
+        step(crops)
+        if i == 3:  # --warmup 1 --steps 3, the CPU defaults
+            break
+    assert 3 * batch / (time.perf_counter() - start) > 3 * batch / period
+
+
+def test_bench_peak_flops_from_the_device_name():
+    # dense bf16 tensor-core TFLOP/s from NVIDIA's datasheets; unknown cards get none (FLOP utilization n/a)
+    for name, peak in [("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756), ("NVIDIA H200", 989),
+                       ("NVIDIA A100-SXM4-80GB", 312), ("NVIDIA A100 80GB PCIe", 312), ("NVIDIA H100 NVL", None),
+                       ("Tesla V100-SXM2-16GB", None), ("NVIDIA GeForce RTX 4090", None)]:
+        assert bench.peak_tflops(name) == peak, name
+
+
+# -----------------------------------------------------------------------------
+# on a CUDA GPU only: `python -m pytest -q -m gpu` (.ci/gpu). The bf16 / fp16 steps against fp32 and the compiled
+# run are the gpu cases of the tests above.
+
+@pytest.mark.gpu
+def test_gpu_photometry_equals_cpu_photometry():
+    img = images(n=32)
+    torch.manual_seed(0)
+    params = sample_photometric_params(32, 0.5, 0.5)
+    cpu = apply_photometric(img, params)
+    gpu = apply_photometric(img.cuda(), {k: v.cuda() for k, v in params.items()}).cpu()
+    # within half a uint8 level, PIL's own rounding (cuDNN may run the blur's convolutions in TF32)
+    torch.testing.assert_close(gpu, cpu, rtol=0, atol=0.5 / 255 / min(IMAGENET_STD))
+
+
+@pytest.mark.gpu
+def test_gpu_attention_runs_on_flash_or_memory_efficient_kernels():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    model = vits.vit_small(patch_size=16, drop_path_rate=0.1).cuda()
+    # with only these allowed, SDPA raises "No available kernel" where it would fall back to the math path
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            for size in (224, 96):  # global and local crops, forward and backward
+                model(torch.randn(8, 3, size, size, device="cuda")).float().sum().backward()
+    assert model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_gpu_train_step_has_no_host_sync(tmp_path, precision):
+    args = parse_args(train_argv(tmp_path, tmp_path / "out", "--precision", precision, "--freeze_last_layer", "0"))
+    s = dino.build_train_state(args, 3, 1, torch.device("cuda"))
+    crops = [torch.randn(4, 3, size, size, device="cuda") for size in (32, 32, 16, 16)]
+    dino.train_step(s, crops, 0, 0)  # the first step creates the optimizer state
+    torch.cuda.set_sync_debug_mode("error")  # any synchronizing call raises
+    try:
+        losses = [dino.train_step(s, crops, 0, i) for i in (1, 2)]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(math.isfinite(loss.item()) for loss in losses)

@@ -248,7 +248,10 @@ class WeightNormLinear(nn.Module):
         return self.weight_g * self.weight_v / self.weight_v.norm(dim=1, keepdim=True)
 
     def forward(self, x):
-        return F.linear(x, self.weight)
+        # fp32 even under autocast: the teacher sharpens these logits by 1 / 0.04, which would magnify the rounding
+        # of a bf16 output (up to 2^-9 of a logit in [-1, 1]) 25-fold
+        with torch.autocast(x.device.type, enabled=False):
+            return F.linear(x.float(), self.weight)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         for new, old in (("weight_g", "parametrizations.weight.original0"),

@@ -744,7 +744,7 @@ def train_step_from(args, precision, device, crops):
     assert s.scaler.is_enabled() == (precision == "fp16")
     before = [p.detach().clone() for p in s.student.parameters()]
     torch.manual_seed(1)  # the same drop-path masks
-    loss = dino.train_step(s, crops, 0, 0).item()
+    loss = dino.train_step(s, [crops], 0, 0).item()
     # the gradients as the optimizer took them: unscaled (fp16) and clipped
     grads = torch.cat([p.grad.flatten() for p in s.student.parameters() if p.grad is not None]).double()
     moves = torch.cat([(p.detach() - b).flatten() for p, b in zip(s.student.parameters(), before)]).double()
@@ -779,9 +779,10 @@ def test_device_photometry_path_on_the_cpu(tmp_path, monkeypatch):
         loaded.append([(v.dtype, tuple(v.shape)) for v in views])
         return photometry(self, views)
 
-    def recording_step(s, crops, epoch, i):
+    def recording_step(s, micro_batches, epoch, i):
+        (crops,) = micro_batches  # --accum_iter 1: the batch is one micro-batch
         stepped.append([c.clone() for c in crops])
-        return step(s, crops, epoch, i)
+        return step(s, micro_batches, epoch, i)
 
     monkeypatch.setattr(MultiCropPhotometry, "__call__", recording_photometry)
     monkeypatch.setattr(dino, "train_step", recording_step)
@@ -1921,7 +1922,7 @@ def test_batchnorm_head_with_several_cpu_processes_is_not_synced(tmp_path):
     kinds = {type(m) for m in [*s.student.head.modules(), *s.teacher.head.modules()]}
     assert nn.BatchNorm1d in kinds and nn.SyncBatchNorm not in kinds
     crops = [torch.randn(4, 3, size, size) for size in (32, 32, 16, 16)]
-    assert math.isfinite(dino.train_step(s, crops, 0, 0).item())
+    assert math.isfinite(dino.train_step(s, [crops], 0, 0).item())
 
 
 def test_demo_data_appears_whole_or_not_at_all(tmp_path, monkeypatch):
@@ -2072,10 +2073,10 @@ def test_gpu_train_step_has_no_host_sync(tmp_path, precision):
     args = parse_args(train_argv(tmp_path, tmp_path / "out", "--precision", precision, "--freeze_last_layer", "0"))
     s = dino.build_train_state(args, 3, 1, torch.device("cuda"))
     crops = [torch.randn(4, 3, size, size, device="cuda") for size in (32, 32, 16, 16)]
-    dino.train_step(s, crops, 0, 0)  # the first step creates the optimizer state
+    dino.train_step(s, [crops], 0, 0)  # the first step creates the optimizer state
     torch.cuda.set_sync_debug_mode("error")  # any synchronizing call raises
     try:
-        losses = [dino.train_step(s, crops, 0, i) for i in (1, 2)]
+        losses = [dino.train_step(s, [crops], 0, i) for i in (1, 2)]
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert all(math.isfinite(loss.item()) for loss in losses)

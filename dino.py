@@ -356,19 +356,15 @@ class ImageDataset(torch.utils.data.Dataset):
 
 
 class ImageFiles(ImageDataset):
-    """The images under root for inference: (image, True), or for an unreadable file (a warning names it) a blank
+    """The images under root for inference: (image, True), or for an unreadable file (a warning names it) a black
     image and False, whose row the caller drops: nothing takes its place."""
-
-    def __init__(self, root, transform, blank):
-        super().__init__(root, transform)
-        self.blank = blank
 
     def __getitem__(self, index):
         try:
             return self.transform(load_rgb(self.files[index])), True
         except UNREADABLE as e:
             print(f"warning: skipping unreadable image {self.files[index]}: {e}", file=sys.stderr)
-            return self.blank, False
+            return self.transform(Image.new("RGB", (1, 1))), False
 
 
 def eval_transform(resize_size, crop_size):
@@ -835,7 +831,7 @@ def embed_folder(model, folder, resize_size=None, crop_size=224, patch_tokens=Fa
     with patch_tokens, 'patch_tokens' [N, h, w, D] final-norm patch tokens; with n_last_blocks n, 'last_blocks'
     [N, n, D] the final-norm CLS tokens of the last n blocks. Float32 tensors on the CPU."""
     device, h, dim = torch.device(device), crop_size // model.patch_size, model.embed_dim
-    dataset = ImageFiles(folder, eval_transform(resize_size, crop_size), torch.zeros(3, crop_size, crop_size))
+    dataset = ImageFiles(folder, eval_transform(resize_size, crop_size))
     loader = torch.utils.data.DataLoader(shard(dataset), batch_size=batch_size, num_workers=num_workers,
                                          pin_memory=device.type == "cuda")
     shapes = {"cls": (dim,), "readable": ()} | ({"patch_tokens": (h, h, dim)} if patch_tokens else {}) | \

@@ -744,7 +744,7 @@ def train_step_from(args, precision, device, crops):
     assert s.scaler.is_enabled() == (precision == "fp16")
     before = [p.detach().clone() for p in s.student.parameters()]
     torch.manual_seed(1)  # the same drop-path masks
-    loss = dino.train_step(s, crops, 0, 0).item()
+    loss = dino.train_step(s, [crops], 0, 0).item()
     # the gradients as the optimizer took them: unscaled (fp16) and clipped
     grads = torch.cat([p.grad.flatten() for p in s.student.parameters() if p.grad is not None]).double()
     moves = torch.cat([(p.detach() - b).flatten() for p, b in zip(s.student.parameters(), before)]).double()
@@ -779,9 +779,9 @@ def test_device_photometry_path_on_the_cpu(tmp_path, monkeypatch):
         loaded.append([(v.dtype, tuple(v.shape)) for v in views])
         return photometry(self, views)
 
-    def recording_step(s, crops, epoch, i):
-        stepped.append([c.clone() for c in crops])
-        return step(s, crops, epoch, i)
+    def recording_step(s, micro_batches, epoch, i):
+        stepped.append([c.clone() for c in micro_batches[0]])
+        return step(s, micro_batches, epoch, i)
 
     monkeypatch.setattr(MultiCropPhotometry, "__call__", recording_photometry)
     monkeypatch.setattr(dino, "train_step", recording_step)
@@ -1120,14 +1120,14 @@ def test_evaluation_allows_tf32_on_gpus(monkeypatch):
     assert torch.backends.cuda.matmul.allow_tf32
 
 
-def test_knn_main_demo_run_and_feature_dump(tmp_path, checkpoint, monkeypatch, capsys):
+def test_knn_main_demo_run_with_random_init(tmp_path, checkpoint, monkeypatch, capsys):
     out = tmp_path / "run"
     with pytest.raises(DinoError, match="python dino.py train"):
         knn_main(parse("knn", ["--output_dir", str(out)]))
     os.makedirs(out)
     shutil.copy(checkpoint, out / "checkpoint.pth")
     monkeypatch.setattr(dino, "make_demo_dataset", lambda root: make_folders(root))  # a tiny stand-in demo
-    args = parse("knn", ["--output_dir", str(out), "--num_workers", "0", "--dump_features", str(tmp_path / "feats")])
+    args = parse("knn", ["--output_dir", str(out), "--num_workers", "0"])
     knn_main(args)
     assert (args.arch, args.patch_size, args.crop_size, args.resize_size) == ("vit_tiny", 16, 32, 32)
     results = json.loads((out / "knn_results.json").read_text())["results"]
@@ -1136,9 +1136,6 @@ def test_knn_main_demo_run_and_feature_dump(tmp_path, checkpoint, monkeypatch, c
         [("random init (seed 0)", k) for k in ks]
     assert results[0]["top1"] == 100.0  # the colors are trivially separable
     assert "random init (seed 0)" in capsys.readouterr().out
-    knn_main(parse("knn", ["--load_features", str(tmp_path / "feats"), "--output_dir", str(tmp_path / "reloaded")]))
-    reloaded = json.loads((tmp_path / "reloaded" / "knn_results.json").read_text())["results"]
-    assert [(r["top1"], r["top5"]) for r in reloaded] == [(r["top1"], r["top5"]) for r in results[:2]]
 
 
 def test_knn_top1_runs_in_eval_mode_and_restores_the_mode(tmp_path):
@@ -1640,12 +1637,9 @@ def test_code_running_pickle_is_refused_by_every_entry_point(tmp_path, capsys):
     for command in ("knn", "attn", "linear"):
         err = main_error([command, "--pretrained_weights", str(evil), "--output_dir", str(tmp_path / "eval")], capsys)
         assert refused in err and str(evil) in err
-    features = tmp_path / "features"
-    os.makedirs(features)
-    for name in dino.FEATURE_FILES:
-        torch.save(RunsCode(marker), features / f"{name}.pth")
-    assert refused in main_error(["knn", "--load_features", str(features), "--output_dir", str(tmp_path / "eval")],
-                                 capsys)
+    err = main_error(["embed", "--data_path", str(data), "--pretrained_weights", str(evil), "--output",
+                      str(tmp_path / "features.npz")], capsys)
+    assert refused in err and not (tmp_path / "features.npz").exists()
     assert not marker.exists()
 
 
@@ -1932,7 +1926,7 @@ def test_batchnorm_head_with_several_cpu_processes_is_not_synced(tmp_path):
     kinds = {type(m) for m in [*s.student.head.modules(), *s.teacher.head.modules()]}
     assert nn.BatchNorm1d in kinds and nn.SyncBatchNorm not in kinds
     crops = [torch.randn(4, 3, size, size) for size in (32, 32, 16, 16)]
-    assert math.isfinite(dino.train_step(s, crops, 0, 0).item())
+    assert math.isfinite(dino.train_step(s, [crops], 0, 0).item())
 
 
 def test_demo_data_appears_whole_or_not_at_all(tmp_path, monkeypatch):
@@ -2083,10 +2077,10 @@ def test_gpu_train_step_has_no_host_sync(tmp_path, precision):
     args = parse_args(train_argv(tmp_path, tmp_path / "out", "--precision", precision, "--freeze_last_layer", "0"))
     s = dino.build_train_state(args, 3, 1, torch.device("cuda"))
     crops = [torch.randn(4, 3, size, size, device="cuda") for size in (32, 32, 16, 16)]
-    dino.train_step(s, crops, 0, 0)  # the first step creates the optimizer state
+    dino.train_step(s, [crops], 0, 0)  # the first step creates the optimizer state
     torch.cuda.set_sync_debug_mode("error")  # any synchronizing call raises
     try:
-        losses = [dino.train_step(s, crops, 0, i) for i in (1, 2)]
+        losses = [dino.train_step(s, [crops], 0, i) for i in (1, 2)]
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert all(math.isfinite(loss.item()) for loss in losses)

@@ -800,8 +800,8 @@ def test_device_photometry_path_on_the_cpu(tmp_path, monkeypatch):
 @pytest.mark.parametrize("backend", [pytest.param("aot_eager", marks=pytest.mark.slow),
                                      pytest.param("inductor", marks=pytest.mark.gpu)])
 def test_compiled_run_finishes_with_the_eager_loss(tmp_path, monkeypatch, backend):
-    """--compile for one epoch. On the CPU through aot_eager (graph capture, forward and backward, with no code
-    generation): inductor's CPU code generation takes about 5 minutes here, and the GPU's is another."""
+    """--compile for one epoch, the same loss as eager. On the CPU through aot_eager (graph capture and AOT autograd,
+    no code generation): inductor's CPU code generation takes 5 minutes on 2 cores and is not the GPU's anyway."""
     data = tiny_folder(tmp_path / "data", n=4)
     dino.main(train_argv(data, tmp_path / "eager", "--epochs", "1"))
     compile_module = nn.Module.compile

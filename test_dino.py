@@ -780,7 +780,8 @@ def test_device_photometry_path_on_the_cpu(tmp_path, monkeypatch):
         return photometry(self, views)
 
     def recording_step(s, micro_batches, epoch, i):
-        stepped.append([c.clone() for c in micro_batches[0]])
+        (crops,) = micro_batches  # --accum_iter 1: the batch is one micro-batch
+        stepped.append([c.clone() for c in crops])
         return step(s, micro_batches, epoch, i)
 
     monkeypatch.setattr(MultiCropPhotometry, "__call__", recording_photometry)
@@ -1094,24 +1095,44 @@ def images_dataset():
     return torch.utils.data.TensorDataset(torch.randn(7, 3, 32, 32, generator=g), torch.arange(7))
 
 
-def extract_worker(rank, port, out):
+def embed_images(folder):
+    """Readable images in an order that sorting by path gives, a corrupt one among them; their expected paths."""
+    rng = np.random.default_rng(0)
+    names = ["cat.png", "dogs/d1.png", "dogs/d2.jpg", "zebra.png"]
+    for name in names:
+        save_png(folder / name, rng.integers(0, 255, (40, 36, 3)))
+    (folder / "dogs" / "bad.png").write_bytes(b"\x89PNG broken")
+    return names
+
+
+def extract_worker(rank, port, out, folder):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         features = extract_features(tiny_vit(), images_dataset(), 2, 0, "cpu")
         torch.save(features, os.path.join(out, f"rank{rank}.pth"))
+        embedded = dino.embed_folder(tiny_vit(), folder, crop_size=32, patch_tokens=True, batch_size=2)
+        torch.save(embedded, os.path.join(out, f"embedded{rank}.pth"))
     finally:
         dist.destroy_process_group()
 
 
-def test_extract_features_two_processes_equal_one(tmp_path):
+def test_extract_features_and_embed_folder_two_processes_equal_one(tmp_path):
     single = extract_features(tiny_vit(), images_dataset(), 2, 0, "cpu")
     assert single.shape == (7, 192) and single.dtype == torch.float32
     assert torch.allclose(single.norm(dim=1), torch.ones(7))
-    torch.multiprocessing.spawn(extract_worker, args=(dino._free_port(), str(tmp_path)), nprocs=2)
+    embed_images(tmp_path / "images")  # 5 files, the corrupt one in process 0's shard of 2
+    single_embedded = dino.embed_folder(tiny_vit(), tmp_path / "images", crop_size=32, patch_tokens=True)
+    torch.multiprocessing.spawn(extract_worker, args=(dino._free_port(), str(tmp_path), tmp_path / "images"),
+                                nprocs=2)
     # process 0 gets all 7 features, in dataset order; the others nothing
     torch.testing.assert_close(torch.load(tmp_path / "rank0.pth"), single, atol=1e-5, rtol=0)
     assert torch.load(tmp_path / "rank1.pth") is None
+    # the same for the embeddings, the unreadable file's row dropped after the gather
+    embedded = torch.load(tmp_path / "embedded0.pth")
+    assert embedded["paths"] == single_embedded["paths"] and torch.load(tmp_path / "embedded1.pth") is None
+    for k in ("cls", "patch_tokens"):
+        torch.testing.assert_close(embedded[k], single_embedded[k], atol=1e-5, rtol=1e-5)
 
 
 def test_evaluation_allows_tf32_on_gpus(monkeypatch):
@@ -1331,16 +1352,6 @@ def test_linear_probe_two_processes(tmp_path, checkpoint):
 # -----------------------------------------------------------------------------
 # embed
 
-def embed_images(folder):
-    """Readable images in an order that sorting by path gives, a corrupt one among them; their expected paths."""
-    rng = np.random.default_rng(0)
-    names = ["cat.png", "dogs/d1.png", "dogs/d2.jpg", "zebra.png"]
-    for name in names:
-        save_png(folder / name, rng.integers(0, 255, (40, 36, 3)))
-    (folder / "dogs" / "bad.png").write_bytes(b"\x89PNG broken")
-    return names
-
-
 def test_embed_folder_features_and_files(tmp_path, checkpoint, capsys):
     folder, model = tmp_path / "images", tiny_vit()
     names = embed_images(folder)
@@ -1392,27 +1403,6 @@ def test_embed_bad_inputs(tmp_path, checkpoint, capsys):
     warning, error = capsys.readouterr().err.strip().split("\n")  # the file named, then one line and status 2
     assert "dogs/bad.png" in warning and error.startswith("error: no image under --data_path")
     assert not (tmp_path / "e.pt").exists()
-
-
-def embed_worker(rank, port, folder, out):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        torch.save(dino.embed_folder(tiny_vit(), folder, crop_size=32, patch_tokens=True, batch_size=2),
-                   os.path.join(out, f"rank{rank}.pth"))
-    finally:
-        dist.destroy_process_group()
-
-
-def test_embed_folder_two_processes_equal_one(tmp_path):
-    folder = tmp_path / "images"
-    embed_images(folder)  # 5 files, the corrupt one in process 0's shard of 2
-    single = dino.embed_folder(tiny_vit(), folder, crop_size=32, patch_tokens=True)
-    torch.multiprocessing.spawn(embed_worker, args=(dino._free_port(), folder, str(tmp_path)), nprocs=2)
-    gathered = torch.load(tmp_path / "rank0.pth")
-    assert gathered["paths"] == single["paths"] and torch.load(tmp_path / "rank1.pth") is None
-    for k in ("cls", "patch_tokens"):
-        torch.testing.assert_close(gathered[k], single[k], atol=1e-5, rtol=1e-5)
 
 
 # -----------------------------------------------------------------------------

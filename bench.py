@@ -218,7 +218,7 @@ def sync(device):
 
 def check_same_loss(a, device, res):
     """Guard: same init, same inputs, fp32, eager: both steps give the same loss (step 1 also checks the update)."""
-    check = dino_args(a, compile=False)
+    check = dino_args(a, compile=False, precision="fp32")  # ours takes its precision from these flags
     crops = synthetic_crops(check, min(a.batch_size, 4), device)
     steps = {name: build(check, device, None, name == "baseline")[0] for name in ("baseline", "ours")}
     losses = {name: [] for name in steps}

@@ -1062,22 +1062,17 @@ def start_from_weights(s):
 
 def init_distributed(timeout_minutes=30):
     """(rank, world_size, device). Joins the process group when launched by torchrun or `launch`."""
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     cuda = torch.cuda.is_available()
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        device = torch.device("cuda", 0) if cuda else torch.device("cpu")
-        if cuda:
-            torch.cuda.set_device(device)
-        return 0, 1, device
-    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     # LOCAL_RANK counts the node's processes; where each one sees only its own GPU, that GPU is number 0
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count()) if cuda \
         else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
     # A lost or hung peer: gloo's collectives raise in Python (_run reports it); NCCL's wait on the GPU, out of
-    # Python's reach, until its watchdog aborts the process (SIGABRT) after the timeout, which the launcher or
-    # torchrun report. TORCH_NCCL_BLOCKING_WAIT would raise instead, but it makes every wait a host sync.
-    if not dist.is_initialized():
+    # Python's reach, until NCCL's watchdog aborts the process (SIGABRT) after the timeout, which the launcher or
+    # torchrun report. TORCH_NCCL_BLOCKING_WAIT would raise instead, but makes every collective's wait a host sync.
+    if "RANK" in os.environ and not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=timeout_minutes),
                                 device_id=device if cuda else None)
     return rank, world_size, device
@@ -1224,10 +1219,7 @@ def prepare_output_dir(path):
     """Create the output dir and prove it is writable, before any work starts."""
     try:
         os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, f".write_test{os.getpid()}")
-        with open(probe, "w"):
-            pass
-        os.remove(probe)
+        tempfile.TemporaryFile(dir=path).close()
     except FileExistsError:
         raise DinoError(f"--output_dir {path} is a file, not a directory; pass a directory path") from None
     except OSError as e:
@@ -1407,15 +1399,9 @@ def image_folders(data_path, train_transform, val_transform):
     return train_set, val_set
 
 
-FEATURE_FILES = ("trainfeat", "trainlabels", "testfeat", "testlabels")  # the published eval_knn.py names
-
-
 def knn_features(args, device):
     """{model name: (train features, train labels, val features, val labels)}: --pretrained_weights, and with
-    --random_init the same architecture at random init; or the features saved by --dump_features."""
-    if args.load_features:
-        return {args.load_features: tuple(load_checkpoint_file(os.path.join(args.load_features, f"{name}.pth"))
-                                          for name in FEATURE_FILES)}
+    --random_init the same architecture at random init (features: see `embed` to save them)."""
     ckpt, train_args = open_weights(args, args.output_dir)
     open_eval_data(args, train_args)
     transform = eval_transform(args.resize_size, args.crop_size)
@@ -1427,10 +1413,6 @@ def knn_features(args, device):
         train_features, val_features = (extract_features(model, data, args.batch_size_per_gpu, args.num_workers,
                                                          device) for data in (train_set, val_set))
         runs[name] = (train_features, labels[0], val_features, labels[1])
-    if args.dump_features and get_rank() == 0:
-        os.makedirs(args.dump_features, exist_ok=True)
-        for name, tensor in zip(FEATURE_FILES, runs[args.pretrained_weights]):
-            torch.save(tensor, os.path.join(args.dump_features, f"{name}.pth"))
     return runs
 
 
@@ -1583,7 +1565,7 @@ def linear_main(args):
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one line and status 2, like every other bad input (not argparse's usage block)
-        print(f"error: {message}; see python dino.py {self.prog.split()[-1]} --help", file=sys.stderr)
+        print(f"error: {message}; see python dino.py {' '.join(self.prog.split()[1:] + ['--help'])}", file=sys.stderr)
         sys.exit(2)
 
 
@@ -1696,8 +1678,6 @@ def add_knn_args(p):
     p.add_argument("--temperature", type=POSITIVE, default=0.07, help="votes weigh exp(cos_sim / temperature)")
     p.add_argument("--batch_size_per_gpu", type=POSITIVE_INT, default=128)
     p.add_argument("--random_init", type=bool_flag, default=False, help="also evaluate a random init (the demo: true)")
-    p.add_argument("--dump_features", help="also save the features and labels in this folder")
-    p.add_argument("--load_features", help="use the features saved by --dump_features in this folder instead")
 
 
 def add_attn_args(p):

@@ -1073,8 +1073,12 @@ def init_distributed(timeout_minutes=30):
     # Python's reach, until NCCL's watchdog aborts the process (SIGABRT) after the timeout, which the launcher or
     # torchrun report. TORCH_NCCL_BLOCKING_WAIT would raise instead, but makes every collective's wait a host sync.
     if "RANK" in os.environ and not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=timeout_minutes),
-                                device_id=device if cuda else None)
+        try:
+            dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=timeout_minutes),
+                                    device_id=device if cuda else None)
+        except dist.DistBackendError as e:  # e.g. NCCL's "Duplicate GPU detected": more processes than GPUs
+            raise DinoError(f"the process group did not start: {str(e).strip().splitlines()[-1]}; run one process "
+                            f"per GPU (torchrun --nproc_per_node at most {torch.cuda.device_count()})") from None
     return rank, world_size, device
 
 

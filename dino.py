@@ -42,7 +42,7 @@ import torch.nn.functional as F
 import torchvision.datasets
 import torchvision.transforms as T
 import torchvision.transforms.functional as TF
-from PIL import Image, ImageFilter
+from PIL import Image, ImageDraw, ImageFilter
 
 import vision_transformer as vits
 
@@ -1145,37 +1145,61 @@ def launch(fn, args):
 # -----------------------------------------------------------------------------
 # the demo data and the presets
 
-DEMO_CLASSES = ("stripes_h", "stripes_v", "stripes_d", "checker", "rings", "dots")
+def _polygon(n, radii=(1.0,), turn=-0.25):
+    """n corners on the unit circle, the first at `turn` turns (-1/4: pointing up); a star alternates two radii."""
+    angle = 2 * np.pi * (np.arange(n) / n + turn)
+    return np.stack([np.cos(angle), np.sin(angle)], 1) * np.resize(radii, n)[:, None]
 
 
-# Color pairs shared by every class: color tells nothing about the class, so features must encode the shape.
-DEMO_PALETTE = ((230, 60, 40), (30, 40, 120)), ((250, 220, 60), (40, 110, 50)), ((235, 235, 235), (90, 60, 140)), \
-    ((70, 200, 220), (120, 40, 30))
+_ARM = np.array([[0.3, 0.3], [1, 0.3], [1, -0.3]])  # a quarter of a cross's outline, rotated four times below
+DEMO_SHAPES = {  # outlines at unit size: [(corners [n, 2], True to fill or False to cut out)]
+    "disk": [(_polygon(48), True)], "ring": [(_polygon(48), True), (0.55 * _polygon(48), False)],
+    "square": [(_polygon(4, turn=-0.125), True)], "triangle": [(_polygon(3), True)],
+    "cross": [(np.concatenate([_ARM @ np.linalg.matrix_power([[0, -1], [1, 0]], k) for k in range(4)]), True)],
+    "star": [(_polygon(10, (1.0, 0.45)), True)]}
+DEMO_CLASSES = tuple(DEMO_SHAPES)
+# the nuisances' ranges: the object's share of the image, its rotation (degrees; DINO's augmentations have none),
+# how many grey blobs and strokes the clutter has
+DEMO_AREA, DEMO_ROTATION, DEMO_CLUTTER = (0.12, 0.28), 15, (6, 17)
 
 
-def demo_image(cls, rng, size=64):
-    """A procedural image whose class is its shape pattern, not its colors, position or scale."""
-    y, x = np.mgrid[0:size, 0:size].astype(np.float64) / size
-    freq = rng.uniform(3, 6)
-    phase = rng.uniform(0, 2 * np.pi)
-    cx, cy = rng.uniform(0.2, 0.8, size=2)
-    pattern = {
-        "stripes_h": lambda: np.sin(2 * np.pi * freq * y + phase),
-        "stripes_v": lambda: np.sin(2 * np.pi * freq * x + phase),
-        "stripes_d": lambda: np.sin(2 * np.pi * freq * (x + y) / np.sqrt(2) + phase),
-        "checker": lambda: np.sin(2 * np.pi * freq * x + phase) * np.sin(2 * np.pi * freq * y + phase),
-        "rings": lambda: np.sin(2 * np.pi * freq * np.hypot(x - cx, y - cy) + phase),
-        "dots": lambda: np.cos(2 * np.pi * freq * x + phase) + np.cos(2 * np.pi * freq * y + phase) - 1,
-    }[cls]()
-    fg, bg = DEMO_PALETTE[rng.integers(len(DEMO_PALETTE))]
-    if rng.random() < 0.5:
-        fg, bg = bg, fg
-    img = np.where((pattern > 0)[..., None], fg, bg) + rng.normal(0, 12, size=(size, size, 3))
-    return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+def demo_image(cls, rng, size=64, supersample=4):
+    """A demo image and its object's mask [size, size]: the class is the shape of the one dark object. The rest
+    varies as DINO's augmentations teach a network to ignore: the object's place, size and grey level, the
+    background's brightness, slope and tint (within the colour jitter's range), small grey blobs and strokes around
+    it (local: crops see different ones). Drawn supersampled, then box-filtered: antialiased edges."""
+    n = size * supersample
+    y, x = np.mgrid[0:n, 0:n] / n - 0.5
+    slope = np.cos(a := rng.uniform(0, 2 * np.pi)) * x + np.sin(a) * y
+    background = rng.uniform(150, 215) + rng.uniform(-12, 12, 3) + rng.uniform(0, 40) * slope[..., None]
+    img = Image.fromarray(background.clip(0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    for _ in range(rng.integers(*DEMO_CLUTTER)):
+        (px, py), r, grey = rng.uniform(0, n, 2), rng.uniform(1, 3.5) * supersample, (int(rng.uniform(40, 130)),) * 3
+        if rng.random() < 0.5:
+            draw.ellipse([px - r, py - r, px + r, py + r], fill=grey)
+        else:
+            t = rng.uniform(0, np.pi)
+            draw.line([px, py, px + 3.4 * r * np.cos(t), py + 3.4 * r * np.sin(t)], fill=grey,
+                      width=int(r / 1.6))
+    shape = DEMO_SHAPES[cls]
+    area = sum((1 if fill else -1) * 0.5 * abs((c[:, 0] * np.roll(c[:, 1], 1) - c[:, 1] * np.roll(c[:, 0], 1)).sum()) for c, fill in shape)
+    radius = np.sqrt(rng.uniform(*DEMO_AREA) * n * n / area)  # every class covers the same share of the image
+    t = np.radians(rng.uniform(-DEMO_ROTATION, DEMO_ROTATION))
+    corners = radius * np.array([[np.cos(t), np.sin(t)], [-np.sin(t), np.cos(t)]])
+    center = rng.uniform(radius, n - radius, 2)
+    mask = Image.new("L", (n, n))
+    for c, fill in shape:
+        ImageDraw.Draw(mask).polygon([tuple(p) for p in c @ corners + center], fill=255 if fill else 0)
+    img.paste(tuple(int(v) for v in rng.uniform(35, 95) + rng.uniform(-10, 10, 3)), mask=mask)
+    pixels = np.asarray(img.resize((size, size), Image.BOX), dtype=np.float64) + rng.normal(0, 4, (size, size, 3))
+    return Image.fromarray(pixels.clip(0, 255).round().astype(np.uint8)), \
+        np.asarray(mask.resize((size, size), Image.BOX)) >= 128
 
 
-def make_demo_dataset(root, n_train=100, n_val=25, seed=0):
-    """Write the demo ImageFolder (root/train/<class>, root/val/<class>) once; return root.
+def make_demo_dataset(root, n_train=100, n_val=50, seed=0):
+    """Write the demo ImageFolder (root/train/<class>, root/val/<class>) and its objects' masks (root/masks/train,
+    root/masks/val: the same names, white where the object is) once; return root.
 
     It is written beside root and renamed into place, so processes starting at once (torchrun) never read a
     half-written image: the first rename wins, the others' copies are dropped.
@@ -1187,9 +1211,12 @@ def make_demo_dataset(root, n_train=100, n_val=25, seed=0):
         rng = np.random.default_rng(seed)
         for split, n in (("train", n_train), ("val", n_val)):
             for cls in DEMO_CLASSES:
-                (tmp / split / cls).mkdir(parents=True)
+                for folder in (tmp / split / cls, tmp / "masks" / split / cls):
+                    folder.mkdir(parents=True)
                 for i in range(n):
-                    demo_image(cls, rng).save(tmp / split / cls / f"{i:04d}.png")
+                    img, mask = demo_image(cls, rng)
+                    img.save(tmp / split / cls / f"{i:04d}.png")
+                    Image.fromarray(mask.astype(np.uint8) * 255).save(tmp / "masks" / split / cls / f"{i:04d}.png")
         try:
             os.rename(tmp, root)
         except OSError:  # another process renamed its copy first
@@ -1447,16 +1474,42 @@ def knn_main(args):
     print(f"wrote {path}")
 
 
+def demo_jaccard(args, checkpoint, demo, size, device):
+    """Does attention find the object? The paper's segmentation score on the demo's val images at the training
+    resolution, for the trained teacher and random init (seed 0, as knn's): the Jaccard index of the patches holding
+    60 % of the CLS attention (mean over heads, and the best head) with the object's mask; chance is the mean share
+    of the image the object covers. Printed and written to <output_dir>/attn/demo_jaccard.json."""
+    files = list_images(os.path.join(demo, "val"))
+    images = torch.stack([eval_transform(size, size)(load_rgb(f)) for f in files])
+    masks = torch.stack([torch.from_numpy(np.asarray(Image.open(Path(demo, "masks", f.relative_to(demo))).resize(
+        (size, size), Image.BOX)) >= 128) for f in files])
+    scores = {"chance": masks.float().mean().item(), "images": len(files), "size": size}
+    for name, weights in (("trained", checkpoint), ("random", None)):
+        model = load_backbone(args, device, weights)
+        maps = torch.cat([attention_maps(model, x.to(device)).float().cpu() for x in images.split(64)])
+        scores[name] = attention_jaccard(maps.mean(1), masks, args.patch_size).mean().item()
+        scores[f"{name}_best_head"] = max(attention_jaccard(maps[:, h], masks, args.patch_size).mean().item()
+                                          for h in range(maps.shape[1]))
+    print(f"attention on the object, Jaccard of the 60 % attention patches with the mask on {len(files)} demo val "
+          f"images, mean over heads (best head): trained {scores['trained']:.3f} ({scores['trained_best_head']:.3f}),"
+          f" random init {scores['random']:.3f} ({scores['random_best_head']:.3f}), chance {scores['chance']:.3f}")
+    os.makedirs(os.path.join(args.output_dir, "attn"), exist_ok=True)
+    with open(os.path.join(args.output_dir, "attn", "demo_jaccard.json"), "w") as f:
+        json.dump(scores, f, indent=1)
+
+
 def attn_main(args):
     """Attention maps of the last block's heads for an image, or for every image in a folder (recursively: one
     output folder per image, named after its relative path); one process (device: first GPU, else CPU)."""
     ckpt, train_args = open_weights(args, args.output_dir)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.image_path is None:
-        args.image_path = str(list_images(os.path.join(make_demo_dataset(os.path.join(args.output_dir,
-                                                                                       "demo_data")), "val"))[0])
+        demo = make_demo_dataset(os.path.join(args.output_dir, "demo_data"))
+        size = train_args.get("global_crops_size", DEMO["train"]["global_crops_size"])
+        demo_jaccard(args, ckpt, demo, size, device)
+        args.image_path = str(list_images(os.path.join(demo, "val"))[0])
         # bigger than the demo's training crops, as the paper draws 224-trained maps at 480: finer maps
-        size = 4 * train_args.get("global_crops_size", DEMO["train"]["global_crops_size"])
-        args.image_size = args.image_size or [size, size]
+        args.image_size = args.image_size or [4 * size, 4 * size]
     args.image_size = args.image_size or [480, 480]
     if min(args.image_size) < args.patch_size:
         raise DinoError(f"--image_size {args.image_size[0]} {args.image_size[1]} is smaller than one "
@@ -1466,7 +1519,6 @@ def attn_main(args):
               for path in list_images(args.image_path)] if folder else [(args.image_path, out_dir)]
     if not images:
         raise DinoError(f"--image_path {args.image_path} holds no images ({', '.join(IMG_EXTENSIONS)})")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, done = None, 0
     for n, (path, out) in enumerate(images, 1):
         try:
@@ -1781,7 +1833,8 @@ def main(argv=None):
                 args.data_path, args.knn_data_path = os.path.join(demo, "train"), args.knn_data_path or demo
                 print(f"no --data_path: the demo dataset in {args.data_path}")
             print(f"--preset {args.preset}: {args.arch}/{args.patch_size}, crops {args.global_crops_size}/"
-                  f"{args.local_crops_size}, out_dim {args.out_dim}, {args.epochs} epochs (unset flags take its values)")
+                  f"{args.local_crops_size}, out_dim {args.out_dim}, {args.epochs} epochs (unset flags take its "
+                  f"values)")
             launch(train, args)
         elif args.command == "attn":
             attn_main(args)

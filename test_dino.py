@@ -609,7 +609,7 @@ def tiny_folder(root, n=8, size=40, classes=2):
     for i in range(n):
         cls = dino.DEMO_CLASSES[i % classes]
         os.makedirs(root / cls, exist_ok=True)
-        dino.demo_image(cls, rng, size).save(root / cls / f"{i}.png")
+        dino.demo_image(cls, rng, size)[0].save(root / cls / f"{i}.png")
     return root
 
 
@@ -886,7 +886,8 @@ def test_accum_iter_equals_the_big_batch(tmp_path, capsys):
     stepped per optimizer step). Without clipping, so the summed gradient's scale is checked exactly."""
     data = tiny_folder(tmp_path / "data", n=8)
     # the CPU's data path on a GPU too: the batched photometry draws its parameters per (micro-)batch
-    dino.train(parse_args(train_argv(data, tmp_path / "big", *ACCUM, "--clip_grad", "0", *BIG)), device_photometry=False)
+    dino.train(parse_args(train_argv(data, tmp_path / "big", *ACCUM, "--clip_grad", "0", *BIG)),
+               device_photometry=False)
     capsys.readouterr()
     dino.train(parse_args(train_argv(data, tmp_path / "micro", *ACCUM, "--clip_grad", "0", *MICRO)),
                device_photometry=False)
@@ -1283,12 +1284,47 @@ def test_attn_main_writes_maps(tmp_path, checkpoint, capsys):
     assert sorted(printed[1:]) == [str(tmp_path / "attn" / name) for name in names]
 
 
-def test_attn_demo_defaults(tmp_path, checkpoint, monkeypatch):
+def test_attn_demo_defaults_and_jaccard(tmp_path, checkpoint, monkeypatch, capsys):
+    """On the demo: the maps of its first val image at 4x the training resolution, and the Jaccard scores of the
+    trained teacher and of random init over its val images, at the training resolution (32: the checkpoint's)."""
     shutil.copy(checkpoint, tmp_path / "checkpoint.pth")
-    monkeypatch.setattr(dino, "make_demo_dataset", lambda root: make_folders(root))
+    make_demo_dataset = dino.make_demo_dataset
+    monkeypatch.setattr(dino, "make_demo_dataset", lambda root: make_demo_dataset(root, n_train=1, n_val=2))
     args = parse("attn", ["--output_dir", str(tmp_path)])
     attn_main(args)
-    assert args.image_path == str(tmp_path / "demo_data" / "val" / "a" / "0.png") and args.image_size == [128, 128]
+    assert args.image_path == str(tmp_path / "demo_data" / "val" / "cross" / "0000.png")  # the first, sorted
+    assert args.image_size == [128, 128]
+    scores = json.loads((tmp_path / "attn" / "demo_jaccard.json").read_text())
+    masks = [np.asarray(Image.open(p).resize((32, 32), Image.BOX)) >= 128
+             for p in sorted((tmp_path / "demo_data" / "masks" / "val").rglob("*.png"))]
+    assert scores["images"] == 12 and scores["chance"] == pytest.approx(np.mean(masks))
+    for name in ("trained", "random"):
+        assert 0 < scores[name] <= scores[f"{name}_best_head"] <= 1
+    assert "attention on the object" in capsys.readouterr().out
+
+
+def test_demo_dataset(tmp_path):
+    """Deterministic; classes balanced; each mask is the drawn object: dark where it is, light (background) around
+    it but for the small clutter; the object covers its share of the image, the ring has its hole."""
+    for run in ("a", "b"):
+        dino.make_demo_dataset(tmp_path / run, n_train=3, n_val=2, seed=5)
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.png"))
+    assert files == sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*.png"))
+    assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
+    for split, n in (("train", 3), ("val", 2)):
+        for cls in dino.DEMO_CLASSES:
+            assert len(os.listdir(tmp_path / "a" / split / cls)) == n
+            assert len(os.listdir(tmp_path / "a" / "masks" / split / cls)) == n
+    rng = np.random.default_rng(0)
+    for cls in dino.DEMO_CLASSES * 5:
+        img, mask = dino.demo_image(cls, rng)
+        pixels = np.asarray(img).max(axis=2)
+        assert mask.shape == (64, 64) and mask.dtype == bool
+        assert (pixels[mask] < 125).mean() > 0.9 and (pixels[~mask] > 125).mean() > 0.8, cls
+        assert dino.DEMO_AREA[0] - 0.02 < mask.mean() < dino.DEMO_AREA[1] + 0.02, cls
+        if cls == "ring":
+            ys, xs = np.nonzero(mask)
+            assert not mask[round(ys.mean()), round(xs.mean())]
 
 
 def test_attn_on_a_folder(tmp_path, checkpoint, capsys):

@@ -1233,7 +1233,7 @@ DEMO = {"train": dict(arch="vit_tiny", patch_size=8, out_dim=256, epochs=20, bat
                       norm_last_layer=False, drop_path_rate=0.0, knn_every=5),
         # a few hundred images give a few dozen steps: they need a larger lr than ImageNet's 100 epochs
         "linear": dict(epochs=10, lr=0.1, batch_size_per_gpu=32, num_workers=2),
-        "knn": dict(num_workers=2, random_init=True)}
+        "knn": dict(num_workers=2, random_init=True, nb_knn=[10, 20])}  # k above the 100 images per class: moot
 
 
 
@@ -1430,44 +1430,32 @@ def image_folders(data_path, train_transform, val_transform):
     return train_set, val_set
 
 
-def knn_features(args, device):
-    """{model name: (train features, train labels, val features, val labels)}: --pretrained_weights, and with
-    --random_init the same architecture at random init (features: see `embed` to save them)."""
+def knn_main(args):
+    """Weighted k-NN accuracy of --pretrained_weights (with --random_init also of the same architecture at random
+    init) for every k in --nb_knn, printed and written to <output_dir>/knn_results.json."""
+    _, _, device = init_distributed()
     ckpt, train_args = open_weights(args, args.output_dir)
     open_eval_data(args, train_args)
     transform = eval_transform(args.resize_size, args.crop_size)
     train_set, val_set = image_folders(args.data_path, transform, transform)
-    labels = torch.tensor(train_set.targets), torch.tensor(val_set.targets)
-    runs = {}
+    labels = [torch.tensor(data.targets, device=device) for data in (train_set, val_set)]
+    rows = []
     for name, checkpoint in [(args.pretrained_weights, ckpt)] + [("random init (seed 0)", None)] * args.random_init:
         model = load_backbone(args, device, checkpoint)
         train_features, val_features = (extract_features(model, data, args.batch_size_per_gpu, args.num_workers,
                                                          device) for data in (train_set, val_set))
-        runs[name] = (train_features, labels[0], val_features, labels[1])
-    return runs
-
-
-def knn_main(args):
-    """Weighted k-NN accuracy for every k in --nb_knn, printed and written to <output_dir>/knn_results.json."""
-    _, _, device = init_distributed()
-    runs = knn_features(args, device)
+        # k cannot exceed the number of train images; small data sets get all of them as neighbours.
+        for k in sorted({min(k, len(train_set)) for k in args.nb_knn}) if get_rank() == 0 else []:
+            top1, top5 = knn_classifier(train_features.to(device), labels[0], val_features.to(device), labels[1], k,
+                                        args.temperature, len(train_set.classes))
+            rows.append(dict(model=name, k=k, top1=top1, top5=top5))
     if get_rank() != 0:
         return
-    rows = []
-    for name, (train_features, train_labels, test_features, test_labels) in runs.items():
-        num_classes = int(max(train_labels.max(), test_labels.max())) + 1
-        # k cannot exceed the number of train images; small data sets get all of them as neighbours.
-        for k in sorted({min(k, len(train_labels)) for k in args.nb_knn}):
-            top1, top5 = knn_classifier(train_features.to(device), train_labels.to(device),
-                                        test_features.to(device), test_labels.to(device), k,
-                                        args.temperature, num_classes)
-            rows.append(dict(model=name, k=k, top1=top1, top5=top5))
-    print(f"weighted k-NN, T={args.temperature}, {len(train_labels)} train / {len(test_labels)} val images")
+    print(f"weighted k-NN, T={args.temperature}, {len(train_set)} train / {len(val_set)} val images")
     width = max(len(r["model"]) for r in rows)
     print(f"{'model':<{width}}  {'k':>4}  {'top-1':>6}  {'top-5':>6}")
     for r in rows:
         print(f"{r['model']:<{width}}  {r['k']:>4}  {r['top1']:6.2f}  {r['top5']:6.2f}")
-    prepare_output_dir(args.output_dir)
     path = os.path.join(args.output_dir, "knn_results.json")
     with open(path, "w") as f:
         json.dump({"args": plain_args(args), "results": rows}, f, indent=1)

@@ -112,11 +112,8 @@ class DataAugmentationDINO:
 # (MultiCropPhotometry), with the same distributions, per sample.
 
 def _random_resized_crop_flip(img, size, scale):
-    """RandomResizedCrop(size, scale, bicubic) + RandomHorizontalFlip(0.5): uint8 [3, H, W] -> [3, size, size].
-
-    torch's antialiased bicubic resize of uint8 images is Pillow's filter (outputs within 2 levels of PIL's),
-    vectorized: about 4x faster than PIL, and resizing is most of a loader worker's time.
-    """
+    """RandomResizedCrop(size, scale, bicubic) + RandomHorizontalFlip(0.5): uint8 [3, H, W] -> [3, size, size]. torch's
+    antialiased bicubic resize of uint8 is Pillow's filter (within 2 levels), vectorized: about 4x faster."""
     i, j, h, w = T.RandomResizedCrop.get_params(img, scale, ratio=(3 / 4, 4 / 3))
     crop = F.interpolate(img[None, :, i:i + h, j:j + w], size=(size, size), mode="bicubic", antialias=True)[0]
     return crop.flip(-1) if torch.rand(1) < 0.5 else crop
@@ -212,11 +209,8 @@ BLUR_KERNEL_SIZE = 2 * math.ceil(3 * BLUR_SIGMA[1]) + 1  # 13: +-3 sigma of the 
 
 def _color_jitter(img, apply, order, factors):
     """Where apply, ColorJitter's ops (0 brightness, 1 contrast, 2 saturation, 3 hue) in each sample's own order
-    (a permutation of 0..3) with its factors [B, 4].
-
-    Hue, the costly op, runs once: first the blends at the positions before each sample's hue, then hue, then
-    the blends after it.
-    """
+    (a permutation of 0..3) with its factors [B, 4]. Hue, the costly op, runs once: the blends before each
+    sample's hue, then hue, then the blends after it."""
     hue_position = (order == 3).int().argmax(dim=1)
     for p in range(3):
         img = _jitter_blend(img, apply & (p < hue_position), order[:, p], factors)
@@ -262,11 +256,8 @@ def apply_photometric(img, params):
 
 
 class MultiCropPhotometry:
-    """The photometric half of DataAugmentationDINO on batches of MultiCropGeometry's uint8 crops, on their device.
-
-    Takes the list of 2 + N uint8 batches [B, 3, h, w] and returns normalized float32 batches of the same shapes.
-    No host synchronization, so on a GPU it runs asynchronously.
-    """
+    """The photometric half of DataAugmentationDINO on the device: MultiCropGeometry's 2 + N uint8 batches
+    [B, 3, h, w] -> normalized float32 batches of the same shapes, with no host sync (asynchronous on a GPU)."""
 
     # (blur p, solarize p) of global view 1, global view 2, and the local views
     PROBS = ((1.0, 0.0), (0.1, 0.2), (0.5, 0.0))
@@ -423,10 +414,8 @@ def build_dino_networks(args):
 
 class DINOLoss(nn.Module):
     """Cross-entropy between the sharpened, centered teacher and the student, over all pairs of different views.
-
-    Each crop's log-softmax and each teacher view's softmax is computed once; the
-    sum over pairs (teacher view t, student view s != t) is sum_t q_t . (sum_s log p_s - log p_t).
-    """
+    Each softmax is computed once: the sum over pairs (teacher view t, student view s != t) is
+    sum_t q_t . (sum_s log p_s - log p_t)."""
 
     def __init__(self, out_dim, ncrops, warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, nepochs,
                  student_temp=0.1, center_momentum=0.9):
@@ -632,12 +621,9 @@ def train_one_epoch(s, loader, epoch, photometry=None):
 @torch.no_grad()
 def knn_classifier(train_features, train_labels, test_features, test_labels, k, T, num_classes=1000,
                    chunk_size=256):
-    """Weighted k-NN accuracy (top-1, top-5) in percent, as in the paper.
-
-    Each of the k most similar train features votes for its label with weight exp(cos_sim / T); the
-    features must be L2-normalized, so dot products are cosine similarities. Test features are taken
-    chunk_size at a time: memory is chunk_size x len(train), never test x train.
-    """
+    """Weighted k-NN accuracy (top-1, top-5) in percent, as in the paper: each of the k most similar train features
+    (L2-normalized: dot products are cosine similarities) votes for its label with weight exp(cos_sim / T). Test
+    features go chunk_size at a time: memory is chunk_size x len(train), never test x train."""
     train_labels = train_labels.long()
     hits1 = hits5 = 0
     for i in range(0, len(test_labels), chunk_size):
@@ -661,10 +647,7 @@ def shard(dataset):
 @torch.no_grad()
 def extract_features(model, dataset, batch_size, num_workers, device):
     """L2-normalized float32 CLS features of every image in dataset order, on the CPU of process 0 (None elsewhere).
-
-    Each process embeds its contiguous shard (no padding, so no image counts twice when len(dataset) is not a
-    multiple of the world size); the shards are gathered as tensors on process 0 only, which alone holds them all.
-    """
+    Each process embeds its contiguous shard (no padding: no image counts twice), gathered on process 0 only."""
     device = torch.device(device)
     loader = torch.utils.data.DataLoader(shard(dataset), batch_size=batch_size, num_workers=num_workers,
                                          pin_memory=device.type == "cuda")
@@ -713,11 +696,8 @@ def attention_maps(model, images):
 
 
 def threshold_masks(maps, threshold):
-    """Per head, the smallest set of patches holding at least `threshold` of the attention mass (the paper's figure).
-
-    Patches are taken in decreasing attention until the mass reaches the threshold: a patch is kept
-    when the mass of the larger ones before it is still short of it.
-    """
+    """Per head, the smallest set of patches holding at least `threshold` of the attention mass (the paper's figure):
+    in decreasing attention, a patch is kept while the mass of the larger ones before it is short of it."""
     flat = maps.flatten(1).double()  # double: the kept mass is compared to the threshold exactly
     values, order = flat.sort(dim=1, descending=True)
     mass_before = (values.cumsum(1) - values) / values.sum(1, keepdim=True)
@@ -1183,7 +1163,8 @@ def demo_image(cls, rng, size=64, supersample=4):
             draw.line([px, py, px + 3.4 * r * np.cos(t), py + 3.4 * r * np.sin(t)], fill=grey,
                       width=int(r / 1.6))
     shape = DEMO_SHAPES[cls]
-    area = sum((1 if fill else -1) * 0.5 * abs((c[:, 0] * np.roll(c[:, 1], 1) - c[:, 1] * np.roll(c[:, 0], 1)).sum()) for c, fill in shape)
+    shoelace = [0.5 * abs((c[:, 0] * np.roll(c[:, 1], 1) - c[:, 1] * np.roll(c[:, 0], 1)).sum()) for c, _ in shape]
+    area = sum(a if fill else -a for a, (_, fill) in zip(shoelace, shape))  # a cut-out subtracts
     radius = np.sqrt(rng.uniform(*DEMO_AREA) * n * n / area)  # every class covers the same share of the image
     t = np.radians(rng.uniform(-DEMO_ROTATION, DEMO_ROTATION))
     corners = radius * np.array([[np.cos(t), np.sin(t)], [-np.sin(t), np.cos(t)]])

@@ -1,15 +1,13 @@
 """
-Vision Transformer (ViT) and the DINO projection head, in one file.
+Vision Transformer (ViT) and the DINO projection head, in one file: torch only, no side effects at import.
 
     import vision_transformer as vits
     model = vits.vit_small(patch_size=16)            # 21.7M parameters
     cls = model(images)                              # [B, 384], final-norm CLS token
     attn = model.get_last_selfattention(images)      # [B, 6, N, N]
 
-Parameter names equal the published DINO checkpoints (and timm's ViT), so the official weights load with
-`load_state_dict(..., strict=True)`. Any input whose height and width are multiples of the patch size works: the
-positional embedding is interpolated (bicubic) exactly as the published DINO code does. The file has no
-dependencies beyond torch and no side effects at import.
+Parameter names equal the published DINO checkpoints (and timm's ViT), so the official weights load strictly. Inputs
+of any height and width divisible by the patch size work: the positional embedding is interpolated as published.
 """
 import math
 from collections import OrderedDict
@@ -106,16 +104,13 @@ class VisionTransformer(nn.Module):
         N = self.pos_embed.shape[1] - 1
         if x.shape[1] - 1 == N and h == w:
             return self.pos_embed
-        dim = x.shape[-1]
+        side, dim = int(math.sqrt(N)), x.shape[-1]
         h0, w0 = h // self.patch_size, w // self.patch_size
-        side = int(math.sqrt(N))
+        grid = self.pos_embed[:, 1:].reshape(1, side, side, dim).permute(0, 3, 1, 2).float()
         # The 0.1 avoids floating point error making floor(side * scale) one too small.
-        patch_pos_embed = F.interpolate(
-            self.pos_embed[:, 1:].reshape(1, side, side, dim).permute(0, 3, 1, 2).float(),
-            scale_factor=((h0 + 0.1) / side, (w0 + 0.1) / side), mode="bicubic")
-        assert patch_pos_embed.shape[-2:] == (h0, w0)
-        patch_pos_embed = patch_pos_embed.permute(0, 2, 3, 1).reshape(1, -1, dim)
-        return torch.cat((self.pos_embed[:, :1], patch_pos_embed), dim=1)
+        grid = F.interpolate(grid, scale_factor=((h0 + 0.1) / side, (w0 + 0.1) / side), mode="bicubic")
+        assert grid.shape[-2:] == (h0, w0)
+        return torch.cat((self.pos_embed[:, :1], grid.permute(0, 2, 3, 1).reshape(1, -1, dim)), dim=1)
 
     def prepare_tokens(self, x):
         B, _, h, w = x.shape
@@ -210,16 +205,11 @@ class DINOHead(nn.Module):
                  bottleneck_dim=256):
         super().__init__()
         nlayers = max(nlayers, 1)
-        if nlayers == 1:
-            self.mlp = nn.Linear(in_dim, bottleneck_dim)
-        else:
-            layers = [nn.Linear(in_dim, hidden_dim)]
-            for i in range(nlayers - 1):
-                if use_bn:
-                    layers.append(nn.BatchNorm1d(hidden_dim))
-                layers.append(nn.GELU())
-                layers.append(nn.Linear(hidden_dim, bottleneck_dim if i == nlayers - 2 else hidden_dim))
-            self.mlp = nn.Sequential(*layers)
+        layers = [nn.Linear(in_dim, hidden_dim if nlayers > 1 else bottleneck_dim)]
+        for i in range(nlayers - 1):  # [BatchNorm], GELU, Linear
+            layers += [nn.BatchNorm1d(hidden_dim)] if use_bn else []
+            layers += [nn.GELU(), nn.Linear(hidden_dim, bottleneck_dim if i == nlayers - 2 else hidden_dim)]
+        self.mlp = nn.Sequential(*layers) if nlayers > 1 else layers[0]  # the published names: mlp.0, ... or mlp
         self.apply(_init_linear)
         self.last_layer = WeightNormLinear(bottleneck_dim, out_dim)
         if norm_last_layer:  # g stays 1: every prototype has unit norm

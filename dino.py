@@ -866,8 +866,7 @@ def embed_folder(model, folder, resize_size=None, crop_size=224, patch_tokens=Fa
 # checkpoints: safe loading with a report, atomic saving, resume
 
 def _harmless_globals():
-    """What the published code's checkpoints hold beyond tensors and plain data: args (an argparse.Namespace) and
-    numpy scalars in the optimizer state. Building these runs no code of the file's choosing; all else is refused."""
+    """What published checkpoints hold beyond tensors: args (a Namespace), numpy scalars; building them runs no code."""
     try:
         from numpy._core.multiarray import scalar
     except ImportError:  # numpy 1
@@ -971,12 +970,10 @@ TRAINING_STATE = ("student", "teacher", "optimizer", "dino_loss", "epoch")  # wh
 
 
 def save_epoch(s, epoch, stats):
-    """Checkpoint (atomically), then append the epoch's JSON line to log.txt, and warn when the stats show collapse.
-    A crash between the two loses one log line, never a checkpoint."""
+    """Checkpoint atomically, then log the stats (a crash loses a log line, never a checkpoint); warn of collapse."""
     args = s.args
-    state = {"student": s.student.state_dict(), "teacher": s.teacher.state_dict(),
-             "optimizer": s.optimizer.state_dict(), "dino_loss": s.dino_loss.state_dict(),
-             "scaler": s.scaler.state_dict(), "epoch": epoch + 1, "args": plain_args(args)}
+    state = {k: getattr(s, k).state_dict() for k in ("student", "teacher", "optimizer", "dino_loss", "scaler")}
+    state.update(epoch=epoch + 1, args=plain_args(args))
     if args.saveckp_freq and epoch % args.saveckp_freq == 0:
         save_checkpoint(state, os.path.join(args.output_dir, f"checkpoint{epoch:04d}.pth"))
     save_checkpoint(state, os.path.join(args.output_dir, "checkpoint.pth"))
@@ -1104,8 +1101,7 @@ def _spawned_worker(local_rank, fn, args, world_size, errors):
 
 
 def launch(fn, args):
-    """fn(args) in one process per visible GPU, or in this one (under torchrun, one GPU, the CPU). A spawned process
-    that dies (killed, or aborted by NCCL's watchdog after a lost peer) ends the others and is named in one line."""
+    """fn(args) in one process per visible GPU, else in this one (torchrun, one GPU, CPU); a dead one ends them all."""
     n_gpus = torch.cuda.device_count()
     if "RANK" in os.environ or n_gpus <= 1:
         return _run(fn, args)
@@ -1586,13 +1582,11 @@ def optimizer_name(s):
 
 
 def add_model_args(p):
-    p.add_argument("--pretrained_weights", help="published weights, a state dict or a training checkpoint (ours or "
-                   "the published code's); default: <output_dir>/checkpoint.pth")
+    p.add_argument("--pretrained_weights", help="DINO weights or checkpoint; default: <output_dir>/checkpoint.pth")
     p.add_argument("--checkpoint_key", help="network of a training checkpoint (default: teacher)")
     p.add_argument("--arch", choices=list(ARCHS), help="default: the checkpoint's, else vit_small")
     p.add_argument("--patch_size", type=POSITIVE_INT, help="default: the checkpoint's, else 16")
-    p.add_argument("--output_dir", default="output", help="the run to evaluate (its checkpoint.pth is the default "
-                   "weights); knn, attn and linear write their results here")
+    p.add_argument("--output_dir", default="output", help="the run to evaluate; knn, attn, linear write results here")
 
 
 def add_eval_data_args(p, data_path_help="folder holding train/<class>/ and val/<class>/; default: the demo data",
@@ -1649,16 +1643,14 @@ def add_train_args(p):
     p.add_argument("--saveckp_freq", type=COUNT, default=20, help="also keep checkpointNNNN.pth this often")
     p.add_argument("--knn_every", type=COUNT, default=0, help="every this many epochs (and the last), the teacher's "
                    "k-NN top-1 (k=20) in log.txt; 0: never")
-    p.add_argument("--knn_data_path", help="for --knn_every: train/<class>/ and val/<class>/ folders (the demo: "
-                   "its data)")
+    p.add_argument("--knn_data_path", help="for --knn_every: train/<class>/ and val/<class>/ (default: the demo's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num_workers", type=COUNT, default=10, help="data loader processes per GPU")
     p.add_argument("--log_every", type=POSITIVE_INT, default=10, help="iterations between progress lines")
     p.add_argument("--compile", action="store_true", help="torch.compile the student and teacher")
     p.add_argument("--dist_timeout", type=POSITIVE, default=30, help="minutes a collective waits for a lost peer")
-    p.add_argument("--local_rank", "--local-rank", type=int, help="accepted for the published code's command lines; "
-                   "the launcher's environment decides")
-    p.add_argument("--dist_url", help="accepted likewise")
+    p.add_argument("--local_rank", "--local-rank", type=int, help="ignored: the launcher's environment decides")
+    p.add_argument("--dist_url", help="ignored likewise")
 
 
 def add_knn_args(p):
@@ -1695,8 +1687,7 @@ def add_embed_args(p):
 def add_linear_args(p):
     add_model_args(p)
     add_eval_data_args(p)
-    p.add_argument("--n_last_blocks", type=POSITIVE_INT, help="CLS tokens of this many last blocks (default: 4; 1 "
-                   "for vit_base, as published)")
+    p.add_argument("--n_last_blocks", type=POSITIVE_INT, help="CLS tokens of the last n blocks (default 4, vit_base 1)")
     p.add_argument("--avgpool_patchtokens", type=bool_flag, help="and the mean patch token (default: for vit_base)")
     p.add_argument("--epochs", type=POSITIVE_INT, default=100)
     p.add_argument("--lr", type=NONNEGATIVE, default=0.001, help="SGD lr for a total batch of 256, cosine to 0")

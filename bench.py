@@ -55,7 +55,7 @@ class ExplicitAttention(vits.Attention):
         attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)  # (attention dropout is 0 in DINO)
         if return_attention:
             return attn
-        return self.proj_drop(self.proj((attn @ v).transpose(1, 2).reshape(B, N, C)))
+        return self.proj((attn @ v).transpose(1, 2).reshape(B, N, C))
 
 
 class PlainWeightNormLinear(vits.WeightNormLinear):

@@ -846,9 +846,7 @@ def embed_folder(model, folder, resize_size=None, crop_size=224, patch_tokens=Fa
 # checkpoints: safe loading with a report, atomic saving, resume
 
 def _harmless_globals():
-    """What the published DINO code's checkpoints hold beyond tensors and plain data: their args (an
-    argparse.Namespace) and numpy scalars in the optimizer state (its schedules are numpy arrays). Building these
-    runs no code of the file's choosing; anything else a pickle names is refused."""
+    """What published checkpoints hold beyond tensors: args (a Namespace), numpy scalars; building them runs no code."""
     try:
         from numpy._core.multiarray import scalar
     except ImportError:  # numpy 1
@@ -866,14 +864,11 @@ def load_checkpoint_file(path):
     try:
         with torch.serialization.safe_globals(_harmless_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
+    except Exception as e:  # garbage makes the unpickler fail in many ways (KeyError, IndexError, struct.error...)
         # the weights_only unpickler names the class or function it refused with "GLOBAL"
-        if "global" in str(e).lower():
+        if isinstance(e, pickle.UnpicklingError) and "global" in str(e).lower():
             raise DinoError(f"refusing to load {path}: it holds Python objects beyond tensors and plain data, "
                             f"and unpickling them could run code; re-save it as a plain state dict") from None
-        raise DinoError(f"{path} is not a readable checkpoint (truncated or corrupt); re-download or delete it") \
-            from None
-    except Exception as e:  # garbage makes the unpickler fail in many ways (KeyError, IndexError, struct.error...)
         detail = str(e).strip().split("\n")[0] if isinstance(e, RuntimeError) else type(e).__name__
         raise DinoError(f"{path} is not a readable checkpoint (truncated or corrupt: {detail}); "
                         f"re-download or delete it") from None
@@ -900,13 +895,9 @@ def _guess_flags(state):
 
 
 def load_pretrained_weights(model, path, checkpoint_key=None, checkpoint=None):
-    """Load published DINO weights, a plain state dict, or a training checkpoint (ours or the published code's)
-    into a VisionTransformer, a DINOHead or a MultiCropWrapper, and print what was taken.
-
-    From a full checkpoint ({'student', 'teacher', ...}) `checkpoint_key` picks the network (default: teacher);
-    `module.` prefixes are dropped and `backbone.` / `head.` select the part the model is. `checkpoint`: the file's
-    content, when the caller has read it already. A mismatch raises a one-line DinoError naming the first keys.
-    """
+    """Published weights, a state dict or a training checkpoint (ours or the published code's; checkpoint_key picks
+    its network, default teacher) into a VisionTransformer, DINOHead or MultiCropWrapper; prints what was taken.
+    checkpoint: the file's content, when the caller has read it already."""
     ckpt = load_checkpoint_file(path) if checkpoint is None else checkpoint
     key = checkpoint_key or ("teacher" if isinstance(ckpt, dict) and "teacher" in ckpt else None)
     if key is not None:
@@ -959,12 +950,10 @@ TRAINING_STATE = ("student", "teacher", "optimizer", "dino_loss", "epoch")  # wh
 
 
 def save_epoch(s, epoch, stats):
-    """Checkpoint (atomically), then append the epoch's JSON line to log.txt, and warn when the stats show collapse.
-    A crash between the two loses one log line, never a checkpoint."""
+    """Checkpoint atomically, then log the stats (a crash loses a log line, never a checkpoint); warn of collapse."""
     args = s.args
-    state = {"student": s.student.state_dict(), "teacher": s.teacher.state_dict(),
-             "optimizer": s.optimizer.state_dict(), "dino_loss": s.dino_loss.state_dict(),
-             "scaler": s.scaler.state_dict(), "epoch": epoch + 1, "args": plain_args(args)}
+    state = {k: getattr(s, k).state_dict() for k in ("student", "teacher", "optimizer", "dino_loss", "scaler")}
+    state.update(epoch=epoch + 1, args=plain_args(args))
     if args.saveckp_freq and epoch % args.saveckp_freq == 0:
         save_checkpoint(state, os.path.join(args.output_dir, f"checkpoint{epoch:04d}.pth"))
     save_checkpoint(state, os.path.join(args.output_dir, "checkpoint.pth"))
@@ -1014,11 +1003,8 @@ def resume(path, s):
 
 
 def start_from_weights(s):
-    """Continued pre-training: both networks start from --pretrained_weights (a fresh optimizer and schedules).
-
-    A full checkpoint gives each network its own entry, backbone and head (with --pretrained_heads); other
-    weights give both backbones, and the heads start fresh, the teacher's a copy of the student's.
-    """
+    """Continued pre-training from --pretrained_weights, with a fresh optimizer and schedules: a full checkpoint
+    gives each network its entry (heads too with --pretrained_heads), other weights both backbones and fresh heads."""
     args = s.args
     ckpt = load_checkpoint_file(args.pretrained_weights)
     if isinstance(ckpt, dict) and {"student", "teacher"} <= set(ckpt) and args.pretrained_heads:
@@ -1034,7 +1020,6 @@ def start_from_weights(s):
         print("the heads start fresh" + (f"; the backbone stays fixed for --freeze_backbone_epochs "
                                          f"{args.freeze_backbone_epochs}" if args.freeze_backbone_epochs else
                                          "; --freeze_backbone_epochs N would train them alone first"))
-
 
 
 # -----------------------------------------------------------------------------
@@ -1073,8 +1058,7 @@ class LostContactError(DinoError):
 
 
 def _run(fn, args):
-    """fn(args) in this process. In a group, a failing collective or store (RuntimeError, or DistError, its
-    subclass) means a peer died or hung: one line; the group is left either way."""
+    """fn(args) in this process; in a group, a failing collective or store (a RuntimeError) means a lost peer."""
     try:
         return fn(args)
     except RuntimeError as e:
@@ -1097,11 +1081,7 @@ def _spawned_worker(local_rank, fn, args, world_size, errors):
 
 
 def launch(fn, args):
-    """Run fn(args) in one process per visible GPU, or once (under torchrun, or on one GPU / the CPU).
-
-    A spawned process that dies (killed, or aborted by NCCL's watchdog after a lost peer) ends the others; the
-    launcher names it in one line.
-    """
+    """fn(args) in one process per visible GPU, else in this one (torchrun, one GPU, CPU); a dead one ends them all."""
     n_gpus = torch.cuda.device_count()
     if "RANK" in os.environ or n_gpus <= 1:
         return _run(fn, args)
@@ -1623,19 +1603,19 @@ def optimizer_name(s):
 
 
 def add_model_args(p):
-    p.add_argument("--pretrained_weights", help="published weights, a state dict or a training checkpoint (ours or "
-                   "the published code's); default: <output_dir>/checkpoint.pth")
+    p.add_argument("--pretrained_weights", help="DINO weights or checkpoint; default: <output_dir>/checkpoint.pth")
     p.add_argument("--checkpoint_key", help="network of a training checkpoint (default: teacher)")
     p.add_argument("--arch", choices=list(ARCHS), help="default: the checkpoint's, else vit_small")
     p.add_argument("--patch_size", type=POSITIVE_INT, help="default: the checkpoint's, else 16")
-    p.add_argument("--output_dir", default="output", help="the run to evaluate (its checkpoint.pth is the default "
-                   "weights); knn, attn and linear write their results here")
+    p.add_argument("--output_dir", default="output", help="the run to evaluate; knn, attn, linear write results here")
 
 
-def add_eval_data_args(p):
-    p.add_argument("--data_path", help="folder holding train/<class>/ and val/<class>/; default: the demo data")
-    p.add_argument("--resize_size", type=POSITIVE_INT, help="default: crop_size * 256 / 224 (the demo: crop_size)")
-    p.add_argument("--crop_size", type=POSITIVE_INT, help="default: 224 (the demo: its global crop size)")
+def add_eval_data_args(p, data_path_help="folder holding train/<class>/ and val/<class>/; default: the demo data",
+                       required=False):
+    p.add_argument("--data_path", required=required, help=data_path_help)
+    p.add_argument("--resize_size", type=POSITIVE_INT, help="default: crop_size * 256 / 224 (the demo data: crop_size)")
+    p.add_argument("--crop_size", type=POSITIVE_INT, help="default: 224 (the demo data: its global crop size)")
+    p.add_argument("--batch_size_per_gpu", type=POSITIVE_INT, default=128)
     p.add_argument("--num_workers", type=COUNT, default=10, help="data loader processes per GPU")
 
 
@@ -1684,16 +1664,14 @@ def add_train_args(p):
     p.add_argument("--saveckp_freq", type=COUNT, default=20, help="also keep checkpointNNNN.pth this often")
     p.add_argument("--knn_every", type=COUNT, default=0, help="every this many epochs (and the last), the teacher's "
                    "k-NN top-1 (k=20) in log.txt; 0: never")
-    p.add_argument("--knn_data_path", help="for --knn_every: train/<class>/ and val/<class>/ folders (the demo: "
-                   "its data)")
+    p.add_argument("--knn_data_path", help="for --knn_every: train/<class>/ and val/<class>/ (default: the demo's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num_workers", type=COUNT, default=10, help="data loader processes per GPU")
     p.add_argument("--log_every", type=POSITIVE_INT, default=10, help="iterations between progress lines")
     p.add_argument("--compile", action="store_true", help="torch.compile the student and teacher")
     p.add_argument("--dist_timeout", type=POSITIVE, default=30, help="minutes a collective waits for a lost peer")
-    p.add_argument("--local_rank", "--local-rank", type=int, help="accepted for the published code's command lines; "
-                   "the launcher's environment decides")
-    p.add_argument("--dist_url", help="accepted likewise")
+    p.add_argument("--local_rank", "--local-rank", type=int, help="ignored: the launcher's environment decides")
+    p.add_argument("--dist_url", help="ignored likewise")
 
 
 def add_knn_args(p):
@@ -1701,7 +1679,6 @@ def add_knn_args(p):
     add_eval_data_args(p)
     p.add_argument("--nb_knn", type=POSITIVE_INT, nargs="+", default=[10, 20, 100, 200], help="numbers of neighbours")
     p.add_argument("--temperature", type=POSITIVE, default=0.07, help="votes weigh exp(cos_sim / temperature)")
-    p.add_argument("--batch_size_per_gpu", type=POSITIVE_INT, default=128)
     p.add_argument("--random_init", type=bool_flag, default=False, help="also evaluate a random init (the demo: true)")
 
 
@@ -1721,26 +1698,20 @@ def embeddings_file(path):
 
 def add_embed_args(p):
     add_model_args(p)
-    p.add_argument("--data_path", required=True, help="folder of images, searched recursively")
+    add_eval_data_args(p, "folder of images, searched recursively", required=True)
     p.add_argument("--output", required=True, type=embeddings_file, help="FILE.npz or FILE.pt")
     p.add_argument("--patch_tokens", action="store_true", help="also the final-norm patch tokens [N, h, w, D]")
     p.add_argument("--n_last_blocks", type=COUNT, default=0, help="also the CLS tokens of the last n blocks [N, n, D]")
-    p.add_argument("--resize_size", type=POSITIVE_INT, help="default: crop_size * 256 / 224")
-    p.add_argument("--crop_size", type=POSITIVE_INT, help="default: 224")
     p.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="float16 halves the file")
-    p.add_argument("--batch_size_per_gpu", type=POSITIVE_INT, default=128)
-    p.add_argument("--num_workers", type=COUNT, default=10, help="data loader processes per GPU")
 
 
 def add_linear_args(p):
     add_model_args(p)
     add_eval_data_args(p)
-    p.add_argument("--n_last_blocks", type=POSITIVE_INT, help="CLS tokens of this many last blocks (default: 4; 1 "
-                   "for vit_base, as published)")
+    p.add_argument("--n_last_blocks", type=POSITIVE_INT, help="CLS tokens of the last n blocks (default 4, vit_base 1)")
     p.add_argument("--avgpool_patchtokens", type=bool_flag, help="and the mean patch token (default: for vit_base)")
     p.add_argument("--epochs", type=POSITIVE_INT, default=100)
     p.add_argument("--lr", type=NONNEGATIVE, default=0.001, help="SGD lr for a total batch of 256, cosine to 0")
-    p.add_argument("--batch_size_per_gpu", type=POSITIVE_INT, default=128)
     p.add_argument("--val_freq", type=POSITIVE_INT, default=1, help="epochs between validations")
     p.add_argument("--seed", type=int, default=0)
 
@@ -1764,18 +1735,8 @@ def build_parser(preset="paper"):
     return parser
 
 
-def check_train_args(args):
-    """What no single flag's type can check; one line before any work."""
-    for flag in ("global_crops_size", "local_crops_size"):
-        if getattr(args, flag) % args.patch_size:
-            raise DinoError(f"--{flag} {getattr(args, flag)} is not a multiple of --patch_size {args.patch_size}")
-    for flag in ("global_crops_scale", "local_crops_scale"):
-        low, high = getattr(args, flag)
-        if low > high:
-            raise DinoError(f"--{flag} {low} {high}: the smaller scale comes first")
-
-
 def parse_args(argv=None):
+    """The command line, unset flags taken from the preset; a bad flag is one line before any work."""
     args = build_parser().parse_args(argv)
     no_knn_data = args.command == "train" and args.knn_data_path is None and args.data_path is not None
     if no_knn_data and args.knn_every:  # the paper preset's knn_every is 0: this one was given
@@ -1787,8 +1748,15 @@ def parse_args(argv=None):
         args.preset = "demo"
     if no_knn_data:
         args.knn_every = 0  # the demo preset's k-NN needs labelled data: the demo's, or --knn_data_path
-    if args.command == "train":
-        check_train_args(args)
+    if args.command != "train":
+        return args
+    for flag in ("global_crops_size", "local_crops_size"):  # what no flag's type can check
+        if getattr(args, flag) % args.patch_size:
+            raise DinoError(f"--{flag} {getattr(args, flag)} is not a multiple of --patch_size {args.patch_size}")
+    for flag in ("global_crops_scale", "local_crops_scale"):
+        low, high = getattr(args, flag)
+        if low > high:
+            raise DinoError(f"--{flag} {low} {high}: the smaller scale comes first")
     return args
 
 
@@ -1802,8 +1770,7 @@ def main(argv=None):
                 args.data_path, args.knn_data_path = os.path.join(demo, "train"), args.knn_data_path or demo
                 print(f"no --data_path: the demo dataset in {args.data_path}")
             print(f"--preset {args.preset}: {args.arch}/{args.patch_size}, crops {args.global_crops_size}/"
-                  f"{args.local_crops_size}, out_dim {args.out_dim}, {args.epochs} epochs (unset flags take its "
-                  f"values)")
+                  f"{args.local_crops_size}, out_dim {args.out_dim}, {args.epochs} epochs (unset flags take these)")
             launch(train, args)
         elif args.command == "attn":
             attn_main(args)

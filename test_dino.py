@@ -184,11 +184,12 @@ def test_grad_checkpointing_recomputes_blocks_and_keeps_the_gradients(tmp_path):
 def test_drop_path_per_sample():
     torch.manual_seed(0)
     x = torch.ones(2000, 3, 4)
-    out = vits.drop_path(x, 0.25, training=True)
+    drop_path = vits.DropPath(0.25)
+    out = drop_path(x)
     kept = out[:, 0, 0] != 0
     assert abs(kept.float().mean() - 0.75) < 0.05
     assert torch.all(out[kept] == 1 / 0.75) and torch.all(out[~kept] == 0)  # whole samples, rescaled
-    assert torch.equal(vits.drop_path(x, 0.25, training=False), x)
+    assert torch.equal(drop_path.eval()(x), x)
 
 
 def test_head_weight_norm_and_freezing():

@@ -1126,12 +1126,13 @@ DEMO_AREA, DEMO_ROTATION, DEMO_CLUTTER = (0.12, 0.28), 15, (6, 17)
 def demo_image(cls, rng, size=64, supersample=4):
     """A demo image and its object's mask [size, size]: the class is the shape of the one dark object. The rest
     varies as DINO's augmentations teach a network to ignore: the object's place, size and grey level, the
-    background's brightness, slope and tint (within the colour jitter's range), small grey blobs and strokes around
-    it (local: crops see different ones). Drawn supersampled, then box-filtered: antialiased edges."""
+    background, a gradient between two light colours (crops of one image see different colours), small grey blobs
+    and strokes (crops see different ones). Drawn supersampled, then box-filtered: antialiased edges."""
     n = size * supersample
     y, x = np.mgrid[0:n, 0:n] / n - 0.5
-    slope = np.cos(a := rng.uniform(0, 2 * np.pi)) * x + np.sin(a) * y
-    background = rng.uniform(150, 215) + rng.uniform(-12, 12, 3) + rng.uniform(0, 40) * slope[..., None]
+    slope = (np.cos(a := rng.uniform(0, 2 * np.pi)) * x + np.sin(a) * y) / np.sqrt(2) + 0.5  # 0 to 1 at most
+    start, end = rng.uniform(110, 250, (2, 3))
+    background = start + (end - start) * slope[..., None]
     img = Image.fromarray(background.clip(0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(img)
     for _ in range(rng.integers(*DEMO_CLUTTER)):

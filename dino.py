@@ -1123,7 +1123,7 @@ DEMO_CLASSES = tuple(DEMO_SHAPES)
 DEMO_AREA, DEMO_ROTATION, DEMO_CLUTTER = (0.12, 0.28), 15, (6, 17)
 
 
-def demo_image(cls, rng, size=64, supersample=4):
+def demo_image(cls, rng, size=64, supersample=3):
     """A demo image and its object's mask [size, size]: the class is the shape of the one dark object. The rest
     varies as DINO's augmentations teach a network to ignore: the object's place, size and grey level, the
     background, a gradient between two light colours (crops of one image see different colours), small grey blobs

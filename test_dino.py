@@ -974,7 +974,7 @@ def test_cli_error_is_one_line_with_exit_code(tmp_path):
 def test_corrupt_and_odd_images_are_handled(tmp_path, capsys):
     data = tiny_folder(tmp_path / "data", n=7)
     (data / "dots").mkdir(exist_ok=True)
-    good = (data / "stripes_h" / "0.png").read_bytes()
+    good = (data / "disk" / "0.png").read_bytes()
     (data / "dots" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0" + os.urandom(200))  # a JPEG header, then noise
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 30), dtype=np.uint8), "L").save(data / "gray.png")
     Image.fromarray(np.full((20, 20), 40000, dtype=np.uint16)).save(data / "sixteen.png")
@@ -1823,19 +1823,19 @@ def test_resume_refuses_network_changes_and_reports_harmless_ones(tmp_path, caps
 def test_bad_and_odd_images_are_skipped_and_counted(tmp_path, capsys):
     data = tiny_folder(tmp_path / "data", n=16)
     rng = np.random.default_rng(0)
-    good = data / "stripes_h" / "0.png"
-    unreadable = [data / "stripes_h" / "5_corrupt.png", data / "stripes_v" / "3_corrupt.jpg",  # 2 of 20: 1 in 10
-                  data / "stripes_h" / "9_empty.jpg", data / "stripes_v" / "7_text.png"]
+    good = data / "disk" / "0.png"
+    unreadable = [data / "disk" / "5_corrupt.png", data / "ring" / "3_corrupt.jpg",  # 2 of 20: 1 in 10
+                  data / "disk" / "9_empty.jpg", data / "ring" / "7_text.png"]
     unreadable[0].write_bytes(good.read_bytes()[:200])  # a truncated PNG
     unreadable[1].write_bytes(b"\xff\xd8\xff\xe0" + rng.bytes(500))  # a JPEG header, then noise
     unreadable[2].write_bytes(b"")
     unreadable[3].write_text("not an image")
-    Image.new("RGB", (1, 1), (200, 10, 10)).save(data / "stripes_h" / "1x1.png")
-    Image.fromarray(rng.integers(0, 255, (100, 10000, 3), dtype=np.uint8)).save(data / "stripes_v" / "wide.jpg")
-    Image.fromarray(rng.integers(0, 255, (30, 40, 4), dtype=np.uint8), "CMYK").save(data / "stripes_h" / "cmyk.jpg")
-    Image.fromarray(rng.integers(0, 65535, (30, 40), dtype=np.uint16)).save(data / "stripes_v" / "sixteen.png")
-    assert Image.open(data / "stripes_h" / "cmyk.jpg").mode == "CMYK"
-    assert Image.open(data / "stripes_v" / "sixteen.png").mode.startswith("I")
+    Image.new("RGB", (1, 1), (200, 10, 10)).save(data / "disk" / "1x1.png")
+    Image.fromarray(rng.integers(0, 255, (100, 10000, 3), dtype=np.uint8)).save(data / "ring" / "wide.jpg")
+    Image.fromarray(rng.integers(0, 255, (30, 40, 4), dtype=np.uint8), "CMYK").save(data / "disk" / "cmyk.jpg")
+    Image.fromarray(rng.integers(0, 65535, (30, 40), dtype=np.uint16)).save(data / "ring" / "sixteen.png")
+    assert Image.open(data / "disk" / "cmyk.jpg").mode == "CMYK"
+    assert Image.open(data / "ring" / "sixteen.png").mode.startswith("I")
     assert len(dino.list_images(data)) == 24  # 6 batches of 4 (drop_last): every file is drawn once
     dino.main(train_argv(data, tmp_path / "out", "--epochs", "1"))
     log = read_log(tmp_path / "out")

@@ -35,7 +35,7 @@ from dino import (
     BLUR_KERNEL_SIZE, IMAGENET_MEAN, IMAGENET_STD, DataAugmentationDINO, DinoError, MultiCropGeometry,
     MultiCropPhotometry, _color_jitter, _gaussian_blur, _normalize, _rgb_to_grayscale, _solarize, apply_photometric,
     attention_maps, attn_main, extract_features, knn_classifier, knn_main, linear_main, parse_args,
-    sample_photometric_params, shard, threshold_masks,
+    sample_photometric_params, shard_loader, threshold_masks,
 )
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -1095,7 +1095,7 @@ def test_shards_cover_the_dataset_once(monkeypatch):
             indices = []
             for rank in range(world_size):
                 monkeypatch.setattr(dino, "get_rank", lambda: rank)
-                indices += list(shard(list(range(n))))
+                indices += list(shard_loader(list(range(n)), 1, 0, "cpu").dataset)
             assert indices == list(range(n))
 
 
@@ -1168,14 +1168,14 @@ def test_knn_main_demo_run_with_random_init(tmp_path, checkpoint, monkeypatch, c
     assert "random init (seed 0)" in capsys.readouterr().out
 
 
-def test_knn_top1_runs_in_eval_mode_and_restores_the_mode(tmp_path):
+def test_knn_accuracy_runs_in_eval_mode_and_restores_the_mode(tmp_path):
     root = make_folders(tmp_path, n_train=2, n_val=1)
     transform = dino.eval_transform(32, 32)
     sets = dino.image_folders(root, transform, transform)
     for training in (True, False):
         model, modes = tiny_vit().train(training), []
         model.register_forward_pre_hook(lambda m, _: modes.append(m.training))
-        assert dino.knn_top1(model, *sets, 4, 0, "cpu") == 100.0  # the colors are trivially separable
+        assert dino.knn_accuracy(model, *sets, 4, 0, "cpu") == [(6, 100.0, 100.0)]  # k=20 capped; separable colors
         assert modes and not any(modes) and model.training == training
 
 

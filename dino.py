@@ -100,9 +100,8 @@ class DataAugmentationDINO:
         return crops
 
 
-# The split path used for training: the photometric ops are the CPU bottleneck of DataAugmentationDINO, so the
-# DataLoader workers only crop and flip (MultiCropGeometry) and the device applies the rest to whole batches
-# (MultiCropPhotometry), with the same distributions, per sample.
+# The training path: the loader workers only crop and flip (MultiCropGeometry); the photometric ops, the CPU
+# bottleneck of DataAugmentationDINO, run on the device on whole batches (MultiCropPhotometry), per sample alike.
 
 class MultiCropGeometry:
     """The geometric half of DataAugmentationDINO: PIL RGB image -> 2 global then N local uint8 [3, h, w] crops."""
@@ -137,22 +136,18 @@ def _rgb_to_grayscale(img):
     return (0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(1)
 
 
-def _rgb_to_hsv(img):
-    """RGB -> HSV, all in [0, 1], as torchvision's (Pillow's) conversion."""
+def _adjust_hue(img, factor):
+    """Turn the hue by factor (in turns): torchvision's (Pillow's) RGB -> HSV, then the branch-free HSV -> RGB."""
     r, g, b = img.unbind(dim=1)
-    maxc, minc = img.amax(dim=1), img.amin(dim=1)
+    maxc, minc = img.amax(dim=1), img.amin(dim=1)  # maxc is the value v
     delta = maxc - minc
     gray = delta == 0  # hue and saturation are 0 there; replacing the divisors by 1 avoids nan
     s = delta / torch.where(gray, torch.ones_like(maxc), maxc)
     delta = torch.where(gray, torch.ones_like(delta), delta)
     h = torch.where(maxc == r, (g - b) / delta, torch.where(maxc == g, 2.0 + (b - r) / delta, 4.0 + (r - g) / delta))
-    return torch.fmod(h / 6.0 + 1.0, 1.0), s, maxc
-
-
-def _hsv_to_rgb(h, s, v):
-    """HSV -> RGB [B, 3, H, W], the branch-free form of the sector formula."""
+    h = (torch.fmod(h / 6.0 + 1.0, 1.0) + factor.view(-1, 1, 1)) % 1.0
     k = torch.stack([(n + 6.0 * h) % 6.0 for n in (5.0, 3.0, 1.0)], dim=1)
-    return v.unsqueeze(1) * (1.0 - s.unsqueeze(1) * torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0))
+    return maxc.unsqueeze(1) * (1.0 - s.unsqueeze(1) * torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0))
 
 
 def _gaussian_blur(img, sigma, kernel_size):
@@ -191,9 +186,7 @@ def _color_jitter(img, apply, order, factors):
     hue_position = (order == 3).int().argmax(dim=1)
     for p in range(3):
         img = _jitter_blend(img, apply & (p < hue_position), order[:, p], factors)
-    h, s, v = _rgb_to_hsv(img)
-    hue = _hsv_to_rgb((h + factors[:, 3].view(-1, 1, 1)) % 1.0, s, v)  # the hue turned by the factor (in turns)
-    img = torch.where(_per_sample(apply), hue, img)
+    img = torch.where(_per_sample(apply), _adjust_hue(img, factors[:, 3]), img)
     for p in range(1, 4):
         img = _jitter_blend(img, apply & (p > hue_position), order[:, p], factors)
     return img
@@ -276,9 +269,8 @@ UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  #
 
 class ImageDataset(torch.utils.data.Dataset):
     """Every image under `root`, recursively (labels ignored). An unreadable file costs a warning, not the run: the
-    next readable one replaces it, counted in `skipped` (shared memory: the loader workers' counts reach the main
-    process). An index (index, epoch) seeds the sample's augmentation by (seed, epoch, index): a resumed run draws
-    the same crops as an uninterrupted one, whichever worker loads it."""
+    next readable one replaces it, counted in `skipped` (shared memory: the workers' counts reach the main process).
+    An index (index, epoch) seeds the augmentation by (seed, epoch, index): a resume draws the same crops."""
 
     def __init__(self, root, transform, seed=0):
         if not os.path.isdir(root):
@@ -585,8 +577,7 @@ def train_one_epoch(s, loader, epoch, photometry=None):
 # k-NN
 
 @torch.no_grad()
-def knn_classifier(train_features, train_labels, test_features, test_labels, k, T, num_classes=1000,
-                   chunk_size=256):
+def knn_classifier(train_features, train_labels, test_features, test_labels, k, T, num_classes=1000, chunk_size=256):
     """Weighted k-NN accuracy (top-1, top-5) in percent, as in the paper: each of the k most similar train features
     (L2-normalized: dot products are cosine similarities) votes for its label with weight exp(cos_sim / T). Test
     features go chunk_size at a time: memory is chunk_size x len(train), never test x train."""
@@ -723,7 +714,7 @@ def linear_features(model, images, n_last_blocks, avgpool_patchtokens):
 def train_linear_epoch(features, classifier, loader, optimizer, device):
     """One epoch of SGD on the classifier of the frozen features(images); returns this process's mean loss."""
     classifier.train()
-    loss_sum, count = torch.zeros((), device=device), 0
+    loss_sum = torch.zeros((), device=device)
     for images, labels in loader:
         with torch.no_grad():
             x = features(images.to(device, non_blocking=True))
@@ -732,8 +723,7 @@ def train_linear_epoch(features, classifier, loader, optimizer, device):
         loss.backward()
         optimizer.step()
         loss_sum += loss.detach() * len(labels)  # no .item(): no host sync per step
-        count += len(labels)
-    return loss_sum.item() / max(count, 1)
+    return loss_sum.item() / max(len(loader.sampler), 1)  # every index the sampler gives is one sample
 
 
 @torch.no_grad()
@@ -757,11 +747,10 @@ def evaluate_linear(features, classifier, loader, device):
 @torch.no_grad()
 def embed_folder(model, folder, resize_size=None, crop_size=224, patch_tokens=False, n_last_blocks=0, batch_size=64,
                  num_workers=0, device="cpu"):
-    """Embeddings of every readable image under folder (recursively; unreadable ones skipped, a warning each) by a
-    VisionTransformer in eval mode, preprocessed as for k-NN. Each process embeds its shard; process 0 gets a dict
-    (None elsewhere): 'paths' relative to folder, in order; 'cls' [N, D] final-norm CLS tokens (= model(x));
-    with patch_tokens, 'patch_tokens' [N, h, w, D] final-norm patch tokens; with n_last_blocks n, 'last_blocks'
-    [N, n, D] the final-norm CLS tokens of the last n blocks. Float32 tensors on the CPU."""
+    """Embeddings of every readable image under folder (recursively; a warning for each unreadable one) by a
+    VisionTransformer in eval mode, preprocessed as for k-NN, each process embedding its shard. On process 0 (None
+    elsewhere) a dict of float32 CPU tensors: 'paths' relative to folder, in order; 'cls' [N, D] final-norm CLS tokens
+    (= model(x)); with patch_tokens, 'patch_tokens' [N, h, w, D]; with n_last_blocks n, 'last_blocks' [N, n, D]."""
     device, h, dim = torch.device(device), crop_size // model.patch_size, model.embed_dim
     dataset = ImageFiles(folder, eval_transform(resize_size, crop_size))
     loader = shard_loader(dataset, batch_size, num_workers, device)
@@ -1348,8 +1337,7 @@ def knn_main(args):
     for r in rows:
         print(f"{r['model']:<{width}}  {r['k']:>4}  {r['top1']:6.2f}  {r['top5']:6.2f}")
     path = os.path.join(args.output_dir, "knn_results.json")
-    with open(path, "w") as f:
-        json.dump({"args": plain_args(args), "results": rows}, f, indent=1)
+    Path(path).write_text(json.dumps({"args": plain_args(args), "results": rows}, indent=1))
     print(f"wrote {path}")
 
 

@@ -310,7 +310,7 @@ class ImageDataset(torch.utils.data.Dataset):
 
 
 class ImageFiles(ImageDataset):
-    """The images under root for inference: (image, True), or for an unreadable file (image, False), a row to drop."""
+    """The images under root for inference: (image, True), or if unreadable (a black image, False), a row to drop."""
 
     def __getitem__(self, index):
         image = self._read(self.files[index])
@@ -627,8 +627,8 @@ def gather_shards(x, n):
 
 
 def knn_accuracy(model, train_set, val_set, batch_size, num_workers, device, ks=(20,), T=0.07):
-    """Weighted k-NN [(k, top-1, top-5)] of model's features on ImageFolders for each k in ks (at most the train set's
-    size), the model in eval mode meanwhile (then back in its mode); on process 0, None on the others."""
+    """Weighted k-NN [(k, top-1, top-5)] of model's features on ImageFolders for each k in ks, the model in eval mode
+    meanwhile (then back in its mode); on process 0, None on the others."""
     training = model.training
     train_features, val_features = (extract_features(model.eval(), data, batch_size, num_workers, device)
                                     for data in (train_set, val_set))

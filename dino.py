@@ -68,6 +68,7 @@ def get_rank():
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+NORMALIZE = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])  # PIL image -> normalized tensor
 
 
 def _pil_gaussian_blur(img):
@@ -81,25 +82,17 @@ class DataAugmentationDINO:
     def __init__(self, global_crops_scale, local_crops_scale, local_crops_number,
                  global_crops_size=224, local_crops_size=96):
         bicubic = T.InterpolationMode.BICUBIC
-        flip_and_color_jitter = T.Compose([
-            T.RandomHorizontalFlip(p=0.5),
-            T.RandomApply([T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
-            T.RandomGrayscale(p=0.2),
-        ])
-        normalize = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+        jitter = T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)
+        flip_and_color_jitter = T.Compose([T.RandomHorizontalFlip(p=0.5), T.RandomApply([jitter], p=0.8),
+                                           T.RandomGrayscale(p=0.2)])
         global_crop = T.RandomResizedCrop(global_crops_size, scale=global_crops_scale, interpolation=bicubic)
-        self.global_transfo1 = T.Compose([
-            global_crop, flip_and_color_jitter, T.RandomApply([T.Lambda(_pil_gaussian_blur)], p=1.0), normalize,
-        ])
-        self.global_transfo2 = T.Compose([
-            global_crop, flip_and_color_jitter, T.RandomApply([T.Lambda(_pil_gaussian_blur)], p=0.1),
-            T.RandomSolarize(threshold=128, p=0.2), normalize,
-        ])
+        local_crop = T.RandomResizedCrop(local_crops_size, scale=local_crops_scale, interpolation=bicubic)
+        blur = lambda p: T.RandomApply([T.Lambda(_pil_gaussian_blur)], p=p)
+        self.global_transfo1 = T.Compose([global_crop, flip_and_color_jitter, blur(1.0), NORMALIZE])
+        self.global_transfo2 = T.Compose([global_crop, flip_and_color_jitter, blur(0.1),
+                                          T.RandomSolarize(threshold=128, p=0.2), NORMALIZE])
         self.local_crops_number = local_crops_number
-        self.local_transfo = T.Compose([
-            T.RandomResizedCrop(local_crops_size, scale=local_crops_scale, interpolation=bicubic),
-            flip_and_color_jitter, T.RandomApply([T.Lambda(_pil_gaussian_blur)], p=0.5), normalize,
-        ])
+        self.local_transfo = T.Compose([local_crop, flip_and_color_jitter, blur(0.5), NORMALIZE])
 
     def __call__(self, image):
         crops = [self.global_transfo1(image), self.global_transfo2(image)]
@@ -107,17 +100,8 @@ class DataAugmentationDINO:
         return crops
 
 
-# The split path used for training: the photometric ops are the CPU bottleneck of DataAugmentationDINO, so the
-# DataLoader workers only crop and flip (MultiCropGeometry) and the device applies the rest to whole batches
-# (MultiCropPhotometry), with the same distributions, per sample.
-
-def _random_resized_crop_flip(img, size, scale):
-    """RandomResizedCrop(size, scale, bicubic) + RandomHorizontalFlip(0.5): uint8 [3, H, W] -> [3, size, size]. torch's
-    antialiased bicubic resize of uint8 is Pillow's filter (within 2 levels), vectorized: about 4x faster."""
-    i, j, h, w = T.RandomResizedCrop.get_params(img, scale, ratio=(3 / 4, 4 / 3))
-    crop = F.interpolate(img[None, :, i:i + h, j:j + w], size=(size, size), mode="bicubic", antialias=True)[0]
-    return crop.flip(-1) if torch.rand(1) < 0.5 else crop
-
+# The training path: the loader workers only crop and flip (MultiCropGeometry); the photometric ops, the CPU
+# bottleneck of DataAugmentationDINO, run on the device on whole batches (MultiCropPhotometry), per sample alike.
 
 class MultiCropGeometry:
     """The geometric half of DataAugmentationDINO: PIL RGB image -> 2 global then N local uint8 [3, h, w] crops."""
@@ -129,7 +113,13 @@ class MultiCropGeometry:
 
     def __call__(self, img):
         img = TF.pil_to_tensor(img)  # a [3, H, W] view of the HWC pixels; crops are views of it
-        return [_random_resized_crop_flip(img, size, scale) for size, scale in self.crops]
+        crops = []
+        for size, scale in self.crops:  # RandomResizedCrop(size, scale, bicubic) + RandomHorizontalFlip(0.5)
+            i, j, h, w = T.RandomResizedCrop.get_params(img, scale, ratio=(3 / 4, 4 / 3))
+            # torch's antialiased bicubic resize of uint8 is Pillow's filter (within 2 levels), vectorized: 4x faster
+            crop = F.interpolate(img[None, :, i:i + h, j:j + w], size=(size, size), mode="bicubic", antialias=True)
+            crops.append(crop[0].flip(-1) if torch.rand(1) < 0.5 else crop[0])
+        return crops
 
 
 # Batched photometric ops on float images [B, 3, H, W] in [0, 1] with per-sample factors [B]; each equals the
@@ -146,35 +136,18 @@ def _rgb_to_grayscale(img):
     return (0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(1)
 
 
-def _blend(img, other, factor):
-    """factor * img + (1 - factor) * other, clamped to [0, 1]."""
-    factor = _per_sample(factor)
-    return (factor * img + (1.0 - factor) * other).clamp(0.0, 1.0)
-
-
-def _rgb_to_hsv(img):
-    """RGB -> HSV, all in [0, 1], as torchvision's (Pillow's) conversion."""
+def _adjust_hue(img, factor):
+    """Turn the hue by factor (in turns): torchvision's (Pillow's) RGB -> HSV, then the branch-free HSV -> RGB."""
     r, g, b = img.unbind(dim=1)
-    maxc, minc = img.amax(dim=1), img.amin(dim=1)
+    maxc, minc = img.amax(dim=1), img.amin(dim=1)  # maxc is the value v
     delta = maxc - minc
     gray = delta == 0  # hue and saturation are 0 there; replacing the divisors by 1 avoids nan
     s = delta / torch.where(gray, torch.ones_like(maxc), maxc)
     delta = torch.where(gray, torch.ones_like(delta), delta)
-    h = torch.where(maxc == r, (g - b) / delta,
-                    torch.where(maxc == g, 2.0 + (b - r) / delta, 4.0 + (r - g) / delta))
-    return torch.fmod(h / 6.0 + 1.0, 1.0), s, maxc
-
-
-def _hsv_to_rgb(h, s, v):
-    """HSV -> RGB [B, 3, H, W], the branch-free form of the sector formula."""
+    h = torch.where(maxc == r, (g - b) / delta, torch.where(maxc == g, 2.0 + (b - r) / delta, 4.0 + (r - g) / delta))
+    h = (torch.fmod(h / 6.0 + 1.0, 1.0) + factor.view(-1, 1, 1)) % 1.0
     k = torch.stack([(n + 6.0 * h) % 6.0 for n in (5.0, 3.0, 1.0)], dim=1)
-    return v.unsqueeze(1) * (1.0 - s.unsqueeze(1) * torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0))
-
-
-def _adjust_hue(img, factor):
-    """Rotate the hue by factor (in turns, [-0.5, 0.5]) in HSV space."""
-    h, s, v = _rgb_to_hsv(img)
-    return _hsv_to_rgb((h + factor.view(-1, 1, 1)) % 1.0, s, v)
+    return maxc.unsqueeze(1) * (1.0 - s.unsqueeze(1) * torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0))
 
 
 def _gaussian_blur(img, sigma, kernel_size):
@@ -208,9 +181,8 @@ BLUR_KERNEL_SIZE = 2 * math.ceil(3 * BLUR_SIGMA[1]) + 1  # 13: +-3 sigma of the 
 
 
 def _color_jitter(img, apply, order, factors):
-    """Where apply, ColorJitter's ops (0 brightness, 1 contrast, 2 saturation, 3 hue) in each sample's own order
-    (a permutation of 0..3) with its factors [B, 4]. Hue, the costly op, runs once: the blends before each
-    sample's hue, then hue, then the blends after it."""
+    """Where apply, ColorJitter's ops (0 brightness, 1 contrast, 2 saturation, 3 hue) in each sample's order [B, 4]
+    with its factors [B, 4]. Hue, the costly op, runs once: the blends before each sample's hue, hue, the rest."""
     hue_position = (order == 3).int().argmax(dim=1)
     for p in range(3):
         img = _jitter_blend(img, apply & (p < hue_position), order[:, p], factors)
@@ -226,24 +198,21 @@ def _jitter_blend(img, chosen, op, factors):
     gray = _rgb_to_grayscale(img)
     kind = _per_sample(op)
     other = torch.where(kind == 0, 0.0, torch.where(kind == 1, gray.mean(dim=(1, 2, 3), keepdim=True), gray))
-    factor = factors.gather(1, op[:, None]).squeeze(1)
-    return torch.where(_per_sample(chosen), _blend(img, other, factor), img)
+    factor = _per_sample(factors.gather(1, op[:, None]).squeeze(1))
+    blend = (factor * img + (1.0 - factor) * other).clamp(0.0, 1.0)
+    return torch.where(_per_sample(chosen), blend, img)
 
 
 def sample_photometric_params(n, blur_p, solarize_p, device=None):
     """Draws every random choice of the photometric pipeline for n samples of one view, from the global torch RNG."""
-    def uniform(low, high):
-        return torch.empty(n, device=device).uniform_(low, high)
-
-    return dict(
-        jitter=torch.rand(n, device=device) < 0.8,
-        order=torch.rand(n, 4, device=device).argsort(dim=1),  # a random permutation per sample
-        factors=torch.stack([uniform(low, high) for low, high in JITTER_RANGES], dim=1),
-        grayscale=torch.rand(n, device=device) < 0.2,
-        blur=torch.rand(n, device=device) < blur_p,
-        sigma=uniform(*BLUR_SIGMA),
-        solarize=torch.rand(n, device=device) < solarize_p,
-    )
+    uniform = lambda low, high: torch.empty(n, device=device).uniform_(low, high)
+    return dict(jitter=torch.rand(n, device=device) < 0.8,
+                order=torch.rand(n, 4, device=device).argsort(dim=1),  # a random permutation per sample
+                factors=torch.stack([uniform(low, high) for low, high in JITTER_RANGES], dim=1),
+                grayscale=torch.rand(n, device=device) < 0.2,
+                blur=torch.rand(n, device=device) < blur_p,
+                sigma=uniform(*BLUR_SIGMA),
+                solarize=torch.rand(n, device=device) < solarize_p)
 
 
 def apply_photometric(img, params):
@@ -256,8 +225,7 @@ def apply_photometric(img, params):
 
 
 class MultiCropPhotometry:
-    """The photometric half of DataAugmentationDINO on the device: MultiCropGeometry's 2 + N uint8 batches
-    [B, 3, h, w] -> normalized float32 batches of the same shapes, with no host sync (asynchronous on a GPU)."""
+    """DataAugmentationDINO's photometric half, batched on the device: uint8 crops -> normalized float32, no sync."""
 
     # (blur p, solarize p) of global view 1, global view 2, and the local views
     PROBS = ((1.0, 0.0), (0.1, 0.2), (0.5, 0.0))
@@ -265,17 +233,14 @@ class MultiCropPhotometry:
     def __init__(self, local_crops_number):
         self.local_crops_number = local_crops_number
 
-    def _augment(self, views, probs):
-        """Augments a group of views sharing the same probabilities as one batch."""
-        img = torch.cat(views).float().div(255)
-        img = apply_photometric(img, sample_photometric_params(len(img), *probs, device=img.device))
-        return list(img.split(len(views[0])))
-
     def __call__(self, views):
         assert len(views) == 2 + self.local_crops_number
-        out = self._augment(views[:1], self.PROBS[0]) + self._augment(views[1:2], self.PROBS[1])
-        if self.local_crops_number:
-            out += self._augment(views[2:], self.PROBS[2])
+        out = []
+        for group, probs in zip((views[:1], views[1:2], views[2:]), self.PROBS):
+            if group:  # the views sharing the same probabilities, as one batch
+                img = torch.cat(group).float().div(255)
+                img = apply_photometric(img, sample_photometric_params(len(img), *probs, device=img.device))
+                out += img.split(len(group[0]))
         return out
 
 
@@ -288,10 +253,8 @@ def load_rgb(path):
         img.load()
         if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
             a = np.asarray(img, dtype=np.float64)
-            if img.mode == "F":
-                scale = max(a.max(), 1.0)
-            else:  # 16-bit data, or 8-bit data stored in a 32-bit mode
-                scale = 65535.0 if a.max() > 255 else 255.0
+            # float data by its maximum; 16-bit data, or 8-bit data stored in a 32-bit mode, by its range
+            scale = max(a.max(), 1.0) if img.mode == "F" else 65535.0 if a.max() > 255 else 255.0
             img = Image.fromarray((np.clip(a / scale, 0, 1) * 255).round().astype(np.uint8), "L")
         return img.convert("RGB")
 
@@ -301,18 +264,13 @@ def list_images(root):
     return sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
 
 
-
 UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # what PIL raises on a bad file
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Every image under `root`, recursively (an ImageFolder's class folders included, labels ignored).
-
-    An unreadable file is replaced by the next readable one and counted in `skipped` (shared memory, so the loader
-    workers' counts reach the main process): one bad JPEG costs a warning rather than a two-day run. An index
-    may come with the epoch, (index, epoch): the sample's augmentation is then seeded by (seed, epoch, index), so a
-    resumed run draws the same crops as an uninterrupted one, whichever worker loads it.
-    """
+    """Every image under `root`, recursively (labels ignored). An unreadable file costs a warning, not the run: the
+    next readable one replaces it, counted in `skipped` (shared memory: the workers' counts reach the main process).
+    An index (index, epoch) seeds the augmentation by (seed, epoch, index): a resume draws the same crops."""
 
     def __init__(self, root, transform, seed=0):
         if not os.path.isdir(root):
@@ -335,34 +293,34 @@ class ImageDataset(torch.utils.data.Dataset):
             torch.manual_seed((self.seed * 10007 + epoch) * len(self.files) + index)
             return self._load(index)
 
+    def _read(self, path):
+        """The transformed image, or None after a warning if the file cannot be read."""
+        try:
+            return self.transform(load_rgb(path))
+        except UNREADABLE as e:
+            print(f"warning: skipping unreadable image {path}: {e}", file=sys.stderr)
+
     def _load(self, index):
         for offset in range(len(self.files)):
             path = self.files[(index + offset) % len(self.files)]
-            try:
-                return self.transform(load_rgb(path))
-            except UNREADABLE as e:
-                print(f"warning: skipping unreadable image {path}: {e}", file=sys.stderr)
-                self.skipped += 1
+            if (image := self._read(path)) is not None:
+                return image
+            self.skipped += 1
         raise DinoError(f"no image under the data path could be read (last tried: {path})")
 
 
 class ImageFiles(ImageDataset):
-    """The images under root for inference: (image, True), or for an unreadable file (a warning names it) a black
-    image and False, whose row the caller drops: nothing takes its place."""
+    """The images under root for inference: (image, True), or if unreadable (a black image, False), a row to drop."""
 
     def __getitem__(self, index):
-        try:
-            return self.transform(load_rgb(self.files[index])), True
-        except UNREADABLE as e:
-            print(f"warning: skipping unreadable image {self.files[index]}: {e}", file=sys.stderr)
-            return self.transform(Image.new("RGB", (1, 1))), False
+        image = self._read(self.files[index])
+        return (image, True) if image is not None else (self.transform(Image.new("RGB", (1, 1))), False)
 
 
 def eval_transform(resize_size, crop_size):
-    """The evaluation preprocessing (the paper's k-NN and linear eval): bicubic resize of the short side (None: in
-    the paper's ratio, 256 for a 224 crop), center crop, ImageNet normalization."""
+    """The paper's evaluation preprocessing: bicubic resize of the short side (None: 256 for 224), center crop."""
     resize = T.Resize(resize_size or round(crop_size * 256 / 224), interpolation=T.InterpolationMode.BICUBIC)
-    return T.Compose([resize, T.CenterCrop(crop_size), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    return T.Compose([resize, T.CenterCrop(crop_size), NORMALIZE])
 
 
 class EpochSampler(torch.utils.data.DistributedSampler):
@@ -619,8 +577,7 @@ def train_one_epoch(s, loader, epoch, photometry=None):
 # k-NN
 
 @torch.no_grad()
-def knn_classifier(train_features, train_labels, test_features, test_labels, k, T, num_classes=1000,
-                   chunk_size=256):
+def knn_classifier(train_features, train_labels, test_features, test_labels, k, T, num_classes=1000, chunk_size=256):
     """Weighted k-NN accuracy (top-1, top-5) in percent, as in the paper: each of the k most similar train features
     (L2-normalized: dot products are cosine similarities) votes for its label with weight exp(cos_sim / T). Test
     features go chunk_size at a time: memory is chunk_size x len(train), never test x train."""
@@ -638,26 +595,25 @@ def knn_classifier(train_features, train_labels, test_features, test_labels, k, 
     return 100.0 * hits1 / len(test_labels), 100.0 * hits5 / len(test_labels)
 
 
-def shard(dataset):
-    """This process's contiguous slice of dataset: sizes differ by at most one, nothing padded or repeated."""
+def shard_loader(dataset, batch_size, num_workers, device):
+    """A loader of this process's contiguous slice of dataset: sizes differ by at most one, nothing padded."""
     rank, world_size, n = get_rank(), get_world_size(), len(dataset)
-    return torch.utils.data.Subset(dataset, range(n * rank // world_size, n * (rank + 1) // world_size))
+    shard = torch.utils.data.Subset(dataset, range(n * rank // world_size, n * (rank + 1) // world_size))
+    return torch.utils.data.DataLoader(shard, batch_size=batch_size, num_workers=num_workers,
+                                       pin_memory=torch.device(device).type == "cuda")
 
 
 @torch.no_grad()
 def extract_features(model, dataset, batch_size, num_workers, device):
-    """L2-normalized float32 CLS features of every image in dataset order, on the CPU of process 0 (None elsewhere).
-    Each process embeds its contiguous shard (no padding: no image counts twice), gathered on process 0 only."""
-    device = torch.device(device)
-    loader = torch.utils.data.DataLoader(shard(dataset), batch_size=batch_size, num_workers=num_workers,
-                                         pin_memory=device.type == "cuda")
+    """L2-normalized float32 CLS features of every image, in order, on process 0's CPU (None elsewhere)."""
+    loader = shard_loader(dataset, batch_size, num_workers, device)
     features = [F.normalize(model(images.to(device, non_blocking=True)).float(), dim=1) for images, _ in loader]
     features = torch.cat(features) if features else torch.zeros(0, model.embed_dim, device=device)
     return gather_shards(features, len(dataset))
 
 
 def gather_shards(x, n):
-    """Each process's rows for its shard() of n items -> all n rows in order on process 0's CPU (None elsewhere)."""
+    """Each process's rows of its shard_loader() of n items -> all n rows in order on process 0's CPU (else None)."""
     world_size = get_world_size()
     if world_size == 1:
         return x.cpu()
@@ -670,9 +626,9 @@ def gather_shards(x, n):
     return torch.cat([s[:n * (r + 1) // world_size - n * r // world_size] for r, s in enumerate(shards)]).cpu()
 
 
-def knn_top1(model, train_set, val_set, batch_size, num_workers, device, k=20, T=0.07):
-    """Weighted k-NN top-1 of model's features on ImageFolders, the model in eval mode meanwhile (then back in its
-    mode); on process 0, None on the others."""
+def knn_accuracy(model, train_set, val_set, batch_size, num_workers, device, ks=(20,), T=0.07):
+    """Weighted k-NN [(k, top-1, top-5)] of model's features on ImageFolders for each k in ks, the model in eval mode
+    meanwhile (then back in its mode); on process 0, None on the others."""
     training = model.training
     train_features, val_features = (extract_features(model.eval(), data, batch_size, num_workers, device)
                                     for data in (train_set, val_set))
@@ -681,7 +637,8 @@ def knn_top1(model, train_set, val_set, batch_size, num_workers, device, k=20, T
         return None
     tensors = [t.to(device) for t in (train_features, torch.tensor(train_set.targets), val_features,
                                       torch.tensor(val_set.targets))]
-    return knn_classifier(*tensors, min(k, len(train_set)), T, len(train_set.classes))[0]
+    ks = sorted({min(k, len(train_set)) for k in ks})  # small data sets get all their images as neighbours
+    return [(k, *knn_classifier(*tensors, k, T, len(train_set.classes))) for k in ks]
 
 
 # -----------------------------------------------------------------------------
@@ -705,12 +662,12 @@ def threshold_masks(maps, threshold):
     return keep.reshape(maps.shape)
 
 
-
 def attention_jaccard(maps, masks, patch_size, mass=0.6):
     """The paper's segmentation score: per image, the Jaccard index |A & B| / |A | B| of the patches A holding
     `mass` of the attention map [N, h, w] (nearest-upsampled to pixels) and the object's pixel mask B [N, H, W]."""
     kept = threshold_masks(maps, mass).repeat_interleave(patch_size, 1).repeat_interleave(patch_size, 2)
     return (kept & masks).flatten(1).sum(1) / (kept | masks).flatten(1).sum(1).clamp_min(1)
+
 
 # viridis at 0, 1/8, ..., 1: heat maps without a matplotlib dependency
 VIRIDIS = np.array([[68, 1, 84], [71, 44, 123], [59, 82, 139], [44, 114, 142], [33, 145, 140],
@@ -726,13 +683,6 @@ def colorize(a):
     return rgb.round().astype(np.uint8)
 
 
-def prepare_image(img, image_size, patch_size):
-    """Resize a PIL image to image_size (H, W) and crop it to patch multiples: (PIL image, normalized tensor)."""
-    h, w = image_size
-    img = img.resize((w, h), Image.BICUBIC).crop((0, 0, w - w % patch_size, h - h % patch_size))
-    return img, T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])(img)
-
-
 def save_attention_images(img, maps, masks, patch_size, out_dir):
     """Write the image, per-head heat maps, their mean, an overlay and the threshold masks; return the paths."""
     os.makedirs(out_dir, exist_ok=True)
@@ -744,12 +694,9 @@ def save_attention_images(img, maps, masks, patch_size, out_dir):
     if masks is not None:  # the image, darkened outside each head's mask
         pictures += [(f"mask-head{i}.png", (image * np.where(up(m), 1.0, 0.25)[..., None]).round().astype(np.uint8))
                      for i, m in enumerate(masks)]
-    paths = []
     for name, array in pictures:
-        paths.append(os.path.join(out_dir, name))
-        Image.fromarray(array).save(paths[-1])
-    return paths
-
+        Image.fromarray(array).save(os.path.join(out_dir, name))
+    return [os.path.join(out_dir, name) for name, _ in pictures]
 
 
 # -----------------------------------------------------------------------------
@@ -764,33 +711,28 @@ def linear_features(model, images, n_last_blocks, avgpool_patchtokens):
     return torch.cat(features, dim=-1).float()
 
 
-def train_linear_epoch(model, classifier, loader, optimizer, args, device):
-    """One epoch of SGD on the classifier; the backbone only runs forward. Returns this process's mean loss."""
+def train_linear_epoch(features, classifier, loader, optimizer, device):
+    """One epoch of SGD on the classifier of the frozen features(images); returns this process's mean loss."""
     classifier.train()
-    loss_sum, count = torch.zeros((), device=device), 0
+    loss_sum = torch.zeros((), device=device)
     for images, labels in loader:
         with torch.no_grad():
-            features = linear_features(model, images.to(device, non_blocking=True), args.n_last_blocks,
-                                       args.avgpool_patchtokens)
-        loss = F.cross_entropy(classifier(features), labels.to(device, non_blocking=True))
+            x = features(images.to(device, non_blocking=True))
+        loss = F.cross_entropy(classifier(x), labels.to(device, non_blocking=True))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         loss_sum += loss.detach() * len(labels)  # no .item(): no host sync per step
-        count += len(labels)
-    return loss_sum.item() / max(count, 1)
+    return loss_sum.item() / max(len(loader.sampler), 1)  # every index the sampler gives is one sample
 
 
 @torch.no_grad()
-def evaluate_linear(model, classifier, dataset, args, device):
-    """(top-1, top-5) in percent over the whole dataset; each process scores its shard, the counts are summed."""
+def evaluate_linear(features, classifier, loader, device):
+    """(top-1, top-5) in percent; each process scores its shard of the dataset, the counts are summed."""
     classifier.eval()
-    loader = torch.utils.data.DataLoader(shard(dataset), batch_size=args.batch_size_per_gpu,
-                                         num_workers=args.num_workers, pin_memory=device.type == "cuda")
     counts = torch.zeros(3, device=device)  # top-1 hits, top-5 hits, images
     for images, labels in loader:
-        logits = classifier(linear_features(model, images.to(device, non_blocking=True), args.n_last_blocks,
-                                            args.avgpool_patchtokens))
+        logits = classifier(features(images.to(device, non_blocking=True)))
         hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels.to(device, non_blocking=True)[:, None]
         counts[:2] += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum()])
         counts[2] += len(labels)  # a Python number: no host-to-device copy, no sync
@@ -805,15 +747,13 @@ def evaluate_linear(model, classifier, dataset, args, device):
 @torch.no_grad()
 def embed_folder(model, folder, resize_size=None, crop_size=224, patch_tokens=False, n_last_blocks=0, batch_size=64,
                  num_workers=0, device="cpu"):
-    """Embeddings of every readable image under folder (recursively; unreadable ones skipped, a warning each) by a
-    VisionTransformer in eval mode, preprocessed as for k-NN. Each process embeds its shard; process 0 gets a dict
-    (None elsewhere): 'paths' relative to folder, in order; 'cls' [N, D] final-norm CLS tokens (= model(x));
-    with patch_tokens, 'patch_tokens' [N, h, w, D] final-norm patch tokens; with n_last_blocks n, 'last_blocks'
-    [N, n, D] the final-norm CLS tokens of the last n blocks. Float32 tensors on the CPU."""
+    """Embeddings of every readable image under folder (recursively; a warning for each unreadable one) by a
+    VisionTransformer in eval mode, preprocessed as for k-NN, each process embedding its shard. On process 0 (None
+    elsewhere) a dict of float32 CPU tensors: 'paths' relative to folder, in order; 'cls' [N, D] final-norm CLS tokens
+    (= model(x)); with patch_tokens, 'patch_tokens' [N, h, w, D]; with n_last_blocks n, 'last_blocks' [N, n, D]."""
     device, h, dim = torch.device(device), crop_size // model.patch_size, model.embed_dim
     dataset = ImageFiles(folder, eval_transform(resize_size, crop_size))
-    loader = torch.utils.data.DataLoader(shard(dataset), batch_size=batch_size, num_workers=num_workers,
-                                         pin_memory=device.type == "cuda")
+    loader = shard_loader(dataset, batch_size, num_workers, device)
     shapes = {"cls": (dim,), "readable": ()} | ({"patch_tokens": (h, h, dim)} if patch_tokens else {}) | \
         ({"last_blocks": (n_last_blocks, dim)} if n_last_blocks else {})
     rows = {k: [torch.zeros(0, *shape, device=device)] for k, shape in shapes.items()}  # a shard may be empty
@@ -1220,8 +1160,7 @@ def prepare_output_dir(path):
 
 
 def autocast_dtype(precision, device):
-    """--precision as an autocast dtype (None: fp32). auto: bf16 on GPUs that compute it natively, fp16 (with a
-    gradient scaler) on older ones, fp32 on the CPU."""
+    """--precision as an autocast dtype (None: fp32); auto: bf16 on GPUs with native bf16, fp16 on older ones."""
     if precision == "auto":
         precision = "fp32" if device.type != "cuda" else \
             "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
@@ -1252,18 +1191,17 @@ def build_train_state(args, n_iter, world_size, device):
 
 def train(args, device_photometry=None):
     """The train command in one process: data, networks, resume or pretrained weights, then the epochs.
-    device_photometry: colour, blur and solarize batched on the device (default: on GPUs; the tests use the CPU)."""
+    device_photometry: colour, blur and solarize batched on the device (default: on GPUs), else in the workers."""
     rank, world_size, device = init_distributed(args.dist_timeout)
     if rank == 0:
         prepare_output_dir(args.output_dir)
     seed_everything(args.seed)  # the same initial weights on every rank
-    # Colour, blur and solarize run batched on the GPU; without one, the PIL recipe runs in the loader workers.
     on_device = device.type == "cuda" if device_photometry is None else device_photometry
     photometry = MultiCropPhotometry(args.local_crops_number) if on_device else None
     crops = (args.global_crops_scale, args.local_crops_scale, args.local_crops_number, args.global_crops_size,
              args.local_crops_size)
-    dataset = ImageDataset(args.data_path, MultiCropGeometry(*crops) if photometry else DataAugmentationDINO(*crops),
-                           args.seed)
+    augment = MultiCropGeometry if on_device else DataAugmentationDINO
+    dataset = ImageDataset(args.data_path, augment(*crops), args.seed)
     sampler = EpochSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
     loader = torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=args.batch_size_per_gpu,
                                          num_workers=args.num_workers, pin_memory=device.type == "cuda",
@@ -1312,9 +1250,9 @@ def train(args, device_photometry=None):
             dist.all_reduce(skipped)
         stats["skipped_images"] = skipped.item()
         if args.knn_every and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
-            stats["knn_top1"] = knn_top1(s.teacher.backbone, *knn_sets, args.batch_size_per_gpu, args.num_workers,
-                                         device)
+            results = knn_accuracy(s.teacher.backbone, *knn_sets, args.batch_size_per_gpu, args.num_workers, device)
             if rank == 0:
+                stats["knn_top1"] = results[0][1]  # (k=20, top-1, top-5)
                 print(f"epoch {epoch}: teacher k-NN top-1 {stats['knn_top1']:.2f} % on {args.knn_data_path}")
         if rank == 0:
             save_epoch(s, epoch, stats)
@@ -1324,9 +1262,9 @@ def train(args, device_photometry=None):
 
 
 def open_weights(args, out_dir):
-    """Read --pretrained_weights once (default: the run in --output_dir) and take --arch / --patch_size from the
-    flags it was trained with when unset; check that out_dir, where the command writes, is writable. Returns (file
-    content, its training flags)."""
+    """Read --pretrained_weights once (default: the run in --output_dir), fill unset --arch / --patch_size from its
+    training flags and the eval data and sizes (knn and linear without --data_path: the demo data at its training
+    resolution), check that out_dir is writable. Returns (file content, its training flags)."""
     if args.pretrained_weights is None:
         args.pretrained_weights = os.path.join(args.output_dir, "checkpoint.pth")
         if not os.path.isfile(args.pretrained_weights):
@@ -1337,12 +1275,21 @@ def open_weights(args, out_dir):
     args.arch = args.arch or train_args.get("arch", "vit_small")
     args.patch_size = args.patch_size or train_args.get("patch_size", 16)
     prepare_output_dir(out_dir)  # fail before any work
+    if args.command in ("knn", "linear") and args.data_path is None:
+        args.data_path = make_demo_dataset(os.path.join(args.output_dir, "demo_data"))
+        args.crop_size = args.crop_size or train_args.get("global_crops_size", DEMO["train"]["global_crops_size"])
+        args.resize_size = args.resize_size or args.crop_size
+        print(f"no --data_path: evaluating {args.pretrained_weights} ({args.arch}/{args.patch_size}) on the demo "
+              f"data in {args.data_path} at {args.crop_size} pixels")
+    if args.command != "attn":  # the default resize_size: see eval_transform
+        args.crop_size = args.crop_size or 224
+        if args.crop_size % args.patch_size:
+            raise DinoError(f"--crop_size {args.crop_size} is not a multiple of --patch_size {args.patch_size}")
     return ckpt, train_args
 
 
 def load_backbone(args, device, checkpoint=None):
-    """The frozen backbone in eval mode, from --pretrained_weights (read already: checkpoint), or with checkpoint
-    None a random init (seed 0), the baseline that shows what training added."""
+    """The frozen backbone in eval mode: --pretrained_weights (checkpoint: the content) or if None random (seed 0)."""
     torch.backends.cuda.matmul.allow_tf32 = True  # frozen features: TF32 on GPUs, PyTorch's default before 1.12
     if checkpoint is None:
         torch.manual_seed(0)
@@ -1352,34 +1299,14 @@ def load_backbone(args, device, checkpoint=None):
     return model.eval().requires_grad_(False).to(device)
 
 
-def eval_sizes(args):
-    """--crop_size (default 224; --resize_size default: see eval_transform), a multiple of the patch size."""
-    args.crop_size = args.crop_size or 224
-    if args.crop_size % args.patch_size:
-        raise DinoError(f"--crop_size {args.crop_size} is not a multiple of --patch_size {args.patch_size}")
-
-
-def open_eval_data(args, train_args):
-    """--data_path (the demo data when unset) and its image sizes, for knn and linear."""
-    if args.data_path is None:
-        args.data_path = make_demo_dataset(os.path.join(args.output_dir, "demo_data"))
-        # the demo is evaluated at the resolution it was trained at
-        args.crop_size = args.crop_size or train_args.get("global_crops_size", DEMO["train"]["global_crops_size"])
-        args.resize_size = args.resize_size or args.crop_size
-        print(f"no --data_path: evaluating {args.pretrained_weights} ({args.arch}/{args.patch_size}) on the demo "
-              f"data in {args.data_path} at {args.crop_size} pixels")
-    eval_sizes(args)
-    for split in ("train", "val"):
-        if not os.path.isdir(os.path.join(args.data_path, split)):
-            raise DinoError(f"--data_path {args.data_path} has no {split}/ folder; it must hold "
-                            f"train/<class>/ and val/<class>/ image folders")
-
-
 def image_folders(data_path, train_transform, val_transform):
     """ImageFolders data_path/train and data_path/val; their class folders must match, or labels would differ."""
     folders = []
     for split, transform in (("train", train_transform), ("val", val_transform)):
         root = os.path.join(data_path, split)
+        if not os.path.isdir(root):
+            raise DinoError(f"{data_path} has no {split}/ folder; it must hold train/<class>/ and val/<class>/ "
+                            f"image folders")
         try:
             folders.append(torchvision.datasets.ImageFolder(root, transform, loader=load_rgb))
         except FileNotFoundError as e:  # no class folders, or a class folder without images
@@ -1393,24 +1320,16 @@ def image_folders(data_path, train_transform, val_transform):
 
 
 def knn_main(args):
-    """Weighted k-NN accuracy of --pretrained_weights (with --random_init also of the same architecture at random
-    init) for every k in --nb_knn, printed and written to <output_dir>/knn_results.json."""
+    """Weighted k-NN accuracy for every k in --nb_knn (and of a --random_init), printed and in knn_results.json."""
     _, _, device = init_distributed()
-    ckpt, train_args = open_weights(args, args.output_dir)
-    open_eval_data(args, train_args)
+    ckpt, _ = open_weights(args, args.output_dir)
     transform = eval_transform(args.resize_size, args.crop_size)
     train_set, val_set = image_folders(args.data_path, transform, transform)
-    labels = [torch.tensor(data.targets, device=device) for data in (train_set, val_set)]
     rows = []
     for name, checkpoint in [(args.pretrained_weights, ckpt)] + [("random init (seed 0)", None)] * args.random_init:
-        model = load_backbone(args, device, checkpoint)
-        train_features, val_features = (extract_features(model, data, args.batch_size_per_gpu, args.num_workers,
-                                                         device) for data in (train_set, val_set))
-        # k cannot exceed the number of train images; small data sets get all of them as neighbours.
-        for k in sorted({min(k, len(train_set)) for k in args.nb_knn}) if get_rank() == 0 else []:
-            top1, top5 = knn_classifier(train_features.to(device), labels[0], val_features.to(device), labels[1], k,
-                                        args.temperature, len(train_set.classes))
-            rows.append(dict(model=name, k=k, top1=top1, top5=top5))
+        results = knn_accuracy(load_backbone(args, device, checkpoint), train_set, val_set, args.batch_size_per_gpu,
+                               args.num_workers, device, args.nb_knn, args.temperature)
+        rows += [dict(model=name, k=k, top1=top1, top5=top5) for k, top1, top5 in results or []]  # None: not rank 0
     if get_rank() != 0:
         return
     print(f"weighted k-NN, T={args.temperature}, {len(train_set)} train / {len(val_set)} val images")
@@ -1419,8 +1338,7 @@ def knn_main(args):
     for r in rows:
         print(f"{r['model']:<{width}}  {r['k']:>4}  {r['top1']:6.2f}  {r['top5']:6.2f}")
     path = os.path.join(args.output_dir, "knn_results.json")
-    with open(path, "w") as f:
-        json.dump({"args": plain_args(args), "results": rows}, f, indent=1)
+    Path(path).write_text(json.dumps({"args": plain_args(args), "results": rows}, indent=1))
     print(f"wrote {path}")
 
 
@@ -1449,8 +1367,7 @@ def demo_jaccard(args, checkpoint, demo, size, device):
 
 
 def attn_main(args):
-    """Attention maps of the last block's heads for an image, or for every image in a folder (recursively: one
-    output folder per image, named after its relative path); one process (device: first GPU, else CPU)."""
+    """Last-block attention maps of an image, or of each image in a folder (an output folder each); one process."""
     ckpt, train_args = open_weights(args, args.output_dir)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.image_path is None:
@@ -1469,7 +1386,7 @@ def attn_main(args):
               for path in list_images(args.image_path)] if folder else [(args.image_path, out_dir)]
     if not images:
         raise DinoError(f"--image_path {args.image_path} holds no images ({', '.join(IMG_EXTENSIONS)})")
-    model, done = None, 0
+    model = None
     for n, (path, out) in enumerate(images, 1):
         try:
             img = load_rgb(path)
@@ -1480,14 +1397,13 @@ def attn_main(args):
             continue
         if model is None:  # after the first readable image: an unreadable file is reported before the weights
             model = load_backbone(args, device, ckpt)
-        img, x = prepare_image(img, args.image_size, args.patch_size)
-        maps = attention_maps(model, x[None].to(device))[0].float().cpu()
+        (h, w), p = args.image_size, args.patch_size  # resized, then cropped to whole patches
+        img = img.resize((w, h), Image.BICUBIC).crop((0, 0, w - w % p, h - h % p))
+        maps = attention_maps(model, NORMALIZE(img)[None].to(device))[0].float().cpu()
         masks = None if args.threshold is None else threshold_masks(maps, args.threshold)
         written = save_attention_images(img, maps, masks, args.patch_size, out)
-        done += 1
-        print(f"{n}/{len(images)} {path}: {len(written)} images in {out}" if folder else "\n".join(written),
-              flush=True)
-    if not done:
+        print(f"{n}/{len(images)} {path}: {len(written)} images in {out}" if folder else "\n".join(written), flush=True)
+    if model is None:  # loaded at the first readable image
         raise DinoError(f"no image in --image_path {args.image_path} could be read")
 
 
@@ -1495,7 +1411,6 @@ def embed_main(args):
     """embed_folder on --data_path with --pretrained_weights, written by process 0 to --output (.npz or .pt)."""
     _, _, device = init_distributed()
     ckpt, _ = open_weights(args, os.path.dirname(os.path.abspath(args.output)))
-    eval_sizes(args)
     model = load_backbone(args, device, ckpt)
     if args.n_last_blocks > len(model.blocks):
         raise DinoError(f"--n_last_blocks {args.n_last_blocks}: {args.arch} has only {len(model.blocks)} blocks")
@@ -1514,20 +1429,19 @@ def embed_main(args):
 
 
 def linear_main(args):
-    """Train a linear classifier on frozen features (SGD, cosine lr), validating every --val_freq epochs; the
-    classifier of the last epoch is saved to <output_dir>/linear.pth with its scores."""
-    ckpt, train_args = open_weights(args, args.output_dir)
-    open_eval_data(args, train_args)
+    """A linear classifier on frozen features (SGD, cosine lr); the last epoch's is saved to linear.pth with scores."""
+    ckpt, _ = open_weights(args, args.output_dir)
     base = args.arch == "vit_base"  # as published: the 4 last CLS tokens, for ViT-B the last one + the patch mean
     args.n_last_blocks = args.n_last_blocks or (1 if base else 4)
     args.avgpool_patchtokens = base if args.avgpool_patchtokens is None else args.avgpool_patchtokens
     rank, world_size, device = init_distributed()
     seed_everything(args.seed)
     train_transform = T.Compose([T.RandomResizedCrop(args.crop_size, interpolation=T.InterpolationMode.BICUBIC),
-                                 T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
-    train_set, val_set = image_folders(args.data_path, train_transform, eval_transform(args.resize_size,
-                                                                                       args.crop_size))
+                                 T.RandomHorizontalFlip(), NORMALIZE])
+    val_transform = eval_transform(args.resize_size, args.crop_size)
+    train_set, val_set = image_folders(args.data_path, train_transform, val_transform)
     model = load_backbone(args, device, ckpt)
+    features = lambda images: linear_features(model, images, args.n_last_blocks, args.avgpool_patchtokens)
     dim = model.embed_dim * (args.n_last_blocks + int(args.avgpool_patchtokens))
     classifier = nn.Linear(dim, len(train_set.classes)).to(device)
     nn.init.normal_(classifier.weight, std=0.01)  # as published; the bias starts at 0, no BatchNorm in front
@@ -1540,6 +1454,7 @@ def linear_main(args):
     loader = torch.utils.data.DataLoader(train_set, sampler=sampler, batch_size=args.batch_size_per_gpu,
                                          num_workers=args.num_workers, pin_memory=device.type == "cuda",
                                          persistent_workers=args.num_workers > 0)
+    val_loader = shard_loader(val_set, args.batch_size_per_gpu, args.num_workers, device)
     if rank == 0:
         print(f"linear probe of {args.pretrained_weights} ({args.arch}/{args.patch_size}, {dim} features) on "
               f"{len(train_set)} train / {len(val_set)} val images, {len(train_set.classes)} classes, lr {lr:.2e}")
@@ -1547,12 +1462,12 @@ def linear_main(args):
     for epoch in range(1, args.epochs + 1):
         start = time.time()
         sampler.set_epoch(epoch)
-        loss = train_linear_epoch(model, ddp, loader, optimizer, args, device)
+        loss = train_linear_epoch(features, ddp, loader, optimizer, device)
         scheduler.step()
         if epoch % args.val_freq and epoch < args.epochs:
             continue
         # the plain module: DDP's forward would expect every process to run the same number of batches
-        top1, top5 = evaluate_linear(model, classifier, val_set, args, device)
+        top1, top5 = evaluate_linear(features, classifier, val_loader, device)
         best = max(best, dict(top1=top1, top5=top5, epoch=epoch), key=lambda r: r["top1"])
         if rank == 0:
             print(f"epoch {epoch}/{args.epochs}: loss {loss:.4f}, val top-1 {top1:.2f} top-5 {top5:.2f} (best "

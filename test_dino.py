@@ -35,7 +35,7 @@ from dino import (
     BLUR_KERNEL_SIZE, IMAGENET_MEAN, IMAGENET_STD, DataAugmentationDINO, DinoError, MultiCropGeometry,
     MultiCropPhotometry, _color_jitter, _gaussian_blur, _normalize, _rgb_to_grayscale, _solarize, apply_photometric,
     attention_maps, attn_main, extract_features, knn_classifier, knn_main, linear_main, parse_args,
-    sample_photometric_params, shard, threshold_masks,
+    sample_photometric_params, shard_loader, threshold_masks,
 )
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -974,7 +974,7 @@ def test_cli_error_is_one_line_with_exit_code(tmp_path):
 def test_corrupt_and_odd_images_are_handled(tmp_path, capsys):
     data = tiny_folder(tmp_path / "data", n=7)
     (data / "dots").mkdir(exist_ok=True)
-    good = (data / "stripes_h" / "0.png").read_bytes()
+    good = (data / "disk" / "0.png").read_bytes()
     (data / "dots" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0" + os.urandom(200))  # a JPEG header, then noise
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 30), dtype=np.uint8), "L").save(data / "gray.png")
     Image.fromarray(np.full((20, 20), 40000, dtype=np.uint16)).save(data / "sixteen.png")
@@ -1095,7 +1095,7 @@ def test_shards_cover_the_dataset_once(monkeypatch):
             indices = []
             for rank in range(world_size):
                 monkeypatch.setattr(dino, "get_rank", lambda: rank)
-                indices += list(shard(list(range(n))))
+                indices += list(shard_loader(list(range(n)), 1, 0, "cpu").dataset)
             assert indices == list(range(n))
 
 
@@ -1168,14 +1168,14 @@ def test_knn_main_demo_run_with_random_init(tmp_path, checkpoint, monkeypatch, c
     assert "random init (seed 0)" in capsys.readouterr().out
 
 
-def test_knn_top1_runs_in_eval_mode_and_restores_the_mode(tmp_path):
+def test_knn_accuracy_runs_in_eval_mode_and_restores_the_mode(tmp_path):
     root = make_folders(tmp_path, n_train=2, n_val=1)
     transform = dino.eval_transform(32, 32)
     sets = dino.image_folders(root, transform, transform)
     for training in (True, False):
         model, modes = tiny_vit().train(training), []
         model.register_forward_pre_hook(lambda m, _: modes.append(m.training))
-        assert dino.knn_top1(model, *sets, 4, 0, "cpu") == 100.0  # the colors are trivially separable
+        assert dino.knn_accuracy(model, *sets, 4, 0, "cpu") == [(6, 100.0, 100.0)]  # k=20 capped; separable colors
         assert modes and not any(modes) and model.training == training
 
 
@@ -1823,19 +1823,19 @@ def test_resume_refuses_network_changes_and_reports_harmless_ones(tmp_path, caps
 def test_bad_and_odd_images_are_skipped_and_counted(tmp_path, capsys):
     data = tiny_folder(tmp_path / "data", n=16)
     rng = np.random.default_rng(0)
-    good = data / "stripes_h" / "0.png"
-    unreadable = [data / "stripes_h" / "5_corrupt.png", data / "stripes_v" / "3_corrupt.jpg",  # 2 of 20: 1 in 10
-                  data / "stripes_h" / "9_empty.jpg", data / "stripes_v" / "7_text.png"]
+    good = data / "disk" / "0.png"
+    unreadable = [data / "disk" / "5_corrupt.png", data / "ring" / "3_corrupt.jpg",  # 2 of 20: 1 in 10
+                  data / "disk" / "9_empty.jpg", data / "ring" / "7_text.png"]
     unreadable[0].write_bytes(good.read_bytes()[:200])  # a truncated PNG
     unreadable[1].write_bytes(b"\xff\xd8\xff\xe0" + rng.bytes(500))  # a JPEG header, then noise
     unreadable[2].write_bytes(b"")
     unreadable[3].write_text("not an image")
-    Image.new("RGB", (1, 1), (200, 10, 10)).save(data / "stripes_h" / "1x1.png")
-    Image.fromarray(rng.integers(0, 255, (100, 10000, 3), dtype=np.uint8)).save(data / "stripes_v" / "wide.jpg")
-    Image.fromarray(rng.integers(0, 255, (30, 40, 4), dtype=np.uint8), "CMYK").save(data / "stripes_h" / "cmyk.jpg")
-    Image.fromarray(rng.integers(0, 65535, (30, 40), dtype=np.uint16)).save(data / "stripes_v" / "sixteen.png")
-    assert Image.open(data / "stripes_h" / "cmyk.jpg").mode == "CMYK"
-    assert Image.open(data / "stripes_v" / "sixteen.png").mode.startswith("I")
+    Image.new("RGB", (1, 1), (200, 10, 10)).save(data / "disk" / "1x1.png")
+    Image.fromarray(rng.integers(0, 255, (100, 10000, 3), dtype=np.uint8)).save(data / "ring" / "wide.jpg")
+    Image.fromarray(rng.integers(0, 255, (30, 40, 4), dtype=np.uint8), "CMYK").save(data / "disk" / "cmyk.jpg")
+    Image.fromarray(rng.integers(0, 65535, (30, 40), dtype=np.uint16)).save(data / "ring" / "sixteen.png")
+    assert Image.open(data / "disk" / "cmyk.jpg").mode == "CMYK"
+    assert Image.open(data / "ring" / "sixteen.png").mode.startswith("I")
     assert len(dino.list_images(data)) == 24  # 6 batches of 4 (drop_last): every file is drawn once
     dino.main(train_argv(data, tmp_path / "out", "--epochs", "1"))
     log = read_log(tmp_path / "out")

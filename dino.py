@@ -469,7 +469,6 @@ def update_teacher(student_params, teacher_params, momentum):
     torch._foreach_lerp_(teacher_params, student_params, 1.0 - momentum)
 
 
-
 # -----------------------------------------------------------------------------
 # the train step and the epoch loop
 
@@ -1100,12 +1099,9 @@ def demo_image(cls, rng, size=64, supersample=3):
 
 
 def make_demo_dataset(root, n_train=100, n_val=50, seed=0):
-    """Write the demo ImageFolder (root/train/<class>, root/val/<class>) and its objects' masks (root/masks/train,
-    root/masks/val: the same names, white where the object is) once; return root.
-
-    It is written beside root and renamed into place, so processes starting at once (torchrun) never read a
-    half-written image: the first rename wins, the others' copies are dropped.
-    """
+    """Write the demo ImageFolder (root/train/<class>, root/val/<class>) and the objects' masks (root/masks/...,
+    the same names, white on the object) once; return root. Written beside root and renamed into place, so processes
+    starting at once (torchrun) never read a half-written image: the first rename wins, the others' are dropped."""
     root = Path(root)
     if not root.exists():
         root.parent.mkdir(parents=True, exist_ok=True)
@@ -1136,7 +1132,6 @@ DEMO = {"train": dict(arch="vit_tiny", patch_size=8, out_dim=256, epochs=20, bat
         # a few hundred images give a few dozen steps: they need a larger lr than ImageNet's 100 epochs
         "linear": dict(epochs=10, lr=0.1, batch_size_per_gpu=32, num_workers=2),
         "knn": dict(num_workers=2, random_init=True, nb_knn=[10, 20])}  # k above the 100 images per class: moot
-
 
 
 # -----------------------------------------------------------------------------
@@ -1343,10 +1338,9 @@ def knn_main(args):
 
 
 def demo_jaccard(args, checkpoint, demo, size, device):
-    """Does attention find the object? The paper's segmentation score on the demo's val images at the training
-    resolution, for the trained teacher and random init (seed 0, as knn's): the Jaccard index of the patches holding
-    60 % of the CLS attention (mean over heads, and the best head) with the object's mask; chance is the mean share
-    of the image the object covers. Printed and written to <output_dir>/attn/demo_jaccard.json."""
+    """Does attention find the object? On the demo's val images at the training resolution, trained and at random
+    init (seed 0, as knn's): the Jaccard index of the patches holding 60 % of the CLS attention (mean over heads, and
+    the best head) with the object's mask; chance is the object's mean share of the image. To attn/demo_jaccard.json"""
     files = list_images(os.path.join(demo, "val"))
     images = torch.stack([eval_transform(size, size)(load_rgb(f)) for f in files])
     masks = torch.stack([torch.from_numpy(np.asarray(Image.open(Path(demo, "masks", f.relative_to(demo))).resize(
@@ -1362,8 +1356,7 @@ def demo_jaccard(args, checkpoint, demo, size, device):
           f"images, mean over heads (best head): trained {scores['trained']:.3f} ({scores['trained_best_head']:.3f}),"
           f" random init {scores['random']:.3f} ({scores['random_best_head']:.3f}), chance {scores['chance']:.3f}")
     os.makedirs(os.path.join(args.output_dir, "attn"), exist_ok=True)
-    with open(os.path.join(args.output_dir, "attn", "demo_jaccard.json"), "w") as f:
-        json.dump(scores, f, indent=1)
+    Path(args.output_dir, "attn", "demo_jaccard.json").write_text(json.dumps(scores, indent=1))
 
 
 def attn_main(args):
@@ -1537,8 +1530,7 @@ def add_eval_data_args(p, data_path_help="folder holding train/<class>/ and val/
 
 def add_train_args(p):
     p.add_argument("--data_path", help="folder of images (ImageFolder or flat, recursive); default: the demo data")
-    p.add_argument("--preset", choices=["paper", "demo"], help="defaults of unset flags: the paper's ViT-S/16 recipe "
-                   "(the default with --data_path) or the demo's")
+    p.add_argument("--preset", choices=["paper", "demo"], help="unset flags: the paper's recipe or the demo's")
     p.add_argument("--output_dir", default="output", help="checkpoints and log.txt; resumes from checkpoint.pth here")
     p.add_argument("--pretrained_weights", help="start both networks from these weights (continued pre-training)")
     p.add_argument("--checkpoint_key", help="entry of a training checkpoint for both networks (default: each its own)")
@@ -1553,8 +1545,8 @@ def add_train_args(p):
     p.add_argument("--warmup_teacher_temp", type=POSITIVE, default=0.04)
     p.add_argument("--teacher_temp", type=POSITIVE, default=0.04)
     p.add_argument("--warmup_teacher_temp_epochs", type=COUNT, default=0)
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
-                   help="auto: bf16 autocast on GPUs with native bf16, fp16 on older GPUs, fp32 on the CPU")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="auto: bf16 on "
+                   "GPUs with native bf16, fp16 on older GPUs, fp32 on the CPU")
     p.add_argument("--use_fp16", dest="precision", type=lambda s: "fp16" if bool_flag(s) else "fp32",
                    default=argparse.SUPPRESS, help="the published code's flag: true is --precision fp16, false fp32")
     p.add_argument("--optimizer", type=optimizer_name, default="adamw", help="adamw or sgd")
@@ -1562,10 +1554,8 @@ def add_train_args(p):
     p.add_argument("--weight_decay_end", type=NONNEGATIVE, default=0.4)
     p.add_argument("--clip_grad", type=NONNEGATIVE, default=3.0, help="max gradient norm per tensor; 0: no clipping")
     p.add_argument("--batch_size_per_gpu", type=POSITIVE_INT, default=64)
-    p.add_argument("--accum_iter", type=POSITIVE_INT, default=1, help="micro-batches per optimizer step: the total "
-                   "batch (for lr scaling, EMA, center) is accum_iter x batch_size_per_gpu x processes")
-    p.add_argument("--grad_checkpointing", action="store_true", help="recompute the student's block activations "
-                   "in backward: less memory, about a third more compute")
+    p.add_argument("--accum_iter", type=POSITIVE_INT, default=1, help="micro-batches (of batch_size_per_gpu) per step")
+    p.add_argument("--grad_checkpointing", action="store_true", help="less memory, a third more compute")
     p.add_argument("--epochs", type=POSITIVE_INT, default=100)
     p.add_argument("--freeze_last_layer", type=COUNT, default=1, help="epochs with the head's last layer fixed")
     p.add_argument("--lr", type=NONNEGATIVE, default=0.0005, help="peak lr for a total batch of 256")
@@ -1578,8 +1568,7 @@ def add_train_args(p):
     p.add_argument("--global_crops_size", type=POSITIVE_INT, default=224)
     p.add_argument("--local_crops_size", type=POSITIVE_INT, default=96)
     p.add_argument("--saveckp_freq", type=COUNT, default=20, help="also keep checkpointNNNN.pth this often")
-    p.add_argument("--knn_every", type=COUNT, default=0, help="every this many epochs (and the last), the teacher's "
-                   "k-NN top-1 (k=20) in log.txt; 0: never")
+    p.add_argument("--knn_every", type=COUNT, default=0, help="epochs between k-NN evaluations (k=20) of the teacher")
     p.add_argument("--knn_data_path", help="for --knn_every: train/<class>/ and val/<class>/ (default: the demo's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num_workers", type=COUNT, default=10, help="data loader processes per GPU")

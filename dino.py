@@ -533,9 +533,8 @@ def stop_if_not_finite(bad_iter, epoch, args):
     if get_world_size() > 1:
         dist.all_reduce(bad_iter, op=dist.ReduceOp.MAX)
     if bad_iter.item() >= 0:
-        raise DinoError(f"loss is not finite at epoch {epoch}, iteration {bad_iter.item()}; nothing was saved since, "
-                        f"{os.path.join(args.output_dir, 'checkpoint.pth')} holds the last good state. Try "
-                        f"--precision fp32, a lower --lr, or a larger --freeze_last_layer")
+        raise DinoError(f"loss is not finite at epoch {epoch}, iteration {bad_iter.item()}; checkpoint.pth holds the "
+                        f"last good state. Try --precision fp32, a lower --lr, or a larger --freeze_last_layer")
 
 
 def train_one_epoch(s, loader, epoch, photometry=None):
@@ -568,8 +567,7 @@ def train_one_epoch(s, loader, epoch, photometry=None):
         means /= get_world_size()
     elapsed = time.time() - start
     return dict(zip(sums, means.tolist()), epoch=epoch, lr=s.schedules["lr"][i], wd=s.schedules["wd"][i],
-                momentum=s.schedules["momentum"][i], epoch_time_s=elapsed,
-                images_per_s=n_iter * batch / elapsed)
+                momentum=s.schedules["momentum"][i], epoch_time_s=elapsed, images_per_s=n_iter * batch / elapsed)
 
 
 # -----------------------------------------------------------------------------
@@ -746,10 +744,9 @@ def evaluate_linear(features, classifier, loader, device):
 @torch.no_grad()
 def embed_folder(model, folder, resize_size=None, crop_size=224, patch_tokens=False, n_last_blocks=0, batch_size=64,
                  num_workers=0, device="cpu"):
-    """Embeddings of every readable image under folder (recursively; a warning for each unreadable one) by a
-    VisionTransformer in eval mode, preprocessed as for k-NN, each process embedding its shard. On process 0 (None
-    elsewhere) a dict of float32 CPU tensors: 'paths' relative to folder, in order; 'cls' [N, D] final-norm CLS tokens
-    (= model(x)); with patch_tokens, 'patch_tokens' [N, h, w, D]; with n_last_blocks n, 'last_blocks' [N, n, D]."""
+    """Embeddings of every readable image under folder (recursively) by a ViT in eval mode, preprocessed as for k-NN,
+    on process 0 (None elsewhere): float32 CPU tensors 'cls' [N, D] (= model(x)), with patch_tokens 'patch_tokens'
+    [N, h, w, D], with n_last_blocks n 'last_blocks' [N, n, D], and 'paths' relative to folder, in order."""
     device, h, dim = torch.device(device), crop_size // model.patch_size, model.embed_dim
     dataset = ImageFiles(folder, eval_transform(resize_size, crop_size))
     loader = shard_loader(dataset, batch_size, num_workers, device)
@@ -1057,22 +1054,19 @@ DEMO_SHAPES = {  # outlines at unit size: [(corners [n, 2], True to fill or Fals
     "cross": [(np.concatenate([_ARM @ np.linalg.matrix_power([[0, -1], [1, 0]], k) for k in range(4)]), True)],
     "star": [(_polygon(10, (1.0, 0.45)), True)]}
 DEMO_CLASSES = tuple(DEMO_SHAPES)
-# the nuisances' ranges: the object's share of the image, its rotation (degrees; DINO's augmentations have none),
-# how many grey blobs and strokes the clutter has
+# the object's share of the image, its rotation (degrees: DINO's augmentations have none), how many blobs and strokes
 DEMO_AREA, DEMO_ROTATION, DEMO_CLUTTER = (0.12, 0.28), 15, (6, 17)
 
 
 def demo_image(cls, rng, size=64, supersample=3):
-    """A demo image and its object's mask [size, size]: the class is the shape of the one dark object. The rest
-    varies as DINO's augmentations teach a network to ignore: the object's place, size and grey level, the
-    background, a gradient between two light colours (crops of one image see different colours), small grey blobs
-    and strokes (crops see different ones). Drawn supersampled, then box-filtered: antialiased edges."""
+    """A demo image and its object's mask [size, size]: the class is the shape of the one dark object; the rest varies
+    as DINO's augmentations teach a network to ignore (place, size, grey levels, a background gradient between two
+    light colours and small blobs and strokes, both seen differently by each crop). Supersampled: antialiased."""
     n = size * supersample
     y, x = np.mgrid[0:n, 0:n] / n - 0.5
     slope = (np.cos(a := rng.uniform(0, 2 * np.pi)) * x + np.sin(a) * y) / np.sqrt(2) + 0.5  # 0 to 1 at most
     start, end = rng.uniform(110, 250, (2, 3))
-    background = start + (end - start) * slope[..., None]
-    img = Image.fromarray(background.clip(0, 255).astype(np.uint8))
+    img = Image.fromarray((start + (end - start) * slope[..., None]).clip(0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(img)
     for _ in range(rng.integers(*DEMO_CLUTTER)):
         (px, py), r, grey = rng.uniform(0, n, 2), rng.uniform(1, 3.5) * supersample, (int(rng.uniform(40, 130)),) * 3
@@ -1080,8 +1074,7 @@ def demo_image(cls, rng, size=64, supersample=3):
             draw.ellipse([px - r, py - r, px + r, py + r], fill=grey)
         else:
             t = rng.uniform(0, np.pi)
-            draw.line([px, py, px + 3.4 * r * np.cos(t), py + 3.4 * r * np.sin(t)], fill=grey,
-                      width=int(r / 1.6))
+            draw.line([px, py, px + 3.4 * r * np.cos(t), py + 3.4 * r * np.sin(t)], fill=grey, width=int(r / 1.6))
     shape = DEMO_SHAPES[cls]
     shoelace = [0.5 * abs((c[:, 0] * np.roll(c[:, 1], 1) - c[:, 1] * np.roll(c[:, 0], 1)).sum()) for c, _ in shape]
     area = sum(a if fill else -a for a, (_, fill) in zip(shoelace, shape))  # a cut-out subtracts
@@ -1098,10 +1091,9 @@ def demo_image(cls, rng, size=64, supersample=3):
         np.asarray(mask.resize((size, size), Image.BOX)) >= 128
 
 
-def make_demo_dataset(root, n_train=100, n_val=50, seed=0):
-    """Write the demo ImageFolder (root/train/<class>, root/val/<class>) and the objects' masks (root/masks/...,
-    the same names, white on the object) once; return root. Written beside root and renamed into place, so processes
-    starting at once (torchrun) never read a half-written image: the first rename wins, the others' are dropped."""
+def make_demo_dataset(root, n_train=300, n_val=50, seed=0):
+    """The demo ImageFolder (root/{train,val}/<class>) and masks (root/masks/...), written once beside root and
+    renamed into place: processes starting at once (torchrun) never read half-written images."""
     root = Path(root)
     if not root.exists():
         root.parent.mkdir(parents=True, exist_ok=True)
@@ -1122,16 +1114,16 @@ def make_demo_dataset(root, n_train=100, n_val=50, seed=0):
     return str(root)
 
 
-# The demo configuration (--preset demo, the default without --data_path): sized to finish in minutes on a laptop
-# CPU. A short run learns fastest with a high lr, a trainable last-layer norm, no drop path and a small output.
-# The unset flags of every other run take the paper's ViT-S/16 recipe, the parser's defaults.
-DEMO = {"train": dict(arch="vit_tiny", patch_size=8, out_dim=256, epochs=20, batch_size_per_gpu=32, lr=0.01,
-                      warmup_epochs=3, momentum_teacher=0.99, global_crops_size=32, local_crops_size=16,
-                      local_crops_number=4, local_crops_scale=[0.1, 0.4], num_workers=2, saveckp_freq=5,
-                      norm_last_layer=False, drop_path_rate=0.0, knn_every=5),
+# The demo configuration (--preset demo, the default without --data_path; other runs default to the paper's recipe)
+DEMO_WHY = ("sized to train in minutes on a CPU; a slow teacher (momentum 0.999: faster ones collapse to uniform "
+            "outputs in so short a run) with a sharper temperature (0.03), a fixed last-layer norm, a high lr")
+DEMO = {"train": dict(arch="vit_tiny", patch_size=8, out_dim=256, epochs=5, batch_size_per_gpu=32, lr=0.005,
+                      warmup_epochs=1, momentum_teacher=0.999, teacher_temp=0.03, warmup_teacher_temp=0.03,
+                      global_crops_size=32, local_crops_size=16, local_crops_number=4, local_crops_scale=[0.1, 0.4],
+                      num_workers=2, saveckp_freq=5, drop_path_rate=0.0, knn_every=5),
         # a few hundred images give a few dozen steps: they need a larger lr than ImageNet's 100 epochs
         "linear": dict(epochs=10, lr=0.1, batch_size_per_gpu=32, num_workers=2),
-        "knn": dict(num_workers=2, random_init=True, nb_knn=[10, 20])}  # k above the 100 images per class: moot
+        "knn": dict(num_workers=2, random_init=True, nb_knn=[10, 20])}  # the README table's k
 
 
 # -----------------------------------------------------------------------------
@@ -1201,14 +1193,12 @@ def train(args, device_photometry=None):
     loader = torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=args.batch_size_per_gpu,
                                          num_workers=args.num_workers, pin_memory=device.type == "cuda",
                                          drop_last=True, persistent_workers=args.num_workers > 0,
-                                         # its own: starting workers draws a seed, which from the global generator
-                                         # would shift drop path in epoch 0 of a run but the first epoch of a resume
+                                         # its own: worker seeds from the global one would shift drop path on resume
                                          generator=torch.Generator())
     n_iter = len(loader) // args.accum_iter  # optimizer steps per epoch
     if n_iter == 0:
         raise DinoError(f"{len(dataset)} images split over {world_size} process(es) do not fill one batch of "
-                        f"--batch_size_per_gpu {args.batch_size_per_gpu} x --accum_iter {args.accum_iter}; lower "
-                        f"them or add images")
+                        f"{args.batch_size_per_gpu * args.accum_iter}; lower --batch_size_per_gpu, --accum_iter")
     s = build_train_state(args, n_iter, world_size, device)
     if args.knn_every:  # at the training resolution: resize to the global crop size, center crop
         transform = eval_transform(args.global_crops_size, args.global_crops_size)
@@ -1257,9 +1247,8 @@ def train(args, device_photometry=None):
 
 
 def open_weights(args, out_dir):
-    """Read --pretrained_weights once (default: the run in --output_dir), fill unset --arch / --patch_size from its
-    training flags and the eval data and sizes (knn and linear without --data_path: the demo data at its training
-    resolution), check that out_dir is writable. Returns (file content, its training flags)."""
+    """(content, training flags) of --pretrained_weights (default: the run in --output_dir), read once; fills unset
+    --arch / --patch_size from them, and data and sizes (knn, linear: the demo data at its training resolution)."""
     if args.pretrained_weights is None:
         args.pretrained_weights = os.path.join(args.output_dir, "checkpoint.pth")
         if not os.path.isfile(args.pretrained_weights):
@@ -1338,9 +1327,8 @@ def knn_main(args):
 
 
 def demo_jaccard(args, checkpoint, demo, size, device):
-    """Does attention find the object? On the demo's val images at the training resolution, trained and at random
-    init (seed 0, as knn's): the Jaccard index of the patches holding 60 % of the CLS attention (mean over heads, and
-    the best head) with the object's mask; chance is the object's mean share of the image. To attn/demo_jaccard.json"""
+    """Does attention find the object? Jaccard of the patches holding 60 % of the CLS attention with the object's mask
+    on the demo's val images at the training resolution, trained and at random init; chance: the object's share."""
     files = list_images(os.path.join(demo, "val"))
     images = torch.stack([eval_transform(size, size)(load_rgb(f)) for f in files])
     masks = torch.stack([torch.from_numpy(np.asarray(Image.open(Path(demo, "masks", f.relative_to(demo))).resize(
@@ -1352,9 +1340,9 @@ def demo_jaccard(args, checkpoint, demo, size, device):
         scores[name] = attention_jaccard(maps.mean(1), masks, args.patch_size).mean().item()
         scores[f"{name}_best_head"] = max(attention_jaccard(maps[:, h], masks, args.patch_size).mean().item()
                                           for h in range(maps.shape[1]))
-    print(f"attention on the object, Jaccard of the 60 % attention patches with the mask on {len(files)} demo val "
-          f"images, mean over heads (best head): trained {scores['trained']:.3f} ({scores['trained_best_head']:.3f}),"
-          f" random init {scores['random']:.3f} ({scores['random_best_head']:.3f}), chance {scores['chance']:.3f}")
+    print(f"attention on the object (Jaccard, {len(files)} demo val images, mean over heads, best head): trained "
+          f"{scores['trained']:.3f}, {scores['trained_best_head']:.3f}; random init {scores['random']:.3f}, "
+          f"{scores['random_best_head']:.3f}; chance {scores['chance']:.3f}")
     os.makedirs(os.path.join(args.output_dir, "attn"), exist_ok=True)
     Path(args.output_dir, "attn", "demo_jaccard.json").write_text(json.dumps(scores, indent=1))
 
@@ -1675,7 +1663,8 @@ def main(argv=None):
                 args.data_path, args.knn_data_path = os.path.join(demo, "train"), args.knn_data_path or demo
                 print(f"no --data_path: the demo dataset in {args.data_path}")
             print(f"--preset {args.preset}: {args.arch}/{args.patch_size}, crops {args.global_crops_size}/"
-                  f"{args.local_crops_size}, out_dim {args.out_dim}, {args.epochs} epochs (unset flags take these)")
+                  f"{args.local_crops_size}, out_dim {args.out_dim}, {args.epochs} epochs (unset flags take these)"
+                  + (f"; {DEMO_WHY}" if args.preset == "demo" else ""))
             launch(train, args)
         elif args.command == "attn":
             attn_main(args)

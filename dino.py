@@ -1060,13 +1060,14 @@ DEMO_AREA, DEMO_ROTATION, DEMO_CLUTTER = (0.12, 0.28), 15, (6, 17)
 
 def demo_image(cls, rng, size=64, supersample=3):
     """A demo image and its object's mask [size, size]: the class is the shape of the one dark object; the rest varies
-    as DINO's augmentations teach a network to ignore (place, size, grey levels, a background gradient between two
-    light colours and small blobs and strokes, both seen differently by each crop). Supersampled: antialiased."""
+    as DINO's augmentations teach a network to ignore (place, size, the light background's brightness, tint and
+    slope, small blobs and strokes that each crop sees differently). The object is near black in every image: with a
+    colour of its own, colour, not shape, is what crops of one image share. Supersampled: antialiased."""
     n = size * supersample
     y, x = np.mgrid[0:n, 0:n] / n - 0.5
-    slope = (np.cos(a := rng.uniform(0, 2 * np.pi)) * x + np.sin(a) * y) / np.sqrt(2) + 0.5  # 0 to 1 at most
-    start, end = rng.uniform(110, 250, (2, 3))
-    img = Image.fromarray((start + (end - start) * slope[..., None]).clip(0, 255).astype(np.uint8))
+    slope = np.cos(a := rng.uniform(0, 2 * np.pi)) * x + np.sin(a) * y
+    background = rng.uniform(150, 215) + rng.uniform(-12, 12, 3) + rng.uniform(0, 40) * slope[..., None]
+    img = Image.fromarray(background.clip(0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(img)
     for _ in range(rng.integers(*DEMO_CLUTTER)):
         (px, py), r, grey = rng.uniform(0, n, 2), rng.uniform(1, 3.5) * supersample, (int(rng.uniform(40, 130)),) * 3
@@ -1085,7 +1086,7 @@ def demo_image(cls, rng, size=64, supersample=3):
     mask = Image.new("L", (n, n))
     for c, fill in shape:
         ImageDraw.Draw(mask).polygon([tuple(p) for p in c @ corners + center], fill=255 if fill else 0)
-    img.paste(tuple(int(v) for v in rng.uniform(35, 95) + rng.uniform(-10, 10, 3)), mask=mask)
+    img.paste(tuple(int(v) for v in rng.uniform(25, 40) + rng.uniform(-3, 3, 3)), mask=mask)  # near black: no colour
     pixels = np.asarray(img.resize((size, size), Image.BOX), dtype=np.float64) + rng.normal(0, 4, (size, size, 3))
     return Image.fromarray(pixels.clip(0, 255).round().astype(np.uint8)), \
         np.asarray(mask.resize((size, size), Image.BOX)) >= 128
@@ -1115,12 +1116,12 @@ def make_demo_dataset(root, n_train=300, n_val=50, seed=0):
 
 
 # The demo configuration (--preset demo, the default without --data_path; other runs default to the paper's recipe)
-DEMO_WHY = ("sized to train in minutes on a CPU; a slow teacher (momentum 0.999: faster ones collapse to uniform "
-            "outputs in so short a run) with a sharper temperature (0.03), a fixed last-layer norm, a high lr")
-DEMO = {"train": dict(arch="vit_tiny", patch_size=8, out_dim=256, epochs=5, batch_size_per_gpu=32, lr=0.005,
-                      warmup_epochs=1, momentum_teacher=0.999, teacher_temp=0.03, warmup_teacher_temp=0.03,
+DEMO_WHY = ("sized to train in minutes on a CPU; the paper's teacher momentum (0.996: faster teachers collapse to "
+            "uniform outputs in so short a run) with a sharper temperature (0.02), a fixed last-layer norm, a high lr")
+DEMO = {"train": dict(arch="vit_tiny", patch_size=8, out_dim=256, epochs=4, batch_size_per_gpu=32, lr=0.005,
+                      warmup_epochs=1, momentum_teacher=0.996, teacher_temp=0.02, warmup_teacher_temp=0.02,
                       global_crops_size=32, local_crops_size=16, local_crops_number=4, local_crops_scale=[0.1, 0.4],
-                      num_workers=2, saveckp_freq=5, drop_path_rate=0.0, knn_every=5),
+                      num_workers=2, saveckp_freq=4, drop_path_rate=0.0, knn_every=4),
         # a few hundred images give a few dozen steps: they need a larger lr than ImageNet's 100 epochs
         "linear": dict(epochs=10, lr=0.1, batch_size_per_gpu=32, num_workers=2),
         "knn": dict(num_workers=2, random_init=True, nb_knn=[10, 20])}  # the README table's k

@@ -1217,12 +1217,12 @@ def test_knn_every_logs_the_teachers_knn_top1(tmp_path, capsys):
 
 
 def test_knn_every_defaults(tmp_path, monkeypatch, capsys):
-    """The demo evaluates its own labelled data every 5 epochs; other data need --knn_data_path for it."""
+    """The demo evaluates its own labelled data after its 4 epochs; other data need --knn_data_path for it."""
     launched = []
     monkeypatch.setattr(dino, "launch", lambda fn, args: launched.append(args))
     monkeypatch.setattr(dino, "make_demo_dataset", lambda root: make_folders(root))
     dino.main(["train", "--output_dir", str(tmp_path)])
-    assert launched[0].knn_every == 5 and launched[0].knn_data_path == str(tmp_path / "demo_data")
+    assert launched[0].knn_every == 4 and launched[0].knn_data_path == str(tmp_path / "demo_data")
     assert parse_args(["train", "--preset", "demo", "--data_path", str(tmp_path)]).knn_every == 0  # unlabelled
     assert "--knn_every needs --knn_data_path" in main_error(["train", "--data_path", str(tmp_path), "--knn_every",
                                                               "2", "--output_dir", str(tmp_path)], capsys)

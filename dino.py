@@ -533,8 +533,8 @@ def stop_if_not_finite(bad_iter, epoch, args):
     if get_world_size() > 1:
         dist.all_reduce(bad_iter, op=dist.ReduceOp.MAX)
     if bad_iter.item() >= 0:
-        raise DinoError(f"loss is not finite at epoch {epoch}, iteration {bad_iter.item()}; checkpoint.pth holds the "
-                        f"last good state. Try --precision fp32, a lower --lr, or a larger --freeze_last_layer")
+        raise DinoError(f"loss is not finite at epoch {epoch}, iteration {bad_iter.item()}; intact: {args.output_dir}"
+                        f"/checkpoint.pth. Try --precision fp32, a lower --lr, or a larger --freeze_last_layer")
 
 
 def train_one_epoch(s, loader, epoch, photometry=None):

@@ -999,6 +999,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys, 
     monkeypatch.setattr(dino.DINOLoss, "forward", nan_in_epoch_1)
     err = main_error(train_argv(data, tmp_path / "out"), capsys)
     assert "loss is not finite at epoch 1, iteration 0" in err and "--precision fp32" in err
+    assert f"intact: {tmp_path / 'out'}/checkpoint.pth" in err  # the last good state, named
     ckpt = dino.load_checkpoint_file(tmp_path / "out" / "checkpoint.pth")
     assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["teacher"].values())
     assert len(read_log(tmp_path / "out")) == 1

@@ -155,7 +155,9 @@ def build(args, device, amp_dtype, baseline):
         def step(crops, epoch):  # the batch as --accum_iter micro-batches
             return dino.train_step(s, list(zip(*(c.chunk(args.accum_iter) for c in crops))), epoch, 0)
         return step, (s.student, s.teacher, s.optimizer)
-    student, teacher = (m.to(device) for m in dino.build_dino_networks(args))
+    networks = dino.build_dino_networks(args.arch, args.patch_size, args.out_dim, args.use_bn_in_head,
+                                        args.norm_last_layer, args.drop_path_rate, args.grad_checkpointing)
+    student, teacher = (m.to(device) for m in networks)
     swap = {vits.Attention: ExplicitAttention, vits.WeightNormLinear: PlainWeightNormLinear}
     for m in [*student.modules(), *teacher.modules()]:
         m.__class__ = swap.get(type(m), type(m))

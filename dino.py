@@ -353,15 +353,18 @@ class MultiCropWrapper(nn.Module):
         return self.head(torch.cat(features))
 
 
-def build_dino_networks(args):
+def build_dino_networks(arch="vit_small", patch_size=16, out_dim=65536, use_bn_in_head=False,
+                        norm_last_layer=True, drop_path_rate=0.1, grad_checkpointing=False):
     """Student (with drop path, and activation checkpointing if asked) and teacher (a copy without either, it
     needs no gradients), each backbone + DINO head."""
-    student = ARCHS[args.arch](patch_size=args.patch_size, drop_path_rate=args.drop_path_rate,
-                               grad_checkpointing=args.grad_checkpointing)
-    teacher = ARCHS[args.arch](patch_size=args.patch_size)
-    student = MultiCropWrapper(student, vits.DINOHead(student.embed_dim, args.out_dim, args.use_bn_in_head,
-                                                      args.norm_last_layer))
-    teacher = MultiCropWrapper(teacher, vits.DINOHead(teacher.embed_dim, args.out_dim, args.use_bn_in_head))
+    student_backbone = ARCHS[arch](patch_size=patch_size, drop_path_rate=drop_path_rate,
+                                   grad_checkpointing=grad_checkpointing)
+    teacher_backbone = ARCHS[arch](patch_size=patch_size)
+    dim = student_backbone.embed_dim
+    student_head = vits.DINOHead(dim, out_dim, use_bn_in_head, norm_last_layer)
+    teacher_head = vits.DINOHead(dim, out_dim, use_bn_in_head)
+    student = MultiCropWrapper(student_backbone, student_head)
+    teacher = MultiCropWrapper(teacher_backbone, teacher_head)
     teacher.load_state_dict(student.state_dict())
     teacher.requires_grad_(False)  # the teacher only ever moves by EMA
     return student, teacher
@@ -481,7 +484,11 @@ class TrainState:
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler  # enabled for fp16 only
     schedules: dict  # "lr", "wd", "momentum": one value per iteration
-    args: argparse.Namespace  # clip_grad, freeze_last_layer, freeze_backbone_epochs, epochs, log_every, output_dir
+    # the step's rules beyond the loss: the recipe's gradient clipping (0: none) and freezing
+    clip_grad: float = 3.0  # max gradient norm per parameter tensor
+    freeze_last_layer: int = 1  # epochs with the head's last layer fixed
+    freeze_backbone_epochs: int = 0  # epochs in which only the heads train
+    checkpoint_path: str = "checkpoint.pth"  # where the last good state is saved: a non-finite loss names it
     amp_dtype: torch.dtype = None  # autocast to this; None: fp32
     student_forward: nn.Module = None  # the student as the step runs it (DDP-wrapped, compiled); default: student
 
@@ -513,12 +520,12 @@ def train_step(s, micro_batches, epoch, i):
         loss = loss + micro_loss.detach()
     s.dino_loss.update_center()  # by the mean teacher output over all micro-batches, the same center for each
     s.scaler.unscale_(s.optimizer)
-    if s.args.clip_grad:
-        clip_gradients(s.student.parameters(), s.args.clip_grad)
+    if s.clip_grad:
+        clip_gradients(s.student.parameters(), s.clip_grad)
     frozen = []
-    if epoch < s.args.freeze_last_layer:  # a fixed last layer early on keeps training from collapsing
+    if epoch < s.freeze_last_layer:  # a fixed last layer early on keeps training from collapsing
         frozen += s.student.head.last_layer.parameters()
-    if epoch < s.args.freeze_backbone_epochs:  # new heads first learn on the pretrained features
+    if epoch < s.freeze_backbone_epochs:  # new heads first learn on the pretrained features
         frozen += s.student.backbone.parameters()
     for p in frozen:
         p.grad = None  # the optimizer skips parameters without a gradient: no update, no weight decay
@@ -528,46 +535,64 @@ def train_step(s, micro_batches, epoch, i):
     return loss
 
 
-def stop_if_not_finite(bad_iter, epoch, args):
+def stop_if_not_finite(bad_iter, epoch, checkpoint_path):
     """Check, at log intervals only, whether any loss so far was inf/nan; then stop every rank."""
     if get_world_size() > 1:
         dist.all_reduce(bad_iter, op=dist.ReduceOp.MAX)
     if bad_iter.item() >= 0:
-        raise DinoError(f"loss is not finite at epoch {epoch}, iteration {bad_iter.item()}; intact: {args.output_dir}"
-                        f"/checkpoint.pth. Try --precision fp32, a lower --lr, or a larger --freeze_last_layer")
+        raise DinoError(f"loss is not finite at epoch {epoch}, iteration {bad_iter.item()}; "
+                        f"intact: {checkpoint_path}. "
+                        f"Try --precision fp32, a lower --lr, or a larger --freeze_last_layer")
 
 
-def train_one_epoch(s, loader, epoch, photometry=None):
-    """One pass over the loader, --accum_iter of its batches per optimizer step (a last incomplete group is
-    dropped, as drop_last drops a partial batch); returns the epoch's means (loss, collapse indicators) and speed."""
-    device, args = s.dino_loss.center.device, s.args
-    n_iter, batch = len(loader) // args.accum_iter, args.batch_size_per_gpu * args.accum_iter * get_world_size()
-    sums, bad_iter, start = {}, torch.tensor(-1, device=device), time.time()
-    for it, batches in enumerate(zip(*[iter(loader)] * args.accum_iter)):  # groups of accum_iter batches
+def groups_of(loader, n):
+    """The loader's batches, n at a time (a last incomplete group is dropped, as drop_last drops a partial batch)."""
+    group = []
+    for batch in loader:
+        group.append(batch)
+        if len(group) == n:
+            yield group
+            group = []
+
+
+def train_one_epoch(s, loader, epoch, epochs, accum_iter=1, log_every=10, photometry=None):
+    """One pass over the loader, accum_iter of its batches per optimizer step; returns the epoch's means (loss,
+    collapse indicators) and speed. photometry: the GPU path's batched colour, blur and solarize, else None."""
+    device = s.dino_loss.center.device
+    n_iter = len(loader) // accum_iter
+    batch = loader.batch_size * accum_iter * get_world_size()  # images per optimizer step, all processes
+    sums = {}
+    bad_iter = torch.tensor(-1, device=device)  # the first iteration with a non-finite loss, -1: none yet
+    start = time.time()
+    for it, batches in enumerate(groups_of(loader, accum_iter)):
         i = epoch * n_iter + it
         micro_batches = [[c.to(device, non_blocking=True) for c in crops] for crops in batches]
-        if photometry is not None:  # the GPU path: colour, blur and solarize run batched on the device
+        if photometry is not None:
             micro_batches = [photometry(crops) for crops in micro_batches]
         loss = train_step(s, micro_batches, epoch, i)
         bad_iter = torch.where((bad_iter < 0) & ~torch.isfinite(loss), it, bad_iter)  # no host sync
         for k, v in {"loss": loss, **s.dino_loss.stats}.items():
             sums[k] = sums.get(k, 0.0) + v
-        if (it + 1) % args.log_every == 0 or it + 1 == n_iter:
-            stop_if_not_finite(bad_iter, epoch, args)
+        done = it + 1
+        if done % log_every == 0 or done == n_iter:
+            stop_if_not_finite(bad_iter, epoch, s.checkpoint_path)
             elapsed = time.time() - start
-            eta = elapsed / (it + 1) * ((args.epochs - epoch) * n_iter - it - 1)
+            eta = elapsed / done * ((epochs - epoch) * n_iter - done)
             if get_rank() == 0:
-                print(f"epoch {epoch}/{args.epochs} it {it + 1}/{n_iter} loss {sums['loss'].item() / (it + 1):.4f} "
+                mean_loss = sums["loss"].item() / done
+                print(f"epoch {epoch}/{epochs} it {done}/{n_iter} loss {mean_loss:.4f} "
                       f"lr {s.schedules['lr'][i]:.2e} wd {s.schedules['wd'][i]:.3f} "
-                      f"momentum {s.schedules['momentum'][i]:.4f} {(it + 1) * batch / elapsed:.1f} img/s "
+                      f"momentum {s.schedules['momentum'][i]:.4f} {done * batch / elapsed:.1f} img/s "
                       f"eta {datetime.timedelta(seconds=int(eta))}", flush=True)
     means = torch.stack(list(sums.values())).float() / n_iter
     if get_world_size() > 1:
         dist.all_reduce(means)
         means /= get_world_size()
     elapsed = time.time() - start
-    return dict(zip(sums, means.tolist()), epoch=epoch, lr=s.schedules["lr"][i], wd=s.schedules["wd"][i],
-                momentum=s.schedules["momentum"][i], epoch_time_s=elapsed, images_per_s=n_iter * batch / elapsed)
+    stats = dict(zip(sums, means.tolist()))
+    stats.update(epoch=epoch, lr=s.schedules["lr"][i], wd=s.schedules["wd"][i], momentum=s.schedules["momentum"][i],
+                 epoch_time_s=elapsed, images_per_s=n_iter * batch / elapsed)
+    return stats
 
 
 # -----------------------------------------------------------------------------
@@ -882,13 +907,14 @@ def save_checkpoint(state, path, write=torch.save):
 
 
 STRUCTURAL_FLAGS = ("arch", "patch_size", "out_dim", "norm_last_layer", "use_bn_in_head")
-TRAINING_STATE = ("student", "teacher", "optimizer", "dino_loss", "epoch")  # what save_epoch writes, resume needs
+# What a training checkpoint holds besides "epoch" and "args": save_epoch writes these parts of the TrainState,
+# resume restores them. The published code's checkpoints name their scaler fp16_scaler: resume needs no scaler.
+TRAINING_STATE = ("student", "teacher", "optimizer", "dino_loss", "scaler")
 
 
-def save_epoch(s, epoch, stats):
+def save_epoch(s, args, epoch, stats):
     """Checkpoint atomically, then log the stats (a crash loses a log line, never a checkpoint); warn of collapse."""
-    args = s.args
-    state = {k: getattr(s, k).state_dict() for k in ("student", "teacher", "optimizer", "dino_loss", "scaler")}
+    state = {k: getattr(s, k).state_dict() for k in TRAINING_STATE}
     state.update(epoch=epoch + 1, args=plain_args(args))
     if args.saveckp_freq and epoch % args.saveckp_freq == 0:
         save_checkpoint(state, os.path.join(args.output_dir, f"checkpoint{epoch:04d}.pth"))
@@ -905,29 +931,29 @@ def save_epoch(s, epoch, stats):
               f"0.9995 with small batches), or a larger batch", flush=True)
 
 
-def resume(path, s):
-    """Restore TrainState s from the checkpoint at path; returns the epoch to start at."""
+def resume(path, s, args):
+    """Restore TrainState s from the checkpoint at path, trained with the flags args; returns the epoch to start at."""
     fresh = "to start fresh, move it away or pass another --output_dir"
     try:
         ckpt = load_checkpoint_file(path)
     except DinoError as e:
         raise DinoError(f"cannot resume: {e}; {fresh}") from None
-    missing = [k for k in TRAINING_STATE if not isinstance(ckpt, dict) or k not in ckpt]
+    required = ["epoch", *TRAINING_STATE[:-1]]
+    missing = [k for k in required if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise DinoError(f"cannot resume: {path} is not a training checkpoint (no {', '.join(missing)}); {fresh}")
-    old, args = plain_args(ckpt.get("args")), s.args
+    old = plain_args(ckpt.get("args"))
     clash = [f"--{k} {old[k]} (now {getattr(args, k)})" for k in STRUCTURAL_FLAGS
              if k in old and old[k] != getattr(args, k)]
     if clash:
         raise DinoError(f"{path} was trained with {', '.join(clash)}; pass the checkpoint's flags, "
                         f"or another --output_dir to start fresh")
     changed = [f"{k} {old[k]} -> {v}" for k, v in vars(args).items() if k in old and old[k] != v]
-    for net, name in ((s.student, "student"), (s.teacher, "teacher")):
-        net.load_state_dict({k.removeprefix("module."): v for k, v in ckpt[name].items()})
-    s.optimizer.load_state_dict(ckpt["optimizer"])
-    s.dino_loss.load_state_dict(ckpt["dino_loss"])
-    if ckpt.get("scaler"):
-        s.scaler.load_state_dict(ckpt["scaler"])
+    for name in TRAINING_STATE:
+        if ckpt.get(name):
+            # the published code saves its student as DDP wraps it: module.backbone...
+            state = {k.removeprefix("module."): v for k, v in ckpt[name].items()}
+            getattr(s, name).load_state_dict(state)
     if get_rank() == 0:
         if changed:
             print(f"resuming with changed flags: {', '.join(changed)}")
@@ -938,10 +964,9 @@ def resume(path, s):
     return ckpt["epoch"]
 
 
-def start_from_weights(s):
+def start_from_weights(s, args):
     """Continued pre-training from --pretrained_weights, with a fresh optimizer and schedules: a full checkpoint
     gives each network its entry (heads too with --pretrained_heads), other weights both backbones and fresh heads."""
-    args = s.args
     ckpt = load_checkpoint_file(args.pretrained_weights)
     if isinstance(ckpt, dict) and {"student", "teacher"} <= set(ckpt) and args.pretrained_heads:
         try:
@@ -952,10 +977,12 @@ def start_from_weights(s):
         return
     for net in (s.student, s.teacher):
         load_pretrained_weights(net.backbone, args.pretrained_weights, args.checkpoint_key, ckpt)
+    if args.freeze_backbone_epochs:
+        plan = f"the backbone stays fixed for --freeze_backbone_epochs {args.freeze_backbone_epochs}"
+    else:
+        plan = "--freeze_backbone_epochs N would train them alone first"
     if get_rank() == 0:
-        print("the heads start fresh" + (f"; the backbone stays fixed for --freeze_backbone_epochs "
-                                         f"{args.freeze_backbone_epochs}" if args.freeze_backbone_epochs else
-                                         "; --freeze_backbone_epochs N would train them alone first"))
+        print(f"the heads start fresh; {plan}")
 
 
 # -----------------------------------------------------------------------------
@@ -1157,13 +1184,17 @@ def autocast_dtype(precision, device):
 
 def build_train_state(args, n_iter, world_size, device):
     """The networks on the device, the optimizer, the loss and the schedules of a fresh run."""
-    student, teacher = build_dino_networks(args)
+    student, teacher = build_dino_networks(args.arch, args.patch_size, args.out_dim, args.use_bn_in_head,
+                                           args.norm_last_layer, args.drop_path_rate, args.grad_checkpointing)
     if args.use_bn_in_head and world_size > 1 and device.type == "cuda":  # SyncBatchNorm runs on CUDA only
         student, teacher = (nn.SyncBatchNorm.convert_sync_batchnorm(m) for m in (student, teacher))
     student, teacher = student.to(device), teacher.to(device)
     groups = get_params_groups(student)
-    optimizer = torch.optim.AdamW(groups, fused=True) if args.optimizer == "adamw" else \
-        torch.optim.SGD(groups, lr=0, momentum=0.9)  # lr and weight decay are set every step
+    # lr and weight decay are set every step
+    if args.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(groups, fused=True)
+    else:
+        optimizer = torch.optim.SGD(groups, lr=0, momentum=0.9)
     dino_loss = DINOLoss(args.out_dim, 2 + args.local_crops_number, args.warmup_teacher_temp, args.teacher_temp,
                          args.warmup_teacher_temp_epochs, args.epochs).to(device)
     amp_dtype = autocast_dtype(args.precision, device)
@@ -1174,7 +1205,9 @@ def build_train_state(args, n_iter, world_size, device):
         "momentum": cosine_scheduler(args.momentum_teacher, 1.0, args.epochs, n_iter).tolist(),
     }
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    return TrainState(student, teacher, dino_loss, optimizer, scaler, schedules, args, amp_dtype)
+    checkpoint_path = os.path.join(args.output_dir, "checkpoint.pth")
+    return TrainState(student, teacher, dino_loss, optimizer, scaler, schedules, args.clip_grad,
+                      args.freeze_last_layer, args.freeze_backbone_epochs, checkpoint_path, amp_dtype)
 
 
 def train(args, device_photometry=None):
@@ -1209,9 +1242,9 @@ def train(args, device_photometry=None):
     if os.path.exists(checkpoint):  # an existing run wins over --pretrained_weights
         if args.pretrained_weights and rank == 0:
             print(f"{checkpoint} exists: resuming that run, --pretrained_weights is not used")
-        start_epoch = resume(checkpoint, s)
+        start_epoch = resume(checkpoint, s, args)
     elif args.pretrained_weights:
-        start_from_weights(s)
+        start_from_weights(s, args)
     if world_size > 1:  # every rank must continue the same run: the output dir must be shared between nodes
         epochs = torch.tensor([start_epoch, -start_epoch], device=device)
         dist.all_reduce(epochs, op=dist.ReduceOp.MAX)
@@ -1230,7 +1263,7 @@ def train(args, device_photometry=None):
         sampler.set_epoch(epoch)
         seed_everything(args.seed + 1000 * epoch + rank)  # drop path and device photometry: replayed on resume
         skipped_before = dataset.skipped.item()
-        stats = train_one_epoch(s, loader, epoch, photometry)
+        stats = train_one_epoch(s, loader, epoch, args.epochs, args.accum_iter, args.log_every, photometry)
         skipped = torch.tensor(dataset.skipped.item() - skipped_before, device=device)
         if world_size > 1:
             dist.all_reduce(skipped)
@@ -1241,7 +1274,7 @@ def train(args, device_photometry=None):
                 stats["knn_top1"] = results[0][1]  # (k=20, top-1, top-5)
                 print(f"epoch {epoch}: teacher k-NN top-1 {stats['knn_top1']:.2f} % on {args.knn_data_path}")
         if rank == 0:
-            save_epoch(s, epoch, stats)
+            save_epoch(s, args, epoch, stats)
     if world_size > 1:
         dist.barrier()
     return s

@@ -42,6 +42,20 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 torch.set_num_threads(1)  # the spawned two-process tests would otherwise oversubscribe 2 cores
 
 
+@pytest.fixture(autouse=True)
+def torch_global_switches():
+    """Every test leaves torch's global switches as it found them. Read first, assigned back after: pytest's
+    monkeypatch cannot undo attributes of torch's module objects (torch.backends.cuda.matmul under pytest 9)."""
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    saved = (matmul.allow_tf32, cudnn.allow_tf32, cudnn.benchmark, cudnn.deterministic,
+             torch.get_float32_matmul_precision(), torch.get_default_dtype(), torch.get_num_threads())
+    yield
+    matmul.allow_tf32, cudnn.allow_tf32, cudnn.benchmark, cudnn.deterministic = saved[:4]
+    torch.set_float32_matmul_precision(saved[4])
+    torch.set_default_dtype(saved[5])
+    torch.set_num_threads(saved[6])
+
+
 # -----------------------------------------------------------------------------
 # model
 
@@ -175,9 +189,8 @@ def test_grad_checkpointing_recomputes_blocks_and_keeps_the_gradients(tmp_path):
         calls.clear()
         model(x)
     assert len(calls) == 1
-    args = parse_args(["train", "--data_path", str(tmp_path), "--arch", "vit_tiny", "--out_dim", "32",
-                       "--grad_checkpointing"])
-    student, teacher = dino.build_dino_networks(args)  # the teacher needs none: it never computes gradients
+    # the teacher needs none: it never computes gradients
+    student, teacher = dino.build_dino_networks("vit_tiny", out_dim=32, grad_checkpointing=True)
     assert student.backbone.grad_checkpointing and not teacher.backbone.grad_checkpointing
 
 
@@ -681,8 +694,7 @@ def test_recipe_defaults_and_teacher_starts_as_student_copy(tmp_path):
         (0.996, 0.04, 0.04, 0.4, 3.0)
     assert (args.local_crops_number, args.global_crops_scale, args.local_crops_scale) == (8, [0.4, 1.0], [0.05, 0.4])
     assert args.freeze_last_layer == 1 and args.norm_last_layer is True
-    args.arch, args.out_dim = "vit_tiny", 32
-    student, teacher = dino.build_dino_networks(args)
+    student, teacher = dino.build_dino_networks("vit_tiny", out_dim=32, drop_path_rate=args.drop_path_rate)
     for (n, s), t in zip(student.state_dict().items(), teacher.state_dict().values()):
         assert torch.equal(s, t), n
     assert not any(p.requires_grad for p in teacher.parameters())
@@ -792,7 +804,7 @@ def test_device_photometry_path_on_the_cpu(tmp_path, monkeypatch):
 
     monkeypatch.setattr(MultiCropPhotometry, "__call__", recording_photometry)
     monkeypatch.setattr(dino, "train_step", recording_step)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    torch.backends.cuda.matmul.allow_tf32 = False  # torch_global_switches restores it
     dino.train(parse_args(train_argv(data, tmp_path / "out", "--epochs", "1")), device_photometry=True)
     shapes = [(4, 3, 32, 32)] * 2 + [(4, 3, 16, 16)] * 2
     assert loaded == [[(torch.uint8, shape) for shape in shapes]] * 2  # 8 images, batch 4
@@ -1145,8 +1157,8 @@ def test_extract_features_and_embed_folder_two_processes_equal_one(tmp_path):
         torch.testing.assert_close(embedded[k], single_embedded[k], atol=1e-5, rtol=1e-5)
 
 
-def test_evaluation_allows_tf32_on_gpus(monkeypatch):
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+def test_evaluation_allows_tf32_on_gpus():
+    torch.backends.cuda.matmul.allow_tf32 = False  # torch_global_switches restores it
     dino.load_backbone(argparse.Namespace(arch="vit_tiny", patch_size=16), torch.device("cpu"))  # knn, attn, linear
     assert torch.backends.cuda.matmul.allow_tf32
 
@@ -1772,7 +1784,8 @@ def test_freeze_backbone_epochs_keeps_pretrained_backbone_bit_identical(tmp_path
         backbone = {k.removeprefix("backbone."): v for k, v in epoch0[net].items() if k.startswith("backbone.")}
         assert all(torch.equal(backbone[k], v) for k, v in pretrained.items()), net
         assert not torch.equal(epoch1[net]["backbone.blocks.0.attn.qkv.weight"], pretrained["blocks.0.attn.qkv.weight"])
-    init = dino.build_dino_networks(dino.parse_args(train_argv(data, tmp_path / "x")))[0].state_dict()
+    torch.manual_seed(0)  # the run's seed
+    init = dino.build_dino_networks("vit_tiny", out_dim=32)[0].state_dict()
     assert not torch.equal(epoch0["student"]["head.mlp.0.weight"], init["head.mlp.0.weight"])  # the head learned
 
 

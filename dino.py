@@ -837,7 +837,10 @@ def load_checkpoint_file(path):
 
 def plain_args(args):
     """Flags (a dict, or an argparse Namespace as the published code saves them) -> dict of plain values."""
-    args = vars(args) if isinstance(args, argparse.Namespace) else args if isinstance(args, dict) else {}
+    if isinstance(args, argparse.Namespace):
+        args = vars(args)
+    if not isinstance(args, dict):
+        return {}
     return {k: v for k, v in args.items() if isinstance(v, (int, float, str, bool, list, tuple, type(None)))}
 
 
@@ -1280,22 +1283,32 @@ def train(args, device_photometry=None):
     return s
 
 
-def open_weights(args, out_dir):
-    """(content, training flags) of --pretrained_weights (default: the run in --output_dir), read once; fills unset
-    --arch / --patch_size from them, and data and sizes (knn, linear: the demo data at its training resolution)."""
+def weights_path(args):
+    """--pretrained_weights, by default the run in --output_dir (set in args), which must exist."""
     if args.pretrained_weights is None:
         args.pretrained_weights = os.path.join(args.output_dir, "checkpoint.pth")
         if not os.path.isfile(args.pretrained_weights):
             raise DinoError(f"no --pretrained_weights given and no trained run at {args.pretrained_weights}; "
                             f"run `python dino.py train` first, or pass --pretrained_weights")
-    ckpt = load_checkpoint_file(args.pretrained_weights)
-    train_args = plain_args(ckpt.get("args")) if isinstance(ckpt, dict) else {}
+    return args.pretrained_weights
+
+
+def training_flags(ckpt):
+    """The flags a checkpoint was trained with, as a dict (empty for weights without them)."""
+    if isinstance(ckpt, dict):
+        return plain_args(ckpt.get("args"))
+    return {}
+
+
+def fill_eval_flags(args, train_args):
+    """Unset --arch and --patch_size from the training flags; without --data_path (knn, linear), the demo data at
+    its training resolution; the crop size checked against the patch size."""
     args.arch = args.arch or train_args.get("arch", "vit_small")
     args.patch_size = args.patch_size or train_args.get("patch_size", 16)
-    prepare_output_dir(out_dir)  # fail before any work
     if args.command in ("knn", "linear") and args.data_path is None:
         args.data_path = make_demo_dataset(os.path.join(args.output_dir, "demo_data"))
-        args.crop_size = args.crop_size or train_args.get("global_crops_size", DEMO["train"]["global_crops_size"])
+        demo_size = DEMO["train"]["global_crops_size"]
+        args.crop_size = args.crop_size or train_args.get("global_crops_size", demo_size)
         args.resize_size = args.resize_size or args.crop_size
         print(f"no --data_path: evaluating {args.pretrained_weights} ({args.arch}/{args.patch_size}) on the demo "
               f"data in {args.data_path} at {args.crop_size} pixels")
@@ -1303,6 +1316,15 @@ def open_weights(args, out_dir):
         args.crop_size = args.crop_size or 224
         if args.crop_size % args.patch_size:
             raise DinoError(f"--crop_size {args.crop_size} is not a multiple of --patch_size {args.patch_size}")
+
+
+def open_weights(args, out_dir):
+    """(content, training flags) of the weights to evaluate, read once; unset flags filled from them. out_dir is
+    where the command writes: it must be writable before any work starts."""
+    ckpt = load_checkpoint_file(weights_path(args))
+    train_args = training_flags(ckpt)
+    prepare_output_dir(out_dir)
+    fill_eval_flags(args, train_args)
     return ckpt, train_args
 
 

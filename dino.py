@@ -1,20 +1,26 @@
-"""
+r"""
 DINO: self-distillation with no labels (Caron et al., ICCV 2021), in one file.
 
-    python dino.py train                       # demo: generates a small dataset, trains vit_tiny on the CPU in minutes
-    python dino.py knn                         # k-NN accuracy of the demo run vs random init
-    python dino.py train --data_path /imagenet/train --output_dir runs/vits16   # the paper's ViT-S/16 recipe
-    python dino.py train --data_path my_images --pretrained_weights dino_deitsmall16_pretrain.pth   # continue
+    # demo: generates a small dataset, trains vit_tiny on the CPU in minutes
+    python dino.py train
+    # k-NN accuracy of the demo run vs random init
+    python dino.py knn
+    # the paper's ViT-S/16 recipe
+    python dino.py train --data_path /imagenet/train --output_dir runs/vits16
+    # continue from pretrained weights
+    python dino.py train --data_path my_images --pretrained_weights dino_deitsmall16_pretrain.pth
     python dino.py attn --image_path cat.jpg --pretrained_weights dino_deitsmall16_pretrain.pth
     python dino.py linear --data_path /imagenet --pretrained_weights runs/vits16/checkpoint.pth
-    python dino.py embed --data_path photos --pretrained_weights runs/vits16/checkpoint.pth --output photos.npz
+    python dino.py embed --data_path photos --pretrained_weights runs/vits16/checkpoint.pth \
+        --output photos.npz
 
-Every visible CUDA GPU gets one process; under torchrun the launcher's environment is used (multi-node); with
-no GPU everything runs on the CPU. The file reads in two parts. Part 1, the algorithm, in the order of the
-paper's Algorithm 1: data and multi-crop, model glue, loss, schedules and updates, the train step and epoch
-loop, then k-NN, attention maps, the linear probe and embeddings; each section uses only torch, torchvision, numpy,
-PIL and the sections above it. Part 2, the tool: checkpoints, processes, the demo data and presets, the commands and
-the CLI. Importing this file has no side effects.
+Every visible CUDA GPU gets one process; under torchrun the launcher's environment is used
+(multi-node); with no GPU everything runs on the CPU. The file reads in two parts. Part 1, the
+algorithm, in the order of the paper's Algorithm 1: data and multi-crop, model glue, loss, schedules
+and updates, the train step and epoch loop, then k-NN, attention maps, the linear probe and
+embeddings; each section uses only torch, torchvision, numpy, PIL and the sections above it. Part 2,
+the tool: checkpoints, processes, the demo data and presets, the commands and the CLI. Importing
+this file has no side effects.
 """
 import argparse
 import contextlib
@@ -68,26 +74,35 @@ def get_rank():
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-NORMALIZE = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])  # PIL image -> normalized tensor
+# PIL image -> normalized tensor
+NORMALIZE = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
 def _pil_gaussian_blur(img):
-    """PIL Gaussian blur with radius (= sigma) drawn uniformly from [0.1, 2], as in the published code."""
+    """PIL Gaussian blur with radius (= sigma) drawn uniformly from [0.1, 2], as in the published
+    code."""
     return img.filter(ImageFilter.GaussianBlur(radius=torch.empty(1).uniform_(0.1, 2.0).item()))
 
 
 class DataAugmentationDINO:
-    """The published multi-crop recipe on the CPU: PIL image -> 2 global then N local normalized tensors."""
+    """The published multi-crop recipe on the CPU: PIL image -> 2 global then N local normalized
+    tensors."""
 
     def __init__(self, global_crops_scale, local_crops_scale, local_crops_number,
                  global_crops_size=224, local_crops_size=96):
         bicubic = T.InterpolationMode.BICUBIC
         jitter = T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)
-        flip_and_color_jitter = T.Compose([T.RandomHorizontalFlip(p=0.5), T.RandomApply([jitter], p=0.8),
+        flip_and_color_jitter = T.Compose([T.RandomHorizontalFlip(p=0.5),
+                                           T.RandomApply([jitter], p=0.8),
                                            T.RandomGrayscale(p=0.2)])
-        global_crop = T.RandomResizedCrop(global_crops_size, scale=global_crops_scale, interpolation=bicubic)
-        local_crop = T.RandomResizedCrop(local_crops_size, scale=local_crops_scale, interpolation=bicubic)
-        blur = lambda p: T.RandomApply([T.Lambda(_pil_gaussian_blur)], p=p)
+        global_crop = T.RandomResizedCrop(global_crops_size, scale=global_crops_scale,
+                                          interpolation=bicubic)
+        local_crop = T.RandomResizedCrop(local_crops_size, scale=local_crops_scale,
+                                         interpolation=bicubic)
+
+        def blur(p):
+            return T.RandomApply([T.Lambda(_pil_gaussian_blur)], p=p)
+
         self.global_transfo1 = T.Compose([global_crop, flip_and_color_jitter, blur(1.0), NORMALIZE])
         self.global_transfo2 = T.Compose([global_crop, flip_and_color_jitter, blur(0.1),
                                           T.RandomSolarize(threshold=128, p=0.2), NORMALIZE])
@@ -100,11 +115,13 @@ class DataAugmentationDINO:
         return crops
 
 
-# The training path: the loader workers only crop and flip (MultiCropGeometry); the photometric ops, the CPU
-# bottleneck of DataAugmentationDINO, run on the device on whole batches (MultiCropPhotometry), per sample alike.
+# The training path: the loader workers only crop and flip (MultiCropGeometry); the photometric
+# ops, the CPU bottleneck of DataAugmentationDINO, run on the device on whole batches
+# (MultiCropPhotometry), per sample alike.
 
 class MultiCropGeometry:
-    """The geometric half of DataAugmentationDINO: PIL RGB image -> 2 global then N local uint8 [3, h, w] crops."""
+    """The geometric half of DataAugmentationDINO: PIL RGB image -> 2 global then N local uint8
+    [3, h, w] crops."""
 
     def __init__(self, global_crops_scale, local_crops_scale, local_crops_number,
                  global_crops_size=224, local_crops_size=96):
@@ -114,16 +131,20 @@ class MultiCropGeometry:
     def __call__(self, img):
         img = TF.pil_to_tensor(img)  # a [3, H, W] view of the HWC pixels; crops are views of it
         crops = []
-        for size, scale in self.crops:  # RandomResizedCrop(size, scale, bicubic) + RandomHorizontalFlip(0.5)
+        # each: RandomResizedCrop(size, scale, bicubic) + RandomHorizontalFlip(0.5)
+        for size, scale in self.crops:
             i, j, h, w = T.RandomResizedCrop.get_params(img, scale, ratio=(3 / 4, 4 / 3))
-            # torch's antialiased bicubic resize of uint8 is Pillow's filter (within 2 levels), vectorized: 4x faster
-            crop = F.interpolate(img[None, :, i:i + h, j:j + w], size=(size, size), mode="bicubic", antialias=True)
+            # torch's antialiased bicubic resize of uint8 is Pillow's filter (within 2 levels),
+            # vectorized: 4x faster
+            crop = F.interpolate(img[None, :, i:i + h, j:j + w], size=(size, size), mode="bicubic",
+                                 antialias=True)
             crops.append(crop[0].flip(-1) if torch.rand(1) < 0.5 else crop[0])
         return crops
 
 
-# Batched photometric ops on float images [B, 3, H, W] in [0, 1] with per-sample factors [B]; each equals the
-# torchvision.transforms.functional (v1) tensor op of the same name applied to every sample with its own factor.
+# Batched photometric ops on float images [B, 3, H, W] in [0, 1] with per-sample factors [B]; each
+# equals the torchvision.transforms.functional (v1) tensor op of the same name applied to every
+# sample with its own factor.
 
 def _per_sample(x):
     """[B] -> [B, 1, 1, 1], to broadcast per-sample factors and masks over images."""
@@ -137,17 +158,21 @@ def _rgb_to_grayscale(img):
 
 
 def _adjust_hue(img, factor):
-    """Turn the hue by factor (in turns): torchvision's (Pillow's) RGB -> HSV, then the branch-free HSV -> RGB."""
+    """Turn the hue by factor (in turns): torchvision's (Pillow's) RGB -> HSV, then the branch-free
+    HSV -> RGB."""
     r, g, b = img.unbind(dim=1)
-    maxc, minc = img.amax(dim=1), img.amin(dim=1)  # maxc is the value v
+    maxc = img.amax(dim=1)  # the value v
+    minc = img.amin(dim=1)
     delta = maxc - minc
     gray = delta == 0  # hue and saturation are 0 there; replacing the divisors by 1 avoids nan
     s = delta / torch.where(gray, torch.ones_like(maxc), maxc)
     delta = torch.where(gray, torch.ones_like(delta), delta)
-    h = torch.where(maxc == r, (g - b) / delta, torch.where(maxc == g, 2.0 + (b - r) / delta, 4.0 + (r - g) / delta))
+    h = torch.where(maxc == r, (g - b) / delta,
+                    torch.where(maxc == g, 2.0 + (b - r) / delta, 4.0 + (r - g) / delta))
     h = (torch.fmod(h / 6.0 + 1.0, 1.0) + factor.view(-1, 1, 1)) % 1.0
     k = torch.stack([(n + 6.0 * h) % 6.0 for n in (5.0, 3.0, 1.0)], dim=1)
-    return maxc.unsqueeze(1) * (1.0 - s.unsqueeze(1) * torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0))
+    ramp = torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0)
+    return maxc.unsqueeze(1) * (1.0 - s.unsqueeze(1) * ramp)
 
 
 def _gaussian_blur(img, sigma, kernel_size):
@@ -166,13 +191,15 @@ def _gaussian_blur(img, sigma, kernel_size):
 
 
 def _solarize(img):
-    """Invert pixels >= 0.5: PIL's solarize(threshold=128) on the image rounded to uint8 (x * 255 >= 127.5)."""
+    """Invert pixels >= 0.5: PIL's solarize(threshold=128) on the image rounded to uint8
+    (x * 255 >= 127.5)."""
     return torch.where(img >= 0.5, 1.0 - img, img)
 
 
 def _normalize(img):
     """ImageNet mean/std normalization, per channel with Python scalars (no host-to-device copy)."""
-    return torch.stack([(img[:, c] - m) / s for c, (m, s) in enumerate(zip(IMAGENET_MEAN, IMAGENET_STD))], dim=1)
+    return torch.stack([(img[:, c] - m) / s
+                        for c, (m, s) in enumerate(zip(IMAGENET_MEAN, IMAGENET_STD))], dim=1)
 
 
 JITTER_RANGES = ((0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-0.1, 0.1))  # ColorJitter(0.4, 0.4, 0.2, 0.1)
@@ -181,8 +208,9 @@ BLUR_KERNEL_SIZE = 2 * math.ceil(3 * BLUR_SIGMA[1]) + 1  # 13: +-3 sigma of the 
 
 
 def _color_jitter(img, apply, order, factors):
-    """Where apply, ColorJitter's ops (0 brightness, 1 contrast, 2 saturation, 3 hue) in each sample's order [B, 4]
-    with its factors [B, 4]. Hue, the costly op, runs once: the blends before each sample's hue, hue, the rest."""
+    """Where apply, ColorJitter's ops (0 brightness, 1 contrast, 2 saturation, 3 hue) in each
+    sample's order [B, 4] with its factors [B, 4]. Hue, the costly op, runs once: the blends before
+    each sample's hue, hue, the rest."""
     hue_position = (order == 3).int().argmax(dim=1)
     for p in range(3):
         img = _jitter_blend(img, apply & (p < hue_position), order[:, p], factors)
@@ -193,39 +221,52 @@ def _color_jitter(img, apply, order, factors):
 
 
 def _jitter_blend(img, chosen, op, factors):
-    """Where chosen, torchvision's adjust_brightness (op 0), adjust_contrast (1) or adjust_saturation (2) with the
-    sample's factor: a blend with black, with the mean gray level, or with the gray image."""
+    """Where chosen, torchvision's adjust_brightness (op 0), adjust_contrast (1) or
+    adjust_saturation (2) with the sample's factor: a blend with black, with the mean gray level,
+    or with the gray image."""
     gray = _rgb_to_grayscale(img)
     kind = _per_sample(op)
-    other = torch.where(kind == 0, 0.0, torch.where(kind == 1, gray.mean(dim=(1, 2, 3), keepdim=True), gray))
+    other = torch.where(kind == 0, 0.0,
+                        torch.where(kind == 1, gray.mean(dim=(1, 2, 3), keepdim=True), gray))
     factor = _per_sample(factors.gather(1, op[:, None]).squeeze(1))
     blend = (factor * img + (1.0 - factor) * other).clamp(0.0, 1.0)
     return torch.where(_per_sample(chosen), blend, img)
 
 
 def sample_photometric_params(n, blur_p, solarize_p, device=None):
-    """Draws every random choice of the photometric pipeline for n samples of one view, from the global torch RNG."""
-    uniform = lambda low, high: torch.empty(n, device=device).uniform_(low, high)
-    return dict(jitter=torch.rand(n, device=device) < 0.8,
-                order=torch.rand(n, 4, device=device).argsort(dim=1),  # a random permutation per sample
+    """Draws every random choice of the photometric pipeline for n samples of one view, from the
+    global torch RNG."""
+
+    def uniform(low, high):
+        return torch.empty(n, device=device).uniform_(low, high)
+
+    def coin(p):  # per sample, True with probability p
+        return torch.rand(n, device=device) < p
+
+    return dict(jitter=coin(0.8),
+                # a random permutation per sample
+                order=torch.rand(n, 4, device=device).argsort(dim=1),
                 factors=torch.stack([uniform(low, high) for low, high in JITTER_RANGES], dim=1),
-                grayscale=torch.rand(n, device=device) < 0.2,
-                blur=torch.rand(n, device=device) < blur_p,
+                grayscale=coin(0.2),
+                blur=coin(blur_p),
                 sigma=uniform(*BLUR_SIGMA),
-                solarize=torch.rand(n, device=device) < solarize_p)
+                solarize=coin(solarize_p))
 
 
 def apply_photometric(img, params):
-    """Color jitter, grayscale, blur, solarize with the sampled params, then normalize: [B, 3, H, W] in [0, 1]."""
+    """Color jitter, grayscale, blur, solarize with the sampled params, then normalize:
+    [B, 3, H, W] in [0, 1]."""
     img = _color_jitter(img, params["jitter"], params["order"], params["factors"])
     img = torch.where(_per_sample(params["grayscale"]), _rgb_to_grayscale(img).expand_as(img), img)
-    img = torch.where(_per_sample(params["blur"]), _gaussian_blur(img, params["sigma"], BLUR_KERNEL_SIZE), img)
+    img = torch.where(_per_sample(params["blur"]),
+                      _gaussian_blur(img, params["sigma"], BLUR_KERNEL_SIZE), img)
     img = torch.where(_per_sample(params["solarize"]), _solarize(img), img)
     return _normalize(img)
 
 
 class MultiCropPhotometry:
-    """DataAugmentationDINO's photometric half, batched on the device: uint8 crops -> normalized float32, no sync."""
+    """DataAugmentationDINO's photometric half, batched on the device: uint8 crops -> normalized
+    float32, no sync."""
 
     # (blur p, solarize p) of global view 1, global view 2, and the local views
     PROBS = ((1.0, 0.0), (0.1, 0.2), (0.5, 0.0))
@@ -239,7 +280,8 @@ class MultiCropPhotometry:
         for group, probs in zip((views[:1], views[1:2], views[2:]), self.PROBS):
             if group:  # the views sharing the same probabilities, as one batch
                 img = torch.cat(group).float().div(255)
-                img = apply_photometric(img, sample_photometric_params(len(img), *probs, device=img.device))
+                params = sample_photometric_params(len(img), *probs, device=img.device)
+                img = apply_photometric(img, params)
                 out += img.split(len(group[0]))
         return out
 
@@ -248,38 +290,47 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tif
 
 
 def load_rgb(path):
-    """Open any PIL-readable image as 8-bit RGB (16-bit and float images are rescaled, not clipped)."""
+    """Open any PIL-readable image as 8-bit RGB (16-bit and float images are rescaled, not
+    clipped)."""
     with Image.open(path) as img:
         img.load()
         if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
             a = np.asarray(img, dtype=np.float64)
-            # float data by its maximum; 16-bit data, or 8-bit data stored in a 32-bit mode, by its range
-            scale = max(a.max(), 1.0) if img.mode == "F" else 65535.0 if a.max() > 255 else 255.0
+            # 16-bit data, or 8-bit data stored in a 32-bit mode, by its range; float data by its
+            # maximum
+            scale = 65535.0 if a.max() > 255 else 255.0
+            if img.mode == "F":
+                scale = max(a.max(), 1.0)
             img = Image.fromarray((np.clip(a / scale, 0, 1) * 255).round().astype(np.uint8), "L")
         return img.convert("RGB")
 
 
 def list_images(root):
     """All image files under root, recursively, in a fixed order."""
-    return sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
+    return sorted(p for p in Path(root).rglob("*")
+                  if p.suffix.lower() in IMG_EXTENSIONS and p.is_file())
 
 
-UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)  # what PIL raises on a bad file
+# what PIL raises on a bad file
+UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 class ImageDataset(torch.utils.data.Dataset):
-    """Every image under `root`, recursively (labels ignored). An unreadable file costs a warning, not the run: the
-    next readable one replaces it, counted in `skipped` (shared memory: the workers' counts reach the main process).
-    An index (index, epoch) seeds the augmentation by (seed, epoch, index): a resume draws the same crops."""
+    """Every image under `root`, recursively (labels ignored). An unreadable file costs a warning,
+    not the run: the next readable one replaces it, counted in `skipped` (shared memory: the
+    workers' counts reach the main process). An index (index, epoch) seeds the augmentation by
+    (seed, epoch, index): a resume draws the same crops."""
 
     def __init__(self, root, transform, seed=0):
         if not os.path.isdir(root):
-            raise DinoError(f"--data_path {root} is not a directory; point it at a folder of images")
+            raise DinoError(
+                f"--data_path {root} is not a directory; point it at a folder of images")
         self.files = list_images(root)
         if not self.files:
             raise DinoError(f"--data_path {root} holds no images ({', '.join(IMG_EXTENSIONS)}); "
                             f"point it at a folder of images")
-        self.transform, self.seed = transform, seed
+        self.transform = transform
+        self.seed = seed
         self.skipped = torch.zeros((), dtype=torch.int64).share_memory_()
 
     def __len__(self):
@@ -289,7 +340,8 @@ class ImageDataset(torch.utils.data.Dataset):
         if not isinstance(index, tuple):
             return self._load(index)
         index, epoch = index
-        with torch.random.fork_rng(devices=[]):  # the caller's random stream (drop path, ...) stays its own
+        # the caller's random stream (drop path, ...) stays its own
+        with torch.random.fork_rng(devices=[]):
             torch.manual_seed((self.seed * 10007 + epoch) * len(self.files) + index)
             return self._load(index)
 
@@ -303,23 +355,29 @@ class ImageDataset(torch.utils.data.Dataset):
     def _load(self, index):
         for offset in range(len(self.files)):
             path = self.files[(index + offset) % len(self.files)]
-            if (image := self._read(path)) is not None:
+            image = self._read(path)
+            if image is not None:
                 return image
             self.skipped += 1
         raise DinoError(f"no image under the data path could be read (last tried: {path})")
 
 
 class ImageFiles(ImageDataset):
-    """The images under root for inference: (image, True), or if unreadable (a black image, False), a row to drop."""
+    """The images under root for inference: (image, True), or if unreadable (a black image,
+    False), a row to drop."""
 
     def __getitem__(self, index):
         image = self._read(self.files[index])
-        return (image, True) if image is not None else (self.transform(Image.new("RGB", (1, 1))), False)
+        if image is None:
+            return self.transform(Image.new("RGB", (1, 1))), False
+        return image, True
 
 
 def eval_transform(resize_size, crop_size):
-    """The paper's evaluation preprocessing: bicubic resize of the short side (None: 256 for 224), center crop."""
-    resize = T.Resize(resize_size or round(crop_size * 256 / 224), interpolation=T.InterpolationMode.BICUBIC)
+    """The paper's evaluation preprocessing: bicubic resize of the short side (None: 256 for 224),
+    center crop."""
+    resize = T.Resize(resize_size or round(crop_size * 256 / 224),
+                      interpolation=T.InterpolationMode.BICUBIC)
     return T.Compose([resize, T.CenterCrop(crop_size), NORMALIZE])
 
 
@@ -334,7 +392,8 @@ class EpochSampler(torch.utils.data.DistributedSampler):
 # model glue
 
 ARCHS = {"vit_tiny": vits.vit_tiny, "vit_small": vits.vit_small, "vit_base": vits.vit_base,
-         "deit_tiny": vits.vit_tiny, "deit_small": vits.vit_small}  # the published code's names for the same
+         # the published code's names for the same
+         "deit_tiny": vits.vit_tiny, "deit_small": vits.vit_small}
 
 
 class MultiCropWrapper(nn.Module):
@@ -355,8 +414,8 @@ class MultiCropWrapper(nn.Module):
 
 def build_dino_networks(arch="vit_small", patch_size=16, out_dim=65536, use_bn_in_head=False,
                         norm_last_layer=True, drop_path_rate=0.1, grad_checkpointing=False):
-    """Student (with drop path, and activation checkpointing if asked) and teacher (a copy without either, it
-    needs no gradients), each backbone + DINO head."""
+    """Student (with drop path, and activation checkpointing if asked) and teacher (a copy without
+    either, it needs no gradients), each backbone + DINO head."""
     student_backbone = ARCHS[arch](patch_size=patch_size, drop_path_rate=drop_path_rate,
                                    grad_checkpointing=grad_checkpointing)
     teacher_backbone = ARCHS[arch](patch_size=patch_size)
@@ -374,12 +433,12 @@ def build_dino_networks(arch="vit_small", patch_size=16, out_dim=65536, use_bn_i
 # loss
 
 class DINOLoss(nn.Module):
-    """Cross-entropy between the sharpened, centered teacher and the student, over all pairs of different views.
-    Each softmax is computed once: the sum over pairs (teacher view t, student view s != t) is
-    sum_t q_t . (sum_s log p_s - log p_t)."""
+    """Cross-entropy between the sharpened, centered teacher and the student, over all pairs of
+    different views. Each softmax is computed once: the sum over pairs (teacher view t, student
+    view s != t) is sum_t q_t . (sum_s log p_s - log p_t)."""
 
-    def __init__(self, out_dim, ncrops, warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs, nepochs,
-                 student_temp=0.1, center_momentum=0.9):
+    def __init__(self, out_dim, ncrops, warmup_teacher_temp, teacher_temp,
+                 warmup_teacher_temp_epochs, nepochs, student_temp=0.1, center_momentum=0.9):
         super().__init__()
         self.student_temp = student_temp
         self.center_momentum = center_momentum
@@ -388,15 +447,20 @@ class DINOLoss(nn.Module):
         self.teacher_temp_schedule = np.concatenate((
             np.linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs),
             np.ones(max(nepochs - warmup_teacher_temp_epochs, 0)) * teacher_temp))
-        self.stats = {}  # detached collapse indicators of the last center update; read them only when logging
+        # detached collapse indicators of the last center update; read them only when logging
+        self.stats = {}
         self._samples = 0  # samples summed in self._sums since the last center update
 
     def forward(self, student_output, teacher_output, epoch, update_center=True):
-        """The loss; then the center moves. update_center=False (gradient accumulation) leaves the center where it
-        is and only adds this batch to the sums that update_center() then uses once."""
+        """The loss; then the center moves. update_center=False (gradient accumulation) leaves the
+        center where it is and only adds this batch to the sums that update_center() then uses
+        once."""
         temp = self.teacher_temp_schedule[min(epoch, len(self.teacher_temp_schedule) - 1)]
-        log_p = F.log_softmax(student_output.float() / self.student_temp, dim=-1).unflatten(0, (self.ncrops, -1))
-        log_q = F.log_softmax((teacher_output.float() - self.center) / temp, dim=-1).unflatten(0, (2, -1))
+        # [views, batch, out_dim]: ncrops student views, 2 teacher views
+        log_p = (F.log_softmax(student_output.float() / self.student_temp, dim=-1)
+                 .unflatten(0, (self.ncrops, -1)))
+        log_q = (F.log_softmax((teacher_output.float() - self.center) / temp, dim=-1)
+                 .unflatten(0, (2, -1)))
         q = log_q.exp()
         batch = q.shape[1]
         n_pairs = 2 * (self.ncrops - 1)
@@ -409,25 +473,30 @@ class DINOLoss(nn.Module):
 
     @torch.no_grad()
     def _accumulate(self, loss, q, log_q, teacher_output):
-        """Sums since the last center update of the loss, teacher entropy and softmax (collapse indicators) and
-        teacher output (center) over the samples: micro-batches give the whole batch's values."""
+        """Sums since the last center update of the loss, teacher entropy and softmax (collapse
+        indicators) and teacher output (center) over the samples: micro-batches give the whole
+        batch's values."""
         n = q.shape[1]
-        sums = [loss.detach() * n, -(q * log_q).sum(-1).mean() * n, q.mean(dim=(0, 1)) * n,
+        sums = [loss.detach() * n,
+                -(q * log_q).sum(-1).mean() * n,
+                q.mean(dim=(0, 1)) * n,
                 teacher_output.float().sum(dim=0, keepdim=True)]
         self._sums = sums if self._samples == 0 else [a + b for a, b in zip(self._sums, sums)]
         self._samples += n
 
     @torch.no_grad()
     def update_center(self):
-        """Move the center toward the mean teacher output over the samples since the last update (and over all
-        processes, which step equal batches), and set the collapse indicators of those samples (this process's).
-        The paper's collapse study: loss = h(P_t) + KL(P_t || P_s)."""
+        """Move the center toward the mean teacher output over the samples since the last update
+        (and over all processes, which step equal batches), and set the collapse indicators of those
+        samples (this process's). The paper's collapse study: loss = h(P_t) + KL(P_t || P_s)."""
         loss, entropy, mean_q, teacher = (s / self._samples for s in self._sums)
-        self.stats = {"teacher_entropy": entropy, "kl": loss - entropy,
+        self.stats = {"teacher_entropy": entropy,
+                      "kl": loss - entropy,
                       "batch_mean_entropy": -(mean_q * mean_q.clamp_min(1e-12).log()).sum()}
         if get_world_size() > 1:
             dist.all_reduce(teacher)
-        teacher /= 2 * get_world_size()  # 2 teacher views per sample; a Python scalar: no host-to-device copy
+        # 2 teacher views per sample; a Python scalar: no host-to-device copy
+        teacher /= 2 * get_world_size()
         self.center.mul_(self.center_momentum).add_(teacher, alpha=1 - self.center_momentum)
         self._samples = 0
 

@@ -504,28 +504,37 @@ class DINOLoss(nn.Module):
 # -----------------------------------------------------------------------------
 # schedules and updates
 
-def cosine_scheduler(base_value, final_value, epochs, niter_per_ep, warmup_epochs=0, start_warmup_value=0):
-    """One value per iteration: linear warmup from start_warmup_value, then a half cosine to final_value."""
+def cosine_scheduler(base_value, final_value, epochs, niter_per_ep, warmup_epochs=0,
+                     start_warmup_value=0):
+    """One value per iteration: linear warmup from start_warmup_value, then a half cosine to
+    final_value."""
     warmup_iters = warmup_epochs * niter_per_ep
     warmup = np.linspace(start_warmup_value, base_value, warmup_iters)
     iters = np.arange(epochs * niter_per_ep - warmup_iters)
-    cosine = final_value + 0.5 * (base_value - final_value) * (1 + np.cos(np.pi * iters / len(iters)))
+    cos = np.cos(np.pi * iters / len(iters))  # half a period over the iterations after the warmup
+    cosine = final_value + 0.5 * (base_value - final_value) * (1 + cos)
     return np.concatenate((warmup, cosine))
 
 
 def get_params_groups(model):
-    """Weight decay on weight matrices only: none on biases, norms, tokens and other 1-D parameters."""
-    regularized, not_regularized = [], []
+    """Weight decay on weight matrices only: none on biases, norms, tokens and other 1-D
+    parameters."""
+    regularized = []
+    not_regularized = []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        (not_regularized if name.endswith(".bias") or param.ndim <= 1 else regularized).append(param)
+        if name.endswith(".bias") or param.ndim <= 1:
+            not_regularized.append(param)
+        else:
+            regularized.append(param)
     return [{"params": regularized}, {"params": not_regularized, "weight_decay": 0.0}]
 
 
 @torch.no_grad()
 def clip_gradients(params, clip):
-    """Clip each parameter tensor's gradient to norm `clip` (the DINO rule), with no host sync; returns the norms."""
+    """Clip each parameter tensor's gradient to norm `clip` (the DINO rule), with no host sync;
+    returns the norms."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros(0)
@@ -537,7 +546,8 @@ def clip_gradients(params, clip):
 
 @torch.no_grad()
 def update_teacher(student_params, teacher_params, momentum):
-    """EMA: teacher <- momentum * teacher + (1 - momentum) * student, one fused op for all parameters."""
+    """EMA: teacher <- momentum * teacher + (1 - momentum) * student, one fused op for all
+    parameters."""
     torch._foreach_lerp_(teacher_params, student_params, 1.0 - momentum)
 
 
@@ -557,37 +567,49 @@ class TrainState:
     clip_grad: float = 3.0  # max gradient norm per parameter tensor
     freeze_last_layer: int = 1  # epochs with the head's last layer fixed
     freeze_backbone_epochs: int = 0  # epochs in which only the heads train
-    checkpoint_path: str = "checkpoint.pth"  # where the last good state is saved: a non-finite loss names it
+    # where the last good state is saved: a non-finite loss names it
+    checkpoint_path: str = "checkpoint.pth"
     amp_dtype: torch.dtype = None  # autocast to this; None: fp32
-    student_forward: nn.Module = None  # the student as the step runs it (DDP-wrapped, compiled); default: student
+    # the student as the step runs it (DDP-wrapped, compiled); default: student
+    student_forward: nn.Module = None
 
 
 def train_step(s, micro_batches, epoch, i):
-    """Iteration i of Algorithm 1 on one batch, given as a list of micro-batches (each a list of crops, the 2
-    global ones first) whose gradients add up to the whole batch's: one optimizer step, EMA and center update for
-    all of them. Returns the batch's loss as a device tensor."""
+    """Iteration i of Algorithm 1 on one batch, given as a list of micro-batches (each a list of
+    crops, the 2 global ones first) whose gradients add up to the whole batch's: one optimizer
+    step, EMA and center update for all of them. Returns the batch's loss as a device tensor."""
+    # this iteration's values of the schedules
     for group in s.optimizer.param_groups:
         group["lr"] = s.schedules["lr"][i]
-    s.optimizer.param_groups[0]["weight_decay"] = s.schedules["wd"][i]  # group 0 is the regularized one
+    # group 0 is the regularized one
+    s.optimizer.param_groups[0]["weight_decay"] = s.schedules["wd"][i]
     s.optimizer.zero_grad(set_to_none=True)
+
+    # the views -> student and teacher -> the loss and its gradients, micro-batch by micro-batch
     student = s.student_forward or s.student
     n = sum(len(crops[0]) for crops in micro_batches)  # samples in the batch
     loss = 0.0
     for k, crops in enumerate(micro_batches):
         # DDP all-reduces the gradients once, in the last micro-batch's backward
-        last = k == len(micro_batches) - 1 or not hasattr(student, "no_sync")
-        with contextlib.nullcontext() if last else student.no_sync():
+        if k < len(micro_batches) - 1 and hasattr(student, "no_sync"):
+            sync_context = student.no_sync()
+        else:
+            sync_context = contextlib.nullcontext()
+        with sync_context:
             with torch.autocast(crops[0].device.type, dtype=s.amp_dtype or torch.float32,
                                 enabled=s.amp_dtype is not None):
                 with torch.no_grad():
-                    teacher_output = s.teacher(crops[:2])  # the teacher sees only the 2 global views
+                    # the teacher sees only the 2 global views
+                    teacher_output = s.teacher(crops[:2])
                 student_output = student(crops)  # the student sees all of them
-                # the loss is a mean over the micro-batch: weighted by its share, the gradients sum to the batch's
-                micro_loss = s.dino_loss(student_output, teacher_output, epoch, update_center=False) \
-                    * (len(crops[0]) / n)
+                # the loss is a mean over the micro-batch: weighted by its share, the gradients
+                # sum to the batch's
+                mean_loss = s.dino_loss(student_output, teacher_output, epoch, update_center=False)
+                micro_loss = mean_loss * (len(crops[0]) / n)
             s.scaler.scale(micro_loss).backward()
         loss = loss + micro_loss.detach()
-    s.dino_loss.update_center()  # by the mean teacher output over all micro-batches, the same center for each
+
+    # the student's step
     s.scaler.unscale_(s.optimizer)
     if s.clip_grad:
         clip_gradients(s.student.parameters(), s.clip_grad)
@@ -597,10 +619,17 @@ def train_step(s, micro_batches, epoch, i):
     if epoch < s.freeze_backbone_epochs:  # new heads first learn on the pretrained features
         frozen += s.student.backbone.parameters()
     for p in frozen:
-        p.grad = None  # the optimizer skips parameters without a gradient: no update, no weight decay
+        # the optimizer skips parameters without a gradient: no update, no weight decay
+        p.grad = None
     s.scaler.step(s.optimizer)
     s.scaler.update()
-    update_teacher(list(s.student.parameters()), list(s.teacher.parameters()), s.schedules["momentum"][i])
+
+    # EMA: the teacher follows the student
+    update_teacher(list(s.student.parameters()), list(s.teacher.parameters()),
+                   s.schedules["momentum"][i])
+
+    # the center moves by the mean teacher output over all micro-batches (the same center for each)
+    s.dino_loss.update_center()
     return loss
 
 
@@ -615,7 +644,8 @@ def stop_if_not_finite(bad_iter, epoch, checkpoint_path):
 
 
 def groups_of(loader, n):
-    """The loader's batches, n at a time (a last incomplete group is dropped, as drop_last drops a partial batch)."""
+    """The loader's batches, n at a time (a last incomplete group is dropped, as drop_last drops
+    a partial batch)."""
     group = []
     for batch in loader:
         group.append(batch)
@@ -625,13 +655,16 @@ def groups_of(loader, n):
 
 
 def train_one_epoch(s, loader, epoch, epochs, accum_iter=1, log_every=10, photometry=None):
-    """One pass over the loader, accum_iter of its batches per optimizer step; returns the epoch's means (loss,
-    collapse indicators) and speed. photometry: the GPU path's batched colour, blur and solarize, else None."""
+    """One pass over the loader, accum_iter of its batches per optimizer step; returns the epoch's
+    means (loss, collapse indicators) and speed. photometry: the GPU path's batched colour, blur
+    and solarize, else None."""
     device = s.dino_loss.center.device
     n_iter = len(loader) // accum_iter
-    batch = loader.batch_size * accum_iter * get_world_size()  # images per optimizer step, all processes
+    # images per optimizer step, all processes
+    batch = loader.batch_size * accum_iter * get_world_size()
     sums = {}
-    bad_iter = torch.tensor(-1, device=device)  # the first iteration with a non-finite loss, -1: none yet
+    # the first iteration with a non-finite loss, -1: none yet
+    bad_iter = torch.tensor(-1, device=device)
     start = time.time()
     for it, batches in enumerate(groups_of(loader, accum_iter)):
         i = epoch * n_iter + it
@@ -651,15 +684,18 @@ def train_one_epoch(s, loader, epoch, epochs, accum_iter=1, log_every=10, photom
                 mean_loss = sums["loss"].item() / done
                 print(f"epoch {epoch}/{epochs} it {done}/{n_iter} loss {mean_loss:.4f} "
                       f"lr {s.schedules['lr'][i]:.2e} wd {s.schedules['wd'][i]:.3f} "
-                      f"momentum {s.schedules['momentum'][i]:.4f} {done * batch / elapsed:.1f} img/s "
+                      f"momentum {s.schedules['momentum'][i]:.4f} "
+                      f"{done * batch / elapsed:.1f} img/s "
                       f"eta {datetime.timedelta(seconds=int(eta))}", flush=True)
     means = torch.stack(list(sums.values())).float() / n_iter
     if get_world_size() > 1:
         dist.all_reduce(means)
         means /= get_world_size()
     elapsed = time.time() - start
-    stats = dict(zip(sums, means.tolist()))
-    stats.update(epoch=epoch, lr=s.schedules["lr"][i], wd=s.schedules["wd"][i], momentum=s.schedules["momentum"][i],
+    # the means, then the epoch's last schedule values and its speed
+    stats = dict(zip(sums, means.tolist()),
+                 epoch=epoch, lr=s.schedules["lr"][i], wd=s.schedules["wd"][i],
+                 momentum=s.schedules["momentum"][i],
                  epoch_time_s=elapsed, images_per_s=n_iter * batch / elapsed)
     return stats
 
@@ -668,17 +704,20 @@ def train_one_epoch(s, loader, epoch, epochs, accum_iter=1, log_every=10, photom
 # k-NN
 
 @torch.no_grad()
-def knn_classifier(train_features, train_labels, test_features, test_labels, k, T, num_classes=1000, chunk_size=256):
-    """Weighted k-NN accuracy (top-1, top-5) in percent, as in the paper: each of the k most similar train features
-    (L2-normalized: dot products are cosine similarities) votes for its label with weight exp(cos_sim / T). Test
-    features go chunk_size at a time: memory is chunk_size x len(train), never test x train."""
+def knn_classifier(train_features, train_labels, test_features, test_labels, k, T,
+                   num_classes=1000, chunk_size=256):
+    """Weighted k-NN accuracy (top-1, top-5) in percent, as in the paper: each of the k most
+    similar train features (L2-normalized: dot products are cosine similarities) votes for its
+    label with weight exp(cos_sim / T). Test features go chunk_size at a time: memory is
+    chunk_size x len(train), never test x train."""
     train_labels = train_labels.long()
     hits1 = hits5 = 0
     for i in range(0, len(test_labels), chunk_size):
         sims, idx = (test_features[i:i + chunk_size] @ train_features.T).topk(k, dim=1)
         votes = torch.zeros(len(idx), num_classes, dtype=sims.dtype, device=sims.device)
         votes.scatter_add_(1, train_labels[idx], (sims / T).exp())
-        # A class no neighbour voted for is no hit, even within the top 5 (its rank among zeros is arbitrary).
+        # A class no neighbour voted for is no hit, even within the top 5
+        # (its rank among zeros is arbitrary).
         scores, preds = votes.topk(min(5, num_classes), dim=1)
         hits = (preds == test_labels[i:i + chunk_size, None]) & (scores > 0)
         hits1 += hits[:, 0].sum().item()
@@ -687,48 +726,61 @@ def knn_classifier(train_features, train_labels, test_features, test_labels, k, 
 
 
 def shard_loader(dataset, batch_size, num_workers, device):
-    """A loader of this process's contiguous slice of dataset: sizes differ by at most one, nothing padded."""
-    rank, world_size, n = get_rank(), get_world_size(), len(dataset)
-    shard = torch.utils.data.Subset(dataset, range(n * rank // world_size, n * (rank + 1) // world_size))
+    """A loader of this process's contiguous slice of dataset: sizes differ by at most one,
+    nothing padded."""
+    rank = get_rank()
+    world_size = get_world_size()
+    n = len(dataset)
+    indices = range(n * rank // world_size, n * (rank + 1) // world_size)
+    shard = torch.utils.data.Subset(dataset, indices)
     return torch.utils.data.DataLoader(shard, batch_size=batch_size, num_workers=num_workers,
                                        pin_memory=torch.device(device).type == "cuda")
 
 
 @torch.no_grad()
 def extract_features(model, dataset, batch_size, num_workers, device):
-    """L2-normalized float32 CLS features of every image, in order, on process 0's CPU (None elsewhere)."""
+    """L2-normalized float32 CLS features of every image, in order, on process 0's CPU (None
+    elsewhere)."""
     loader = shard_loader(dataset, batch_size, num_workers, device)
-    features = [F.normalize(model(images.to(device, non_blocking=True)).float(), dim=1) for images, _ in loader]
+    features = [F.normalize(model(images.to(device, non_blocking=True)).float(), dim=1)
+                for images, _ in loader]
     features = torch.cat(features) if features else torch.zeros(0, model.embed_dim, device=device)
     return gather_shards(features, len(dataset))
 
 
 def gather_shards(x, n):
-    """Each process's rows of its shard_loader() of n items -> all n rows in order on process 0's CPU (else None)."""
+    """Each process's rows of its shard_loader() of n items -> all n rows in order on process 0's
+    CPU (else None)."""
     world_size = get_world_size()
     if world_size == 1:
         return x.cpu()
-    longest = -(-n // world_size)  # shards are this long or one shorter: pad to it, gather, then drop the padding
+    # shards are this long or one shorter: pad to it, gather, then drop the padding
+    longest = -(-n // world_size)
     padded = torch.cat([x, x.new_zeros(longest - len(x), *x.shape[1:])])
     shards = [torch.empty_like(padded) for _ in range(world_size)] if get_rank() == 0 else None
     dist.gather(padded, shards, dst=0)
     if get_rank() != 0:
         return None
-    return torch.cat([s[:n * (r + 1) // world_size - n * r // world_size] for r, s in enumerate(shards)]).cpu()
+    return torch.cat([s[:n * (r + 1) // world_size - n * r // world_size]
+                      for r, s in enumerate(shards)]).cpu()
 
 
 def knn_accuracy(model, train_set, val_set, batch_size, num_workers, device, ks=(20,), T=0.07):
-    """Weighted k-NN [(k, top-1, top-5)] of model's features on ImageFolders for each k in ks, the model in eval mode
-    meanwhile (then back in its mode); on process 0, None on the others."""
+    """Weighted k-NN [(k, top-1, top-5)] of model's features on ImageFolders for each k in ks, the
+    model in eval mode meanwhile (then back in its mode); on process 0, None on the others."""
     training = model.training
-    train_features, val_features = (extract_features(model.eval(), data, batch_size, num_workers, device)
-                                    for data in (train_set, val_set))
+    model.eval()
+    train_features = extract_features(model, train_set, batch_size, num_workers, device)
+    val_features = extract_features(model, val_set, batch_size, num_workers, device)
     model.train(training)
     if train_features is None:
         return None
-    tensors = [t.to(device) for t in (train_features, torch.tensor(train_set.targets), val_features,
-                                      torch.tensor(val_set.targets))]
-    ks = sorted({min(k, len(train_set)) for k in ks})  # small data sets get all their images as neighbours
+    train_labels = torch.tensor(train_set.targets)
+    val_labels = torch.tensor(val_set.targets)
+    # knn_classifier's four inputs, on the device
+    tensors = [t.to(device) for t in (train_features, train_labels, val_features, val_labels)]
+    # small data sets get all their images as neighbours
+    ks = sorted({min(k, len(train_set)) for k in ks})
     return [(k, *knn_classifier(*tensors, k, T, len(train_set.classes))) for k in ks]
 
 
@@ -737,15 +789,17 @@ def knn_accuracy(model, train_set, val_set, batch_size, num_workers, device, ks=
 
 @torch.no_grad()
 def attention_maps(model, images):
-    """Last block's CLS-to-patch attention of normalized images [B, 3, H, W] -> [B, heads, H/p, W/p]."""
+    """Last block's CLS-to-patch attention of normalized images [B, 3, H, W]
+    -> [B, heads, H/p, W/p]."""
     p = model.patch_size
     attn = model.get_last_selfattention(images)  # [B, heads, N, N], token 0 is CLS
     return attn[:, :, 0, 1:].unflatten(-1, (images.shape[-2] // p, images.shape[-1] // p))
 
 
 def threshold_masks(maps, threshold):
-    """Per head, the smallest set of patches holding at least `threshold` of the attention mass (the paper's figure):
-    in decreasing attention, a patch is kept while the mass of the larger ones before it is short of it."""
+    """Per head, the smallest set of patches holding at least `threshold` of the attention mass
+    (the paper's figure): in decreasing attention, a patch is kept while the mass of the larger
+    ones before it is short of it."""
     flat = maps.flatten(1).double()  # double: the kept mass is compared to the threshold exactly
     values, order = flat.sort(dim=1, descending=True)
     mass_before = (values.cumsum(1) - values) / values.sum(1, keepdim=True)
@@ -754,15 +808,18 @@ def threshold_masks(maps, threshold):
 
 
 def attention_jaccard(maps, masks, patch_size, mass=0.6):
-    """The paper's segmentation score: per image, the Jaccard index |A & B| / |A | B| of the patches A holding
-    `mass` of the attention map [N, h, w] (nearest-upsampled to pixels) and the object's pixel mask B [N, H, W]."""
-    kept = threshold_masks(maps, mass).repeat_interleave(patch_size, 1).repeat_interleave(patch_size, 2)
+    """The paper's segmentation score: per image, the Jaccard index |A & B| / |A | B| of the
+    patches A holding `mass` of the attention map [N, h, w] (nearest-upsampled to pixels) and the
+    object's pixel mask B [N, H, W]."""
+    kept = threshold_masks(maps, mass)
+    kept = kept.repeat_interleave(patch_size, 1).repeat_interleave(patch_size, 2)
     return (kept & masks).flatten(1).sum(1) / (kept | masks).flatten(1).sum(1).clamp_min(1)
 
 
 # viridis at 0, 1/8, ..., 1: heat maps without a matplotlib dependency
 VIRIDIS = np.array([[68, 1, 84], [71, 44, 123], [59, 82, 139], [44, 114, 142], [33, 145, 140],
-                    [40, 174, 128], [94, 201, 98], [170, 220, 50], [253, 231, 37]], dtype=np.float64)
+                    [40, 174, 128], [94, 201, 98], [170, 220, 50], [253, 231, 37]],
+                   dtype=np.float64)
 
 
 def colorize(a):
@@ -775,16 +832,24 @@ def colorize(a):
 
 
 def save_attention_images(img, maps, masks, patch_size, out_dir):
-    """Write the image, per-head heat maps, their mean, an overlay and the threshold masks; return the paths."""
+    """Write the image, per-head heat maps, their mean, an overlay and the threshold masks; return
+    the paths."""
     os.makedirs(out_dir, exist_ok=True)
-    up = lambda m: np.asarray(m).repeat(patch_size, axis=0).repeat(patch_size, axis=1)  # nearest, patch -> pixels
+
+    def upsample(m):  # nearest, patch -> pixels
+        return np.asarray(m).repeat(patch_size, axis=0).repeat(patch_size, axis=1)
+
     image = np.asarray(img)
-    mean = colorize(up(maps.mean(0)))
-    pictures = [("img.png", image)] + [(f"attn-head{i}.png", colorize(up(m))) for i, m in enumerate(maps)]
-    pictures += [("attn-mean.png", mean), ("attn-overlay.png", (image * 0.5 + mean * 0.5).round().astype(np.uint8))]
-    if masks is not None:  # the image, darkened outside each head's mask
-        pictures += [(f"mask-head{i}.png", (image * np.where(up(m), 1.0, 0.25)[..., None]).round().astype(np.uint8))
-                     for i, m in enumerate(masks)]
+    mean = colorize(upsample(maps.mean(0)))
+    pictures = [("img.png", image)]
+    pictures += [(f"attn-head{i}.png", colorize(upsample(m))) for i, m in enumerate(maps)]
+    overlay = (image * 0.5 + mean * 0.5).round().astype(np.uint8)
+    pictures += [("attn-mean.png", mean), ("attn-overlay.png", overlay)]
+    if masks is not None:
+        # the image, darkened outside each head's mask
+        for i, m in enumerate(masks):
+            darkened = image * np.where(upsample(m), 1.0, 0.25)[..., None]
+            pictures.append((f"mask-head{i}.png", darkened.round().astype(np.uint8)))
     for name, array in pictures:
         Image.fromarray(array).save(os.path.join(out_dir, name))
     return [os.path.join(out_dir, name) for name, _ in pictures]
@@ -794,7 +859,8 @@ def save_attention_images(img, maps, masks, patch_size, out_dir):
 # linear probe
 
 def linear_features(model, images, n_last_blocks, avgpool_patchtokens):
-    """Frozen features for the probe: CLS tokens of the last n blocks [+ the last block's mean patch token]."""
+    """Frozen features for the probe: CLS tokens of the last n blocks [+ the last block's mean
+    patch token]."""
     blocks = model.get_intermediate_layers(images, n_last_blocks)
     features = [x[:, 0] for x in blocks]
     if avgpool_patchtokens:
@@ -803,7 +869,8 @@ def linear_features(model, images, n_last_blocks, avgpool_patchtokens):
 
 
 def train_linear_epoch(features, classifier, loader, optimizer, device):
-    """One epoch of SGD on the classifier of the frozen features(images); returns this process's mean loss."""
+    """One epoch of SGD on the classifier of the frozen features(images); returns this process's
+    mean loss."""
     classifier.train()
     loss_sum = torch.zeros((), device=device)
     for images, labels in loader:
@@ -814,17 +881,20 @@ def train_linear_epoch(features, classifier, loader, optimizer, device):
         loss.backward()
         optimizer.step()
         loss_sum += loss.detach() * len(labels)  # no .item(): no host sync per step
-    return loss_sum.item() / max(len(loader.sampler), 1)  # every index the sampler gives is one sample
+    # every index the sampler gives is one sample
+    return loss_sum.item() / max(len(loader.sampler), 1)
 
 
 @torch.no_grad()
 def evaluate_linear(features, classifier, loader, device):
-    """(top-1, top-5) in percent; each process scores its shard of the dataset, the counts are summed."""
+    """(top-1, top-5) in percent; each process scores its shard of the dataset, the counts are
+    summed."""
     classifier.eval()
     counts = torch.zeros(3, device=device)  # top-1 hits, top-5 hits, images
     for images, labels in loader:
         logits = classifier(features(images.to(device, non_blocking=True)))
-        hits = logits.topk(min(5, logits.shape[1]), dim=1).indices == labels.to(device, non_blocking=True)[:, None]
+        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        hits = top5 == labels.to(device, non_blocking=True)[:, None]
         counts[:2] += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum()])
         counts[2] += len(labels)  # a Python number: no host-to-device copy, no sync
     if get_world_size() > 1:
@@ -836,27 +906,37 @@ def evaluate_linear(features, classifier, loader, device):
 # embeddings
 
 @torch.no_grad()
-def embed_folder(model, folder, resize_size=None, crop_size=224, patch_tokens=False, n_last_blocks=0, batch_size=64,
-                 num_workers=0, device="cpu"):
-    """Embeddings of every readable image under folder (recursively) by a ViT in eval mode, preprocessed as for k-NN,
-    on process 0 (None elsewhere): float32 CPU tensors 'cls' [N, D] (= model(x)), with patch_tokens 'patch_tokens'
-    [N, h, w, D], with n_last_blocks n 'last_blocks' [N, n, D], and 'paths' relative to folder, in order."""
-    device, h, dim = torch.device(device), crop_size // model.patch_size, model.embed_dim
+def embed_folder(model, folder, resize_size=None, crop_size=224, patch_tokens=False,
+                 n_last_blocks=0, batch_size=64, num_workers=0, device="cpu"):
+    """Embeddings of every readable image under folder (recursively) by a ViT in eval mode,
+    preprocessed as for k-NN, on process 0 (None elsewhere): float32 CPU tensors 'cls' [N, D]
+    (= model(x)), with patch_tokens 'patch_tokens' [N, h, w, D], with n_last_blocks n
+    'last_blocks' [N, n, D], and 'paths' relative to folder, in order."""
+    device = torch.device(device)
+    h = crop_size // model.patch_size  # patches per side
+    dim = model.embed_dim
     dataset = ImageFiles(folder, eval_transform(resize_size, crop_size))
     loader = shard_loader(dataset, batch_size, num_workers, device)
-    shapes = {"cls": (dim,), "readable": ()} | ({"patch_tokens": (h, h, dim)} if patch_tokens else {}) | \
-        ({"last_blocks": (n_last_blocks, dim)} if n_last_blocks else {})
-    rows = {k: [torch.zeros(0, *shape, device=device)] for k, shape in shapes.items()}  # a shard may be empty
-    start, done = time.time(), 0
-    for b, (images, readable) in enumerate(loader):
-        blocks = model.get_intermediate_layers(images.to(device, non_blocking=True), max(n_last_blocks, 1))
-        batch = {"cls": blocks[-1][:, 0], "readable": readable.to(device, torch.float32),  # gloo gathers no bool
+    shapes = {"cls": (dim,), "readable": ()}
+    if patch_tokens:
+        shapes["patch_tokens"] = (h, h, dim)
+    if n_last_blocks:
+        shapes["last_blocks"] = (n_last_blocks, dim)
+    # a shard may be empty
+    rows = {k: [torch.zeros(0, *shape, device=device)] for k, shape in shapes.items()}
+    start = time.time()
+    done = 0
+    for b, (images, readable) in enumerate(loader, 1):
+        blocks = model.get_intermediate_layers(images.to(device, non_blocking=True),
+                                               max(n_last_blocks, 1))
+        batch = {"cls": blocks[-1][:, 0],
+                 "readable": readable.to(device, torch.float32),  # gloo gathers no bool
                  "patch_tokens": blocks[-1][:, 1:].unflatten(1, (h, h)),
                  "last_blocks": torch.stack([x[:, 0] for x in blocks], dim=1)}
         for k in rows:
             rows[k].append(batch[k])
         done += len(images)
-        if get_rank() == 0 and ((b + 1) % 20 == 0 or b + 1 == len(loader)):
+        if get_rank() == 0 and (b % 20 == 0 or b == len(loader)):
             print(f"embedded {done}/{len(loader.dataset)} images (process 0's share), "
                   f"{done / (time.time() - start):.1f} images/s per process", flush=True)
     rows = {k: gather_shards(torch.cat(v).float(), len(dataset)) for k, v in rows.items()}

@@ -956,14 +956,16 @@ def embed_folder(model, folder, resize_size=None, crop_size=224, patch_tokens=Fa
 # checkpoints: safe loading with a report, atomic saving, resume
 
 def _harmless_globals():
-    """What published checkpoints hold beyond tensors: args (a Namespace), numpy scalars; building them runs no code."""
+    """What published checkpoints hold beyond tensors: args (a Namespace), numpy scalars; building
+    them runs no code."""
     try:
         from numpy._core.multiarray import scalar
     except ImportError:  # numpy 1
         from numpy.core.multiarray import scalar
-    dtypes = [type(np.dtype(t)) for t in (np.float64, np.float32, np.float16, np.int64, np.int32, np.bool_)]
-    return [argparse.Namespace, np.dtype, *dtypes, (scalar, "numpy.core.multiarray.scalar"),
-            (scalar, "numpy._core.multiarray.scalar")]
+    dtypes = [type(np.dtype(t))
+              for t in (np.float64, np.float32, np.float16, np.int64, np.int32, np.bool_)]
+    return [argparse.Namespace, np.dtype, *dtypes,
+            (scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar")]
 
 
 def load_checkpoint_file(path):
@@ -974,23 +976,27 @@ def load_checkpoint_file(path):
     try:
         with torch.serialization.safe_globals(_harmless_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # garbage makes the unpickler fail in many ways (KeyError, IndexError, struct.error...)
+    except Exception as e:
+        # garbage makes the unpickler fail in many ways (KeyError, IndexError, struct.error...)
         # the weights_only unpickler names the class or function it refused with "GLOBAL"
         if isinstance(e, pickle.UnpicklingError) and "global" in str(e).lower():
-            raise DinoError(f"refusing to load {path}: it holds Python objects beyond tensors and plain data, "
-                            f"and unpickling them could run code; re-save it as a plain state dict") from None
+            raise DinoError(
+                f"refusing to load {path}: it holds Python objects beyond tensors and plain data, "
+                f"and unpickling them could run code; re-save it as a plain state dict") from None
         detail = str(e).strip().split("\n")[0] if isinstance(e, RuntimeError) else type(e).__name__
         raise DinoError(f"{path} is not a readable checkpoint (truncated or corrupt: {detail}); "
                         f"re-download or delete it") from None
 
 
 def plain_args(args):
-    """Flags (a dict, or an argparse Namespace as the published code saves them) -> dict of plain values."""
+    """Flags (a dict, or an argparse Namespace as the published code saves them) -> dict of plain
+    values."""
     if isinstance(args, argparse.Namespace):
         args = vars(args)
     if not isinstance(args, dict):
         return {}
-    return {k: v for k, v in args.items() if isinstance(v, (int, float, str, bool, list, tuple, type(None)))}
+    return {k: v for k, v in args.items()
+            if isinstance(v, (int, float, str, bool, list, tuple, type(None)))}
 
 
 def _guess_flags(state):
@@ -1008,21 +1014,27 @@ def _guess_flags(state):
 
 
 def load_pretrained_weights(model, path, checkpoint_key=None, checkpoint=None):
-    """Published weights, a state dict or a training checkpoint (ours or the published code's; checkpoint_key picks
-    its network, default teacher) into a VisionTransformer, DINOHead or MultiCropWrapper; prints what was taken.
-    checkpoint: the file's content, when the caller has read it already."""
+    """Published weights, a state dict or a training checkpoint (ours or the published code's;
+    checkpoint_key picks its network, default teacher) into a VisionTransformer, DINOHead or
+    MultiCropWrapper; prints what was taken. checkpoint: the file's content, when the caller has
+    read it already."""
     ckpt = load_checkpoint_file(path) if checkpoint is None else checkpoint
     key = checkpoint_key or ("teacher" if isinstance(ckpt, dict) and "teacher" in ckpt else None)
     if key is not None:
         if not isinstance(ckpt, dict) or key not in ckpt:
-            entries = [k for k, v in ckpt.items() if isinstance(v, dict)] if isinstance(ckpt, dict) else []
-            raise DinoError(f"{path} has no '{key}' entry (it has: {', '.join(entries) or 'none'}); "
-                            f"pass --checkpoint_key with one of those")
+            entries = []
+            if isinstance(ckpt, dict):
+                entries = [k for k, v in ckpt.items() if isinstance(v, dict)]
+            raise DinoError(
+                f"{path} has no '{key}' entry (it has: {', '.join(entries) or 'none'}); "
+                f"pass --checkpoint_key with one of those")
         ckpt = ckpt[key]
-    if not isinstance(ckpt, dict) or not ckpt or not all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+    if not isinstance(ckpt, dict) or not ckpt \
+            or not all(isinstance(v, torch.Tensor) for v in ckpt.values()):
         raise DinoError(f"{path} is not a state dict of tensors; pass --checkpoint_key to pick one")
     state = {k.removeprefix("module."): v for k, v in ckpt.items()}
-    part = {vits.VisionTransformer: "backbone", vits.DINOHead: "head"}.get(type(model), "backbone and head")
+    part = {vits.VisionTransformer: "backbone",
+            vits.DINOHead: "head"}.get(type(model), "backbone and head")
     prefix = f"{part}." if any(k.startswith(f"{part}.") for k in state) else ""
     taken = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
     expected = model.state_dict()
@@ -1035,18 +1047,24 @@ def load_pretrained_weights(model, path, checkpoint_key=None, checkpoint=None):
                     for kind, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
     if problems:
         guess = _guess_flags(state)
-        hint = f"the checkpoint looks like {guess}: pass that" if guess else "check --arch and --patch_size"
+        hint = "check --arch and --patch_size"
+        if guess:
+            hint = f"the checkpoint looks like {guess}: pass that"
         raise DinoError(f"{path} does not fit the model: {'; '.join(problems)}; {hint}")
     ignored = sorted({k.split(".")[0] for k in state if not k.startswith(prefix)})
+    message = f"loaded {path}: {key + ' ' if key else ''}{part}, {len(taken)} tensors"
+    if ignored:
+        message += f"; {', '.join(ignored)} ignored"
     if get_rank() == 0:
-        print(f"loaded {path}: {key + ' ' if key else ''}{part}, {len(taken)} tensors"
-              + (f"; {', '.join(ignored)} ignored" if ignored else ""))
+        print(message)
     return model
 
 
 def save_checkpoint(state, path, write=torch.save):
-    """write(state, file) to a temporary file, flush to disk, then rename: a crash never leaves a half-written file."""
-    tmp = f"{path}.tmp"  # not per process: a killed save leaves one stale file that the next save replaces
+    """write(state, file) to a temporary file, flush to disk, then rename: a crash never leaves a
+    half-written file."""
+    # not per process: a killed save leaves one stale file that the next save replaces
+    tmp = f"{path}.tmp"
     try:
         with open(tmp, "wb") as f:
             write(state, f)
@@ -1059,13 +1077,15 @@ def save_checkpoint(state, path, write=torch.save):
 
 
 STRUCTURAL_FLAGS = ("arch", "patch_size", "out_dim", "norm_last_layer", "use_bn_in_head")
-# What a training checkpoint holds besides "epoch" and "args": save_epoch writes these parts of the TrainState,
-# resume restores them. The published code's checkpoints name their scaler fp16_scaler: resume needs no scaler.
+# What a training checkpoint holds besides "epoch" and "args": save_epoch writes these parts of the
+# TrainState, resume restores them. The published code's checkpoints name their scaler fp16_scaler:
+# resume needs no scaler.
 TRAINING_STATE = ("student", "teacher", "optimizer", "dino_loss", "scaler")
 
 
 def save_epoch(s, args, epoch, stats):
-    """Checkpoint atomically, then log the stats (a crash loses a log line, never a checkpoint); warn of collapse."""
+    """Checkpoint atomically, then log the stats (a crash loses a log line, never a checkpoint);
+    warn of collapse."""
     state = {k: getattr(s, k).state_dict() for k in TRAINING_STATE}
     state.update(epoch=epoch + 1, args=plain_args(args))
     if args.saveckp_freq and epoch % args.saveckp_freq == 0:
@@ -1074,17 +1094,20 @@ def save_epoch(s, args, epoch, stats):
     with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
         f.write(json.dumps(stats) + "\n")
     max_entropy = math.log(args.out_dim)
-    print(f"epoch {epoch} done: loss {stats['loss']:.4f}, teacher entropy {stats['teacher_entropy']:.3f}, "
-          f"KL {stats['kl']:.3f}, batch-mean entropy {stats['batch_mean_entropy']:.3f} (max {max_entropy:.3f}), "
+    print(f"epoch {epoch} done: loss {stats['loss']:.4f}, "
+          f"teacher entropy {stats['teacher_entropy']:.3f}, KL {stats['kl']:.3f}, "
+          f"batch-mean entropy {stats['batch_mean_entropy']:.3f} (max {max_entropy:.3f}), "
           f"{stats['skipped_images']} unreadable images skipped", flush=True)
     if stats["kl"] < 1e-3 or abs(stats["loss"] - max_entropy) < 1e-3 * max_entropy:
-        print(f"warning: the outputs look collapsed (KL(teacher||student) {stats['kl']:.2e}, loss {stats['loss']:.3f} "
-              f"vs ln(out_dim) {max_entropy:.3f}); try a lower --teacher_temp, a higher --momentum_teacher (e.g. "
+        print(f"warning: the outputs look collapsed (KL(teacher||student) {stats['kl']:.2e}, "
+              f"loss {stats['loss']:.3f} vs ln(out_dim) {max_entropy:.3f}); "
+              f"try a lower --teacher_temp, a higher --momentum_teacher (e.g. "
               f"0.9995 with small batches), or a larger batch", flush=True)
 
 
 def resume(path, s, args):
-    """Restore TrainState s from the checkpoint at path, trained with the flags args; returns the epoch to start at."""
+    """Restore TrainState s from the checkpoint at path, trained with the flags args; returns the
+    epoch to start at."""
     fresh = "to start fresh, move it away or pass another --output_dir"
     try:
         ckpt = load_checkpoint_file(path)
@@ -1093,14 +1116,16 @@ def resume(path, s, args):
     required = ["epoch", *TRAINING_STATE[:-1]]
     missing = [k for k in required if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
-        raise DinoError(f"cannot resume: {path} is not a training checkpoint (no {', '.join(missing)}); {fresh}")
+        raise DinoError(f"cannot resume: {path} is not a training checkpoint "
+                        f"(no {', '.join(missing)}); {fresh}")
     old = plain_args(ckpt.get("args"))
     clash = [f"--{k} {old[k]} (now {getattr(args, k)})" for k in STRUCTURAL_FLAGS
              if k in old and old[k] != getattr(args, k)]
     if clash:
         raise DinoError(f"{path} was trained with {', '.join(clash)}; pass the checkpoint's flags, "
                         f"or another --output_dir to start fresh")
-    changed = [f"{k} {old[k]} -> {v}" for k, v in vars(args).items() if k in old and old[k] != v]
+    changed = [f"{k} {old[k]} -> {v}" for k, v in vars(args).items()
+               if k in old and old[k] != v]
     for name in TRAINING_STATE:
         if ckpt.get(name):
             # the published code saves its student as DDP wraps it: module.backbone...
@@ -1117,22 +1142,24 @@ def resume(path, s, args):
 
 
 def start_from_weights(s, args):
-    """Continued pre-training from --pretrained_weights, with a fresh optimizer and schedules: a full checkpoint
-    gives each network its entry (heads too with --pretrained_heads), other weights both backbones and fresh heads."""
+    """Continued pre-training from --pretrained_weights, with a fresh optimizer and schedules: a
+    full checkpoint gives each network its entry (heads too with --pretrained_heads), other weights
+    both backbones and fresh heads."""
     ckpt = load_checkpoint_file(args.pretrained_weights)
     if isinstance(ckpt, dict) and {"student", "teacher"} <= set(ckpt) and args.pretrained_heads:
         try:
             for net, name in ((s.student, "student"), (s.teacher, "teacher")):
-                load_pretrained_weights(net, args.pretrained_weights, args.checkpoint_key or name, ckpt)
+                load_pretrained_weights(net, args.pretrained_weights,
+                                        args.checkpoint_key or name, ckpt)
         except DinoError as e:
             raise DinoError(f"{e}, or --pretrained_heads false to start new heads") from None
         return
     for net in (s.student, s.teacher):
         load_pretrained_weights(net.backbone, args.pretrained_weights, args.checkpoint_key, ckpt)
-    if args.freeze_backbone_epochs:
-        plan = f"the backbone stays fixed for --freeze_backbone_epochs {args.freeze_backbone_epochs}"
-    else:
-        plan = "--freeze_backbone_epochs N would train them alone first"
+    frozen_epochs = args.freeze_backbone_epochs
+    plan = "--freeze_backbone_epochs N would train them alone first"
+    if frozen_epochs:
+        plan = f"the backbone stays fixed for --freeze_backbone_epochs {frozen_epochs}"
     if get_rank() == 0:
         print(f"the heads start fresh; {plan}")
 
@@ -1142,23 +1169,31 @@ def start_from_weights(s, args):
 
 def init_distributed(timeout_minutes=30):
     """(rank, world_size, device). Joins the process group when launched by torchrun or `launch`."""
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    rank = int(os.environ.get("RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
     cuda = torch.cuda.is_available()
-    # LOCAL_RANK counts the node's processes; where each one sees only its own GPU, that GPU is number 0
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count()) if cuda \
-        else torch.device("cpu")
+    device = torch.device("cpu")
     if cuda:
+        # LOCAL_RANK counts the node's processes; where each one sees only its own GPU, that GPU is
+        # number 0
+        device = torch.device("cuda",
+                              int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
         torch.cuda.set_device(device)
-    # A lost or hung peer: gloo's collectives raise in Python (_run reports it); NCCL's wait on the GPU, out of
-    # Python's reach, until NCCL's watchdog aborts the process (SIGABRT) after the timeout, which the launcher or
-    # torchrun report. TORCH_NCCL_BLOCKING_WAIT would raise instead, but makes every collective's wait a host sync.
+    # A lost or hung peer: gloo's collectives raise in Python (_run reports it); NCCL's wait on the
+    # GPU, out of Python's reach, until NCCL's watchdog aborts the process (SIGABRT) after the
+    # timeout, which the launcher or torchrun report. TORCH_NCCL_BLOCKING_WAIT would raise instead,
+    # but makes every collective's wait a host sync.
     if "RANK" in os.environ and not dist.is_initialized():
         try:
-            dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=timeout_minutes),
+            dist.init_process_group("nccl" if cuda else "gloo",
+                                    timeout=datetime.timedelta(minutes=timeout_minutes),
                                     device_id=device if cuda else None)
-        except dist.DistBackendError as e:  # e.g. NCCL's "Duplicate GPU detected": more processes than GPUs
-            raise DinoError(f"the process group did not start: {str(e).strip().splitlines()[-1]}; run one process "
-                            f"per GPU (torchrun --nproc_per_node at most {torch.cuda.device_count()})") from None
+        # e.g. NCCL's "Duplicate GPU detected": more processes than GPUs
+        except dist.DistBackendError as e:
+            raise DinoError(
+                f"the process group did not start: {str(e).strip().splitlines()[-1]}; "
+                f"run one process per GPU (torchrun --nproc_per_node at most "
+                f"{torch.cuda.device_count()})") from None
     return rank, world_size, device
 
 
@@ -1169,18 +1204,21 @@ def _free_port():
 
 
 class LostContactError(DinoError):
-    """Another process of the group died or hung; every survivor reports it (the lost one may be rank 0)."""
+    """Another process of the group died or hung; every survivor reports it (the lost one may be
+    rank 0)."""
 
 
 def _run(fn, args):
-    """fn(args) in this process; in a group, a failing collective or store (a RuntimeError) means a lost peer."""
+    """fn(args) in this process; in a group, a failing collective or store (a RuntimeError) means a
+    lost peer."""
     try:
         return fn(args)
     except RuntimeError as e:
         if get_world_size() <= 1:
             raise
-        raise LostContactError(f"lost contact with another training process ({type(e).__name__}); "
-                               f"rerun the same command to resume from the last checkpoint") from None
+        raise LostContactError(
+            f"lost contact with another training process ({type(e).__name__}); "
+            f"rerun the same command to resume from the last checkpoint") from None
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -1190,28 +1228,35 @@ def _spawned_worker(local_rank, fn, args, world_size, errors):
     os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world_size))
     try:
         _run(fn, args)
-    except DinoError as e:  # the message goes to the launching process, which prints it once (not a traceback)
+    # the message goes to the launching process, which prints it once (not a traceback)
+    except DinoError as e:
         errors.put(str(e))
         sys.exit(2)
 
 
 def launch(fn, args):
-    """fn(args) in one process per visible GPU, else in this one (torchrun, one GPU, CPU); a dead one ends them all."""
+    """fn(args) in one process per visible GPU, else in this one (torchrun, one GPU, CPU); a dead
+    one ends them all."""
     n_gpus = torch.cuda.device_count()
     if "RANK" in os.environ or n_gpus <= 1:
         return _run(fn, args)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
     errors = torch.multiprocessing.get_context("spawn").SimpleQueue()
-    # spawn warns "Terminating process ... via signal SIGTERM" as it stops the others when one fails: noise there
+    # spawn warns "Terminating process ... via signal SIGTERM" as it stops the others when one
+    # fails: noise there
     logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
     try:
-        torch.multiprocessing.spawn(_spawned_worker, args=(fn, args, n_gpus, errors), nprocs=n_gpus)
-    except torch.multiprocessing.ProcessExitedException as e:  # a worker's exception (a bug) keeps its traceback
+        torch.multiprocessing.spawn(_spawned_worker, args=(fn, args, n_gpus, errors),
+                                    nprocs=n_gpus)
+    # a worker's exception (a bug) keeps its traceback
+    except torch.multiprocessing.ProcessExitedException as e:
         if not errors.empty():
             raise DinoError(errors.get()) from None
         if e.signal_name:
-            why = " (NCCL's reaction to a lost or hung process)" if e.signal_name == "SIGABRT" else ""
+            why = ""
+            if e.signal_name == "SIGABRT":
+                why = " (NCCL's reaction to a lost or hung process)"
             raise DinoError(f"training process {e.error_index} was killed by {e.signal_name}{why}; "
                             f"rerun the same command to resume from the last checkpoint") from None
         raise
@@ -1221,59 +1266,78 @@ def launch(fn, args):
 # the demo data and the presets
 
 def _polygon(n, radii=(1.0,), turn=-0.25):
-    """n corners on the unit circle, the first at `turn` turns (-1/4: pointing up); a star alternates two radii."""
+    """n corners on the unit circle, the first at `turn` turns (-1/4: pointing up); a star
+    alternates two radii."""
     angle = 2 * np.pi * (np.arange(n) / n + turn)
     return np.stack([np.cos(angle), np.sin(angle)], 1) * np.resize(radii, n)[:, None]
 
 
-_ARM = np.array([[0.3, 0.3], [1, 0.3], [1, -0.3]])  # a quarter of a cross's outline, rotated four times below
-DEMO_SHAPES = {  # outlines at unit size: [(corners [n, 2], True to fill or False to cut out)]
-    "disk": [(_polygon(48), True)], "ring": [(_polygon(48), True), (0.55 * _polygon(48), False)],
-    "square": [(_polygon(4, turn=-0.125), True)], "triangle": [(_polygon(3), True)],
-    "cross": [(np.concatenate([_ARM @ np.linalg.matrix_power([[0, -1], [1, 0]], k) for k in range(4)]), True)],
+# a quarter of a cross's outline, rotated four times below
+_ARM = np.array([[0.3, 0.3], [1, 0.3], [1, -0.3]])
+# outlines at unit size: [(corners [n, 2], True to fill or False to cut out)]
+DEMO_SHAPES = {
+    "disk": [(_polygon(48), True)],
+    "ring": [(_polygon(48), True), (0.55 * _polygon(48), False)],
+    "square": [(_polygon(4, turn=-0.125), True)],
+    "triangle": [(_polygon(3), True)],
+    "cross": [(np.concatenate([_ARM @ np.linalg.matrix_power([[0, -1], [1, 0]], k)
+                               for k in range(4)]), True)],
     "star": [(_polygon(10, (1.0, 0.45)), True)]}
 DEMO_CLASSES = tuple(DEMO_SHAPES)
-# the object's share of the image, its rotation (degrees: DINO's augmentations have none), how many blobs and strokes
-DEMO_AREA, DEMO_ROTATION, DEMO_CLUTTER = (0.12, 0.28), 15, (6, 17)
+DEMO_AREA = (0.12, 0.28)  # the object's share of the image
+DEMO_ROTATION = 15  # its rotation (degrees: DINO's augmentations have none)
+DEMO_CLUTTER = (6, 17)  # how many blobs and strokes
 
 
 def demo_image(cls, rng, size=64, supersample=3):
-    """A demo image and its object's mask [size, size]: the class is the shape of the one dark object; the rest varies
-    as DINO's augmentations teach a network to ignore (place, size, the light background's brightness, tint and
-    slope, small blobs and strokes that each crop sees differently). The object is near black in every image: with a
-    colour of its own, colour, not shape, is what crops of one image share. Supersampled: antialiased."""
+    """A demo image and its object's mask [size, size]: the class is the shape of the one dark
+    object; the rest varies as DINO's augmentations teach a network to ignore (place, size, the
+    light background's brightness, tint and slope, small blobs and strokes that each crop sees
+    differently). The object is near black in every image: with a colour of its own, colour, not
+    shape, is what crops of one image share. Supersampled: antialiased."""
     n = size * supersample
     y, x = np.mgrid[0:n, 0:n] / n - 0.5
-    slope = np.cos(a := rng.uniform(0, 2 * np.pi)) * x + np.sin(a) * y
-    background = rng.uniform(150, 215) + rng.uniform(-12, 12, 3) + rng.uniform(0, 40) * slope[..., None]
+    slope_angle = rng.uniform(0, 2 * np.pi)
+    slope = np.cos(slope_angle) * x + np.sin(slope_angle) * y
+    colour = rng.uniform(150, 215) + rng.uniform(-12, 12, 3)  # brightness plus a tint
+    background = colour + rng.uniform(0, 40) * slope[..., None]
     img = Image.fromarray(background.clip(0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(img)
     for _ in range(rng.integers(*DEMO_CLUTTER)):
-        (px, py), r, grey = rng.uniform(0, n, 2), rng.uniform(1, 3.5) * supersample, (int(rng.uniform(40, 130)),) * 3
+        px, py = rng.uniform(0, n, 2)
+        r = rng.uniform(1, 3.5) * supersample
+        grey = (int(rng.uniform(40, 130)),) * 3
         if rng.random() < 0.5:
             draw.ellipse([px - r, py - r, px + r, py + r], fill=grey)
         else:
             t = rng.uniform(0, np.pi)
-            draw.line([px, py, px + 3.4 * r * np.cos(t), py + 3.4 * r * np.sin(t)], fill=grey, width=int(r / 1.6))
+            draw.line([px, py, px + 3.4 * r * np.cos(t), py + 3.4 * r * np.sin(t)],
+                      fill=grey, width=int(r / 1.6))
     shape = DEMO_SHAPES[cls]
-    shoelace = [0.5 * abs((c[:, 0] * np.roll(c[:, 1], 1) - c[:, 1] * np.roll(c[:, 0], 1)).sum()) for c, _ in shape]
+    shoelace = [0.5 * abs((c[:, 0] * np.roll(c[:, 1], 1) - c[:, 1] * np.roll(c[:, 0], 1)).sum())
+                for c, _ in shape]
     area = sum(a if fill else -a for a, (_, fill) in zip(shoelace, shape))  # a cut-out subtracts
-    radius = np.sqrt(rng.uniform(*DEMO_AREA) * n * n / area)  # every class covers the same share of the image
+    # every class covers the same share of the image
+    radius = np.sqrt(rng.uniform(*DEMO_AREA) * n * n / area)
     t = np.radians(rng.uniform(-DEMO_ROTATION, DEMO_ROTATION))
     corners = radius * np.array([[np.cos(t), np.sin(t)], [-np.sin(t), np.cos(t)]])
     center = rng.uniform(radius, n - radius, 2)
     mask = Image.new("L", (n, n))
     for c, fill in shape:
-        ImageDraw.Draw(mask).polygon([tuple(p) for p in c @ corners + center], fill=255 if fill else 0)
-    img.paste(tuple(int(v) for v in rng.uniform(25, 40) + rng.uniform(-3, 3, 3)), mask=mask)  # near black: no colour
-    pixels = np.asarray(img.resize((size, size), Image.BOX), dtype=np.float64) + rng.normal(0, 4, (size, size, 3))
-    return Image.fromarray(pixels.clip(0, 255).round().astype(np.uint8)), \
-        np.asarray(mask.resize((size, size), Image.BOX)) >= 128
+        ImageDraw.Draw(mask).polygon([tuple(p) for p in c @ corners + center],
+                                     fill=255 if fill else 0)
+    # near black: no colour
+    img.paste(tuple(int(v) for v in rng.uniform(25, 40) + rng.uniform(-3, 3, 3)), mask=mask)
+    pixels = np.asarray(img.resize((size, size), Image.BOX), dtype=np.float64)
+    pixels += rng.normal(0, 4, (size, size, 3))
+    return (Image.fromarray(pixels.clip(0, 255).round().astype(np.uint8)),
+            np.asarray(mask.resize((size, size), Image.BOX)) >= 128)
 
 
 def make_demo_dataset(root, n_train=300, n_val=50, seed=0):
-    """The demo ImageFolder (root/{train,val}/<class>) and masks (root/masks/...), written once beside root and
-    renamed into place: processes starting at once (torchrun) never read half-written images."""
+    """The demo ImageFolder (root/{train,val}/<class>) and masks (root/masks/...), written once
+    beside root and renamed into place: processes starting at once (torchrun) never read
+    half-written images."""
     root = Path(root)
     if not root.exists():
         root.parent.mkdir(parents=True, exist_ok=True)
@@ -1281,12 +1345,14 @@ def make_demo_dataset(root, n_train=300, n_val=50, seed=0):
         rng = np.random.default_rng(seed)
         for split, n in (("train", n_train), ("val", n_val)):
             for cls in DEMO_CLASSES:
-                for folder in (tmp / split / cls, tmp / "masks" / split / cls):
+                image_dir = tmp / split / cls
+                mask_dir = tmp / "masks" / split / cls
+                for folder in (image_dir, mask_dir):
                     folder.mkdir(parents=True)
                 for i in range(n):
                     img, mask = demo_image(cls, rng)
-                    img.save(tmp / split / cls / f"{i:04d}.png")
-                    Image.fromarray(mask.astype(np.uint8) * 255).save(tmp / "masks" / split / cls / f"{i:04d}.png")
+                    img.save(image_dir / f"{i:04d}.png")
+                    Image.fromarray(mask.astype(np.uint8) * 255).save(mask_dir / f"{i:04d}.png")
         try:
             os.rename(tmp, root)
         except OSError:  # another process renamed its copy first
@@ -1294,14 +1360,18 @@ def make_demo_dataset(root, n_train=300, n_val=50, seed=0):
     return str(root)
 
 
-# The demo configuration (--preset demo, the default without --data_path; other runs default to the paper's recipe)
-DEMO_WHY = ("sized to train in minutes on a CPU; the paper's teacher momentum (0.996: faster teachers collapse to "
-            "uniform outputs in so short a run) with a sharper temperature (0.02), a fixed last-layer norm, a high lr")
-DEMO = {"train": dict(arch="vit_tiny", patch_size=8, out_dim=256, epochs=4, batch_size_per_gpu=32, lr=0.005,
-                      warmup_epochs=1, momentum_teacher=0.996, teacher_temp=0.02, warmup_teacher_temp=0.02,
-                      global_crops_size=32, local_crops_size=16, local_crops_number=4, local_crops_scale=[0.1, 0.4],
-                      num_workers=2, saveckp_freq=4, drop_path_rate=0.0, knn_every=4),
-        # a few hundred images give a few dozen steps: they need a larger lr than ImageNet's 100 epochs
+# The demo configuration (--preset demo, the default without --data_path; other runs default to the
+# paper's recipe)
+DEMO_WHY = ("sized to train in minutes on a CPU; the paper's teacher momentum (0.996: faster "
+            "teachers collapse to uniform outputs in so short a run) with a sharper temperature "
+            "(0.02), a fixed last-layer norm, a high lr")
+DEMO = {"train": dict(arch="vit_tiny", patch_size=8, out_dim=256, epochs=4, batch_size_per_gpu=32,
+                      lr=0.005, warmup_epochs=1, momentum_teacher=0.996, teacher_temp=0.02,
+                      warmup_teacher_temp=0.02, global_crops_size=32, local_crops_size=16,
+                      local_crops_number=4, local_crops_scale=[0.1, 0.4], num_workers=2,
+                      saveckp_freq=4, drop_path_rate=0.0, knn_every=4),
+        # a few hundred images give a few dozen steps: they need a larger lr than ImageNet's 100
+        # epochs
         "linear": dict(epochs=10, lr=0.1, batch_size_per_gpu=32, num_workers=2),
         "knn": dict(num_workers=2, random_init=True, nb_knn=[10, 20])}  # the README table's k
 

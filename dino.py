@@ -1391,24 +1391,33 @@ def prepare_output_dir(path):
         os.makedirs(path, exist_ok=True)
         tempfile.TemporaryFile(dir=path).close()
     except FileExistsError:
-        raise DinoError(f"--output_dir {path} is a file, not a directory; pass a directory path") from None
+        raise DinoError(f"--output_dir {path} is a file, not a directory; "
+                        f"pass a directory path") from None
     except OSError as e:
-        raise DinoError(f"--output_dir {path} is not writable ({e.strerror}); pass a writable directory") from None
+        raise DinoError(f"--output_dir {path} is not writable ({e.strerror}); "
+                        f"pass a writable directory") from None
 
 
 def autocast_dtype(precision, device):
-    """--precision as an autocast dtype (None: fp32); auto: bf16 on GPUs with native bf16, fp16 on older ones."""
+    """--precision as an autocast dtype (None: fp32); auto: bf16 on GPUs with native bf16, fp16 on
+    older ones."""
     if precision == "auto":
-        precision = "fp32" if device.type != "cuda" else \
-            "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
+        if device.type != "cuda":
+            precision = "fp32"
+        elif torch.cuda.is_bf16_supported(including_emulation=False):
+            precision = "bf16"
+        else:
+            precision = "fp16"
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}[precision]
 
 
 def build_train_state(args, n_iter, world_size, device):
     """The networks on the device, the optimizer, the loss and the schedules of a fresh run."""
-    student, teacher = build_dino_networks(args.arch, args.patch_size, args.out_dim, args.use_bn_in_head,
-                                           args.norm_last_layer, args.drop_path_rate, args.grad_checkpointing)
-    if args.use_bn_in_head and world_size > 1 and device.type == "cuda":  # SyncBatchNorm runs on CUDA only
+    student, teacher = build_dino_networks(args.arch, args.patch_size, args.out_dim,
+                                           args.use_bn_in_head, args.norm_last_layer,
+                                           args.drop_path_rate, args.grad_checkpointing)
+    # SyncBatchNorm runs on CUDA only
+    if args.use_bn_in_head and world_size > 1 and device.type == "cuda":
         student, teacher = (nn.SyncBatchNorm.convert_sync_batchnorm(m) for m in (student, teacher))
     student, teacher = student.to(device), teacher.to(device)
     groups = get_params_groups(student)
@@ -1417,84 +1426,107 @@ def build_train_state(args, n_iter, world_size, device):
         optimizer = torch.optim.AdamW(groups, fused=True)
     else:
         optimizer = torch.optim.SGD(groups, lr=0, momentum=0.9)
-    dino_loss = DINOLoss(args.out_dim, 2 + args.local_crops_number, args.warmup_teacher_temp, args.teacher_temp,
-                         args.warmup_teacher_temp_epochs, args.epochs).to(device)
+    dino_loss = DINOLoss(args.out_dim, 2 + args.local_crops_number, args.warmup_teacher_temp,
+                         args.teacher_temp, args.warmup_teacher_temp_epochs, args.epochs).to(device)
     amp_dtype = autocast_dtype(args.precision, device)
-    lr = args.lr * args.batch_size_per_gpu * args.accum_iter * world_size / 256.0  # linear scaling: the total batch
-    schedules = {  # .tolist(): plain floats, so the optimizer state stays loadable with weights_only
+    # linear scaling: the total batch
+    lr = args.lr * args.batch_size_per_gpu * args.accum_iter * world_size / 256.0
+    # .tolist(): plain floats, so the optimizer state stays loadable with weights_only
+    schedules = {
         "lr": cosine_scheduler(lr, args.min_lr, args.epochs, n_iter, args.warmup_epochs).tolist(),
-        "wd": cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs, n_iter).tolist(),
+        "wd": cosine_scheduler(args.weight_decay, args.weight_decay_end, args.epochs,
+                               n_iter).tolist(),
         "momentum": cosine_scheduler(args.momentum_teacher, 1.0, args.epochs, n_iter).tolist(),
     }
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     checkpoint_path = os.path.join(args.output_dir, "checkpoint.pth")
-    return TrainState(student, teacher, dino_loss, optimizer, scaler, schedules, args.clip_grad,
-                      args.freeze_last_layer, args.freeze_backbone_epochs, checkpoint_path, amp_dtype)
+    return TrainState(student, teacher, dino_loss, optimizer, scaler, schedules,
+                      args.clip_grad, args.freeze_last_layer, args.freeze_backbone_epochs,
+                      checkpoint_path, amp_dtype)
+
+
+def train_loader(args, rank, world_size, device, on_device):
+    """This process's share of the --data_path images in multi-crop batches, reshuffled every epoch
+    by loader.sampler.set_epoch. on_device: the workers only crop and flip (MultiCropPhotometry does
+    the rest on the device)."""
+    crops = (args.global_crops_scale, args.local_crops_scale, args.local_crops_number,
+             args.global_crops_size, args.local_crops_size)
+    augment = MultiCropGeometry if on_device else DataAugmentationDINO
+    dataset = ImageDataset(args.data_path, augment(*crops), args.seed)
+    sampler = EpochSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
+                           seed=args.seed)
+    # its own generator: worker seeds from the global one would shift drop path on resume
+    return torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=args.batch_size_per_gpu,
+                                       num_workers=args.num_workers,
+                                       pin_memory=device.type == "cuda", drop_last=True,
+                                       persistent_workers=args.num_workers > 0,
+                                       generator=torch.Generator())
 
 
 def train(args, device_photometry=None):
-    """The train command in one process: data, networks, resume or pretrained weights, then the epochs.
-    device_photometry: colour, blur and solarize batched on the device (default: on GPUs), else in the workers."""
+    """The train command in one process: data, networks, resume or pretrained weights, then the
+    epochs. device_photometry: colour, blur and solarize batched on the device (default: on GPUs),
+    else in the workers."""
     rank, world_size, device = init_distributed(args.dist_timeout)
     if rank == 0:
         prepare_output_dir(args.output_dir)
     seed_everything(args.seed)  # the same initial weights on every rank
     on_device = device.type == "cuda" if device_photometry is None else device_photometry
     photometry = MultiCropPhotometry(args.local_crops_number) if on_device else None
-    crops = (args.global_crops_scale, args.local_crops_scale, args.local_crops_number, args.global_crops_size,
-             args.local_crops_size)
-    augment = MultiCropGeometry if on_device else DataAugmentationDINO
-    dataset = ImageDataset(args.data_path, augment(*crops), args.seed)
-    sampler = EpochSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=args.seed)
-    loader = torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=args.batch_size_per_gpu,
-                                         num_workers=args.num_workers, pin_memory=device.type == "cuda",
-                                         drop_last=True, persistent_workers=args.num_workers > 0,
-                                         # its own: worker seeds from the global one would shift drop path on resume
-                                         generator=torch.Generator())
+    loader = train_loader(args, rank, world_size, device, on_device)
+    dataset = loader.dataset
     n_iter = len(loader) // args.accum_iter  # optimizer steps per epoch
     if n_iter == 0:
-        raise DinoError(f"{len(dataset)} images split over {world_size} process(es) do not fill one batch of "
-                        f"{args.batch_size_per_gpu * args.accum_iter}; lower --batch_size_per_gpu, --accum_iter")
+        raise DinoError(f"{len(dataset)} images split over {world_size} process(es) do not fill "
+                        f"one batch of {args.batch_size_per_gpu * args.accum_iter}; lower "
+                        f"--batch_size_per_gpu, --accum_iter")
     s = build_train_state(args, n_iter, world_size, device)
     if args.knn_every:  # at the training resolution: resize to the global crop size, center crop
         transform = eval_transform(args.global_crops_size, args.global_crops_size)
         knn_sets = image_folders(args.knn_data_path, transform, transform)
-    checkpoint = os.path.join(args.output_dir, "checkpoint.pth")
     start_epoch = 0
-    if os.path.exists(checkpoint):  # an existing run wins over --pretrained_weights
+    if os.path.exists(s.checkpoint_path):  # an existing run wins over --pretrained_weights
         if args.pretrained_weights and rank == 0:
-            print(f"{checkpoint} exists: resuming that run, --pretrained_weights is not used")
-        start_epoch = resume(checkpoint, s, args)
+            print(f"{s.checkpoint_path} exists: resuming that run, "
+                  f"--pretrained_weights is not used")
+        start_epoch = resume(s.checkpoint_path, s, args)
     elif args.pretrained_weights:
         start_from_weights(s, args)
-    if world_size > 1:  # every rank must continue the same run: the output dir must be shared between nodes
+    # every rank must continue the same run: the output dir must be shared between nodes
+    if world_size > 1:
         epochs = torch.tensor([start_epoch, -start_epoch], device=device)
         dist.all_reduce(epochs, op=dist.ReduceOp.MAX)
         if epochs[0] != -epochs[1]:
-            raise DinoError(f"the processes resumed different epochs ({-epochs[1]} to {epochs[0]}): put "
-                            f"--output_dir on a filesystem that every node shares")
+            raise DinoError(
+                f"the processes resumed different epochs ({-epochs[1]} to {epochs[0]}): put "
+                f"--output_dir on a filesystem that every node shares")
         s.student_forward = nn.parallel.DistributedDataParallel(s.student)
     if args.compile:
         s.student.compile()
         s.teacher.compile()
     if rank == 0:
-        print(f"training {args.arch}/{args.patch_size} on {len(dataset)} images, {world_size} process(es) on "
-              f"{device.type}, batch {args.batch_size_per_gpu * args.accum_iter * world_size}, {n_iter} it/epoch, "
+        print(f"training {args.arch}/{args.patch_size} on {len(dataset)} images, {world_size} "
+              f"process(es) on {device.type}, batch "
+              f"{args.batch_size_per_gpu * args.accum_iter * world_size}, {n_iter} it/epoch, "
               f"precision {args.precision}", flush=True)
     for epoch in range(start_epoch, args.epochs):
-        sampler.set_epoch(epoch)
-        seed_everything(args.seed + 1000 * epoch + rank)  # drop path and device photometry: replayed on resume
+        loader.sampler.set_epoch(epoch)
+        # drop path and device photometry: replayed on resume
+        seed_everything(args.seed + 1000 * epoch + rank)
         skipped_before = dataset.skipped.item()
-        stats = train_one_epoch(s, loader, epoch, args.epochs, args.accum_iter, args.log_every, photometry)
+        stats = train_one_epoch(s, loader, epoch, args.epochs, args.accum_iter, args.log_every,
+                                photometry)
         skipped = torch.tensor(dataset.skipped.item() - skipped_before, device=device)
         if world_size > 1:
             dist.all_reduce(skipped)
         stats["skipped_images"] = skipped.item()
         if args.knn_every and ((epoch + 1) % args.knn_every == 0 or epoch + 1 == args.epochs):
-            results = knn_accuracy(s.teacher.backbone, *knn_sets, args.batch_size_per_gpu, args.num_workers, device)
+            results = knn_accuracy(s.teacher.backbone, *knn_sets, args.batch_size_per_gpu,
+                                   args.num_workers, device)
             if rank == 0:
                 stats["knn_top1"] = results[0][1]  # (k=20, top-1, top-5)
-                print(f"epoch {epoch}: teacher k-NN top-1 {stats['knn_top1']:.2f} % on {args.knn_data_path}")
+                print(f"epoch {epoch}: teacher k-NN top-1 {stats['knn_top1']:.2f} % on "
+                      f"{args.knn_data_path}")
         if rank == 0:
             save_epoch(s, args, epoch, stats)
     if world_size > 1:
@@ -1507,8 +1539,9 @@ def weights_path(args):
     if args.pretrained_weights is None:
         args.pretrained_weights = os.path.join(args.output_dir, "checkpoint.pth")
         if not os.path.isfile(args.pretrained_weights):
-            raise DinoError(f"no --pretrained_weights given and no trained run at {args.pretrained_weights}; "
-                            f"run `python dino.py train` first, or pass --pretrained_weights")
+            raise DinoError(f"no --pretrained_weights given and no trained run at "
+                            f"{args.pretrained_weights}; run `python dino.py train` first, or pass "
+                            f"--pretrained_weights")
     return args.pretrained_weights
 
 
@@ -1520,8 +1553,8 @@ def training_flags(ckpt):
 
 
 def fill_eval_flags(args, train_args):
-    """Unset --arch and --patch_size from the training flags; without --data_path (knn, linear), the demo data at
-    its training resolution; the crop size checked against the patch size."""
+    """Unset --arch and --patch_size from the training flags; without --data_path (knn, linear), the
+    demo data at its training resolution; the crop size checked against the patch size."""
     args.arch = args.arch or train_args.get("arch", "vit_small")
     args.patch_size = args.patch_size or train_args.get("patch_size", 16)
     if args.command in ("knn", "linear") and args.data_path is None:
@@ -1529,17 +1562,19 @@ def fill_eval_flags(args, train_args):
         demo_size = DEMO["train"]["global_crops_size"]
         args.crop_size = args.crop_size or train_args.get("global_crops_size", demo_size)
         args.resize_size = args.resize_size or args.crop_size
-        print(f"no --data_path: evaluating {args.pretrained_weights} ({args.arch}/{args.patch_size}) on the demo "
-              f"data in {args.data_path} at {args.crop_size} pixels")
+        print(f"no --data_path: evaluating {args.pretrained_weights} "
+              f"({args.arch}/{args.patch_size}) on the demo data in {args.data_path} at "
+              f"{args.crop_size} pixels")
     if args.command != "attn":  # the default resize_size: see eval_transform
         args.crop_size = args.crop_size or 224
         if args.crop_size % args.patch_size:
-            raise DinoError(f"--crop_size {args.crop_size} is not a multiple of --patch_size {args.patch_size}")
+            raise DinoError(f"--crop_size {args.crop_size} is not a multiple of --patch_size "
+                            f"{args.patch_size}")
 
 
 def open_weights(args, out_dir):
-    """(content, training flags) of the weights to evaluate, read once; unset flags filled from them. out_dir is
-    where the command writes: it must be writable before any work starts."""
+    """(content, training flags) of the weights to evaluate, read once; unset flags filled from
+    them. out_dir is where the command writes: it must be writable before any work starts."""
     ckpt = load_checkpoint_file(weights_path(args))
     train_args = training_flags(ckpt)
     prepare_output_dir(out_dir)
@@ -1548,8 +1583,10 @@ def open_weights(args, out_dir):
 
 
 def load_backbone(args, device, checkpoint=None):
-    """The frozen backbone in eval mode: --pretrained_weights (checkpoint: the content) or if None random (seed 0)."""
-    torch.backends.cuda.matmul.allow_tf32 = True  # frozen features: TF32 on GPUs, PyTorch's default before 1.12
+    """The frozen backbone in eval mode: --pretrained_weights (checkpoint: the content) or if None
+    random (seed 0)."""
+    # frozen features: TF32 on GPUs, PyTorch's default before 1.12
+    torch.backends.cuda.matmul.allow_tf32 = True
     if checkpoint is None:
         torch.manual_seed(0)
     model = ARCHS[args.arch](patch_size=args.patch_size)
@@ -1559,13 +1596,14 @@ def load_backbone(args, device, checkpoint=None):
 
 
 def image_folders(data_path, train_transform, val_transform):
-    """ImageFolders data_path/train and data_path/val; their class folders must match, or labels would differ."""
+    """ImageFolders data_path/train and data_path/val; their class folders must match, or labels
+    would differ."""
     folders = []
     for split, transform in (("train", train_transform), ("val", val_transform)):
         root = os.path.join(data_path, split)
         if not os.path.isdir(root):
-            raise DinoError(f"{data_path} has no {split}/ folder; it must hold train/<class>/ and val/<class>/ "
-                            f"image folders")
+            raise DinoError(f"{data_path} has no {split}/ folder; it must hold train/<class>/ and "
+                            f"val/<class>/ image folders")
         try:
             folders.append(torchvision.datasets.ImageFolder(root, transform, loader=load_rgb))
         except FileNotFoundError as e:  # no class folders, or a class folder without images
@@ -1574,24 +1612,32 @@ def image_folders(data_path, train_transform, val_transform):
     if train_set.classes != val_set.classes:
         differ = sorted(set(train_set.classes) ^ set(val_set.classes))
         raise DinoError(f"train/ and val/ of {data_path} must hold the same class folders "
-                        f"({len(train_set.classes)} vs {len(val_set.classes)}; e.g. {differ[0]} is in only one)")
+                        f"({len(train_set.classes)} vs {len(val_set.classes)}; e.g. {differ[0]} "
+                        f"is in only one)")
     return train_set, val_set
 
 
 def knn_main(args):
-    """Weighted k-NN accuracy for every k in --nb_knn (and of a --random_init), printed and in knn_results.json."""
+    """Weighted k-NN accuracy for every k in --nb_knn (and of a --random_init), printed and in
+    knn_results.json."""
     _, _, device = init_distributed()
     ckpt, _ = open_weights(args, args.output_dir)
     transform = eval_transform(args.resize_size, args.crop_size)
     train_set, val_set = image_folders(args.data_path, transform, transform)
+    models = [(args.pretrained_weights, ckpt)]  # (name, checkpoint content; None: random init)
+    if args.random_init:
+        models.append(("random init (seed 0)", None))
     rows = []
-    for name, checkpoint in [(args.pretrained_weights, ckpt)] + [("random init (seed 0)", None)] * args.random_init:
-        results = knn_accuracy(load_backbone(args, device, checkpoint), train_set, val_set, args.batch_size_per_gpu,
-                               args.num_workers, device, args.nb_knn, args.temperature)
-        rows += [dict(model=name, k=k, top1=top1, top5=top5) for k, top1, top5 in results or []]  # None: not rank 0
+    for name, checkpoint in models:
+        model = load_backbone(args, device, checkpoint)
+        results = knn_accuracy(model, train_set, val_set, args.batch_size_per_gpu, args.num_workers,
+                               device, args.nb_knn, args.temperature)
+        # results is None on the processes other than 0
+        rows += [dict(model=name, k=k, top1=top1, top5=top5) for k, top1, top5 in results or []]
     if get_rank() != 0:
         return
-    print(f"weighted k-NN, T={args.temperature}, {len(train_set)} train / {len(val_set)} val images")
+    print(f"weighted k-NN, T={args.temperature}, "
+          f"{len(train_set)} train / {len(val_set)} val images")
     width = max(len(r["model"]) for r in rows)
     print(f"{'model':<{width}}  {'k':>4}  {'top-1':>6}  {'top-5':>6}")
     for r in rows:
@@ -1602,28 +1648,36 @@ def knn_main(args):
 
 
 def demo_jaccard(args, checkpoint, demo, size, device):
-    """Does attention find the object? Jaccard of the patches holding 60 % of the CLS attention with the object's mask
-    on the demo's val images at the training resolution, trained and at random init; chance: the object's share."""
+    """Does attention find the object? Jaccard of the patches holding 60 % of the CLS attention with
+    the object's mask on the demo's val images at the training resolution, trained and at random
+    init; chance: the object's share."""
     files = list_images(os.path.join(demo, "val"))
     images = torch.stack([eval_transform(size, size)(load_rgb(f)) for f in files])
-    masks = torch.stack([torch.from_numpy(np.asarray(Image.open(Path(demo, "masks", f.relative_to(demo))).resize(
-        (size, size), Image.BOX)) >= 128) for f in files])
+    masks = []
+    for f in files:  # each image's object mask, resized as the image
+        mask = Image.open(Path(demo, "masks", f.relative_to(demo))).resize((size, size), Image.BOX)
+        masks.append(torch.from_numpy(np.asarray(mask) >= 128))
+    masks = torch.stack(masks)
     scores = {"chance": masks.float().mean().item(), "images": len(files), "size": size}
     for name, weights in (("trained", checkpoint), ("random", None)):
         model = load_backbone(args, device, weights)
-        maps = torch.cat([attention_maps(model, x.to(device)).float().cpu() for x in images.split(64)])
+        maps = torch.cat([attention_maps(model, x.to(device)).float().cpu()
+                          for x in images.split(64)])
         scores[name] = attention_jaccard(maps.mean(1), masks, args.patch_size).mean().item()
-        scores[f"{name}_best_head"] = max(attention_jaccard(maps[:, h], masks, args.patch_size).mean().item()
-                                          for h in range(maps.shape[1]))
-    print(f"attention on the object (Jaccard, {len(files)} demo val images, mean over heads, best head): trained "
-          f"{scores['trained']:.3f}, {scores['trained_best_head']:.3f}; random init {scores['random']:.3f}, "
-          f"{scores['random_best_head']:.3f}; chance {scores['chance']:.3f}")
+        scores[f"{name}_best_head"] = max(
+            attention_jaccard(maps[:, h], masks, args.patch_size).mean().item()
+            for h in range(maps.shape[1]))
+    print(f"attention on the object (Jaccard, {len(files)} demo val images, mean over heads, best "
+          f"head): trained {scores['trained']:.3f}, {scores['trained_best_head']:.3f}; random "
+          f"init {scores['random']:.3f}, {scores['random_best_head']:.3f}; chance "
+          f"{scores['chance']:.3f}")
     os.makedirs(os.path.join(args.output_dir, "attn"), exist_ok=True)
     Path(args.output_dir, "attn", "demo_jaccard.json").write_text(json.dumps(scores, indent=1))
 
 
 def attn_main(args):
-    """Last-block attention maps of an image, or of each image in a folder (an output folder each); one process."""
+    """Last-block attention maps of an image, or of each image in a folder (an output folder each);
+    one process."""
     ckpt, train_args = open_weights(args, args.output_dir)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.image_path is None:
@@ -1631,89 +1685,122 @@ def attn_main(args):
         size = train_args.get("global_crops_size", DEMO["train"]["global_crops_size"])
         demo_jaccard(args, ckpt, demo, size, device)
         args.image_path = str(list_images(os.path.join(demo, "val"))[0])
-        # bigger than the demo's training crops, as the paper draws 224-trained maps at 480: finer maps
+        # bigger than the demo's training crops, as the paper draws 224-trained maps at 480:
+        # finer maps
         args.image_size = args.image_size or [4 * size, 4 * size]
     args.image_size = args.image_size or [480, 480]
     if min(args.image_size) < args.patch_size:
-        raise DinoError(f"--image_size {args.image_size[0]} {args.image_size[1]} is smaller than one "
-                        f"{args.patch_size}-pixel patch")
-    out_dir, folder = os.path.join(args.output_dir, "attn"), os.path.isdir(args.image_path)
-    images = [(path, os.path.join(out_dir, path.relative_to(args.image_path).with_suffix("")))
-              for path in list_images(args.image_path)] if folder else [(args.image_path, out_dir)]
+        raise DinoError(f"--image_size {args.image_size[0]} {args.image_size[1]} is smaller than "
+                        f"one {args.patch_size}-pixel patch")
+    out_dir = os.path.join(args.output_dir, "attn")
+    folder = os.path.isdir(args.image_path)
+    if folder:  # (image, its output folder) for each image under the folder, in the same tree
+        images = [(path, os.path.join(out_dir, path.relative_to(args.image_path).with_suffix("")))
+                  for path in list_images(args.image_path)]
+    else:
+        images = [(args.image_path, out_dir)]
     if not images:
-        raise DinoError(f"--image_path {args.image_path} holds no images ({', '.join(IMG_EXTENSIONS)})")
+        raise DinoError(f"--image_path {args.image_path} holds no images "
+                        f"({', '.join(IMG_EXTENSIONS)})")
     model = None
     for n, (path, out) in enumerate(images, 1):
         try:
             img = load_rgb(path)
         except UNREADABLE as e:
             if not folder:
-                raise DinoError(f"--image_path {path} is not a readable image ({str(e).splitlines()[0]})") from None
+                raise DinoError(f"--image_path {path} is not a readable image "
+                                f"({str(e).splitlines()[0]})") from None
             print(f"warning: skipping unreadable image {path}: {e}", file=sys.stderr)
             continue
-        if model is None:  # after the first readable image: an unreadable file is reported before the weights
+        # after the first readable image: an unreadable file is reported before the weights
+        if model is None:
             model = load_backbone(args, device, ckpt)
-        (h, w), p = args.image_size, args.patch_size  # resized, then cropped to whole patches
+        # resized, then cropped to whole patches
+        h, w = args.image_size
+        p = args.patch_size
         img = img.resize((w, h), Image.BICUBIC).crop((0, 0, w - w % p, h - h % p))
         maps = attention_maps(model, NORMALIZE(img)[None].to(device))[0].float().cpu()
         masks = None if args.threshold is None else threshold_masks(maps, args.threshold)
         written = save_attention_images(img, maps, masks, args.patch_size, out)
-        print(f"{n}/{len(images)} {path}: {len(written)} images in {out}" if folder else "\n".join(written), flush=True)
+        if folder:
+            text = f"{n}/{len(images)} {path}: {len(written)} images in {out}"
+        else:  # a single image: the files written
+            text = "\n".join(written)
+        print(text, flush=True)
     if model is None:  # loaded at the first readable image
         raise DinoError(f"no image in --image_path {args.image_path} could be read")
 
 
 def embed_main(args):
-    """embed_folder on --data_path with --pretrained_weights, written by process 0 to --output (.npz or .pt)."""
+    """embed_folder on --data_path with --pretrained_weights, written by process 0 to --output (.npz
+    or .pt)."""
     _, _, device = init_distributed()
     ckpt, _ = open_weights(args, os.path.dirname(os.path.abspath(args.output)))
     model = load_backbone(args, device, ckpt)
     if args.n_last_blocks > len(model.blocks):
-        raise DinoError(f"--n_last_blocks {args.n_last_blocks}: {args.arch} has only {len(model.blocks)} blocks")
-    out = embed_folder(model, args.data_path, args.resize_size, args.crop_size, args.patch_tokens, args.n_last_blocks,
-                       args.batch_size_per_gpu, args.num_workers, device)
+        raise DinoError(f"--n_last_blocks {args.n_last_blocks}: {args.arch} has only "
+                        f"{len(model.blocks)} blocks")
+    out = embed_folder(model, args.data_path, args.resize_size, args.crop_size, args.patch_tokens,
+                       args.n_last_blocks, args.batch_size_per_gpu, args.num_workers, device)
     if out is None:
         return
     if not out["paths"]:
         raise DinoError(f"no image under --data_path {args.data_path} could be read")
-    out = {k: v if k == "paths" else v.to(getattr(torch, args.dtype)) for k, v in out.items()}
+    dtype = getattr(torch, args.dtype)
+    for k in out:  # the paths stay strings
+        if k != "paths":
+            out[k] = out[k].to(dtype)
     if args.output.endswith(".npz"):  # the paths as a string array: np.load needs no pickle
-        save_checkpoint({k: np.asarray(v) for k, v in out.items()}, args.output, lambda a, f: np.savez(f, **a))
+        save_checkpoint({k: np.asarray(v) for k, v in out.items()}, args.output,
+                        lambda a, f: np.savez(f, **a))
     else:
         save_checkpoint(out, args.output)
-    print(f"wrote {args.output}: " + ", ".join(f"{k} {list(v.shape)}" for k, v in out.items() if k != "paths"))
+    shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in out.items() if k != "paths")
+    print(f"wrote {args.output}: {shapes}")
 
 
 def linear_main(args):
-    """A linear classifier on frozen features (SGD, cosine lr); the last epoch's is saved to linear.pth with scores."""
+    """A linear classifier on frozen features (SGD, cosine lr); the last epoch's is saved to
+    linear.pth with scores."""
     ckpt, _ = open_weights(args, args.output_dir)
-    base = args.arch == "vit_base"  # as published: the 4 last CLS tokens, for ViT-B the last one + the patch mean
+    # as published: the 4 last CLS tokens, for ViT-B the last one + the patch mean
+    base = args.arch == "vit_base"
     args.n_last_blocks = args.n_last_blocks or (1 if base else 4)
-    args.avgpool_patchtokens = base if args.avgpool_patchtokens is None else args.avgpool_patchtokens
+    if args.avgpool_patchtokens is None:
+        args.avgpool_patchtokens = base
     rank, world_size, device = init_distributed()
     seed_everything(args.seed)
-    train_transform = T.Compose([T.RandomResizedCrop(args.crop_size, interpolation=T.InterpolationMode.BICUBIC),
-                                 T.RandomHorizontalFlip(), NORMALIZE])
+    train_transform = T.Compose([
+        T.RandomResizedCrop(args.crop_size, interpolation=T.InterpolationMode.BICUBIC),
+        T.RandomHorizontalFlip(), NORMALIZE])
     val_transform = eval_transform(args.resize_size, args.crop_size)
     train_set, val_set = image_folders(args.data_path, train_transform, val_transform)
     model = load_backbone(args, device, ckpt)
-    features = lambda images: linear_features(model, images, args.n_last_blocks, args.avgpool_patchtokens)
+
+    def features(images):
+        return linear_features(model, images, args.n_last_blocks, args.avgpool_patchtokens)
+
     dim = model.embed_dim * (args.n_last_blocks + int(args.avgpool_patchtokens))
     classifier = nn.Linear(dim, len(train_set.classes)).to(device)
-    nn.init.normal_(classifier.weight, std=0.01)  # as published; the bias starts at 0, no BatchNorm in front
+    # as published; the bias starts at 0, no BatchNorm in front
+    nn.init.normal_(classifier.weight, std=0.01)
     nn.init.zeros_(classifier.bias)
     ddp = nn.parallel.DistributedDataParallel(classifier) if world_size > 1 else classifier
     lr = args.lr * args.batch_size_per_gpu * world_size / 256
     optimizer = torch.optim.SGD(ddp.parameters(), lr, momentum=0.9, weight_decay=0)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.epochs, eta_min=0)
-    sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=world_size, rank=rank, seed=args.seed)
-    loader = torch.utils.data.DataLoader(train_set, sampler=sampler, batch_size=args.batch_size_per_gpu,
-                                         num_workers=args.num_workers, pin_memory=device.type == "cuda",
+    sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=world_size, rank=rank,
+                                                  seed=args.seed)
+    loader = torch.utils.data.DataLoader(train_set, sampler=sampler,
+                                         batch_size=args.batch_size_per_gpu,
+                                         num_workers=args.num_workers,
+                                         pin_memory=device.type == "cuda",
                                          persistent_workers=args.num_workers > 0)
     val_loader = shard_loader(val_set, args.batch_size_per_gpu, args.num_workers, device)
     if rank == 0:
-        print(f"linear probe of {args.pretrained_weights} ({args.arch}/{args.patch_size}, {dim} features) on "
-              f"{len(train_set)} train / {len(val_set)} val images, {len(train_set.classes)} classes, lr {lr:.2e}")
+        print(f"linear probe of {args.pretrained_weights} ({args.arch}/{args.patch_size}, {dim} "
+              f"features) on {len(train_set)} train / {len(val_set)} val images, "
+              f"{len(train_set.classes)} classes, lr {lr:.2e}")
     best = dict(top1=-1.0)
     for epoch in range(1, args.epochs + 1):
         start = time.time()
@@ -1722,18 +1809,22 @@ def linear_main(args):
         scheduler.step()
         if epoch % args.val_freq and epoch < args.epochs:
             continue
-        # the plain module: DDP's forward would expect every process to run the same number of batches
+        # the plain module: DDP's forward would expect every process to run the same number
+        # of batches
         top1, top5 = evaluate_linear(features, classifier, val_loader, device)
-        best = max(best, dict(top1=top1, top5=top5, epoch=epoch), key=lambda r: r["top1"])
+        if top1 > best["top1"]:  # the first epoch of the best top-1
+            best = dict(top1=top1, top5=top5, epoch=epoch)
         if rank == 0:
-            print(f"epoch {epoch}/{args.epochs}: loss {loss:.4f}, val top-1 {top1:.2f} top-5 {top5:.2f} (best "
-                  f"top-1 {best['top1']:.2f} at epoch {best['epoch']}), {time.time() - start:.1f}s", flush=True)
+            print(f"epoch {epoch}/{args.epochs}: loss {loss:.4f}, val top-1 {top1:.2f} top-5 "
+                  f"{top5:.2f} (best top-1 {best['top1']:.2f} at epoch {best['epoch']}), "
+                  f"{time.time() - start:.1f}s", flush=True)
     if rank == 0:
         path = os.path.join(args.output_dir, "linear.pth")
-        save_checkpoint({"state_dict": classifier.state_dict(), "classes": train_set.classes, "epoch": args.epochs,
-                         "top1": top1, "top5": top5, "best": best, "args": plain_args(args)}, path)
-        print(f"best val top-1 {best['top1']:.2f} top-5 {best['top5']:.2f} (epoch {best['epoch']}); the "
-              f"classifier of the last epoch is in {path}")
+        save_checkpoint({"state_dict": classifier.state_dict(), "classes": train_set.classes,
+                         "epoch": args.epochs, "top1": top1, "top5": top5, "best": best,
+                         "args": plain_args(args)}, path)
+        print(f"best val top-1 {best['top1']:.2f} top-5 {best['top5']:.2f} "
+              f"(epoch {best['epoch']}); the classifier of the last epoch is in {path}")
     return best
 
 

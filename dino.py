@@ -1832,8 +1832,10 @@ def linear_main(args):
 # the CLI
 
 class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and status 2, like every other bad input (not argparse's usage block)
-        print(f"error: {message}; see python dino.py {' '.join(self.prog.split()[1:] + ['--help'])}", file=sys.stderr)
+    def error(self, message):
+        # one line and status 2, like every other bad input (not argparse's usage block)
+        print(f"error: {message}; see python dino.py "
+              f"{' '.join(self.prog.split()[1:] + ['--help'])}", file=sys.stderr)
         sys.exit(2)
 
 
@@ -1841,117 +1843,190 @@ def number(kind, low, high=None, above=False):
     """argparse type: a number of this kind, at least low (above it with `above`), at most high."""
     def parse(text):
         value = kind(text)
-        if (value <= low if above else value < low) or (high is not None and value > high):
-            bound = f"in ({low}, {high}]" if high is not None else f"above {low}" if above else f"at least {low}"
+        too_low = value <= low if above else value < low
+        if too_low or (high is not None and value > high):
+            if high is not None:
+                bound = f"in ({low}, {high}]"
+            elif above:
+                bound = f"above {low}"
+            else:
+                bound = f"at least {low}"
             raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
         return value
     return parse
 
 
-COUNT, POSITIVE_INT, NONNEGATIVE = number(int, 0), number(int, 1), number(float, 0.0)
-POSITIVE, FRACTION = number(float, 0, above=True), number(float, 0, 1, above=True)
+COUNT = number(int, 0)
+POSITIVE_INT = number(int, 1)
+NONNEGATIVE = number(float, 0.0)
+POSITIVE = number(float, 0, above=True)
+FRACTION = number(float, 0, 1, above=True)
 
 
 def bool_flag(s):
-    if s.lower() not in ("1", "true", "on", "yes", "0", "false", "off", "no"):
-        raise argparse.ArgumentTypeError(f"expected true or false, got {s}")
-    return s.lower() in ("1", "true", "on", "yes")
+    if s.lower() in ("1", "true", "on", "yes"):
+        return True
+    if s.lower() in ("0", "false", "off", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {s}")
 
 
 def optimizer_name(s):
+    if s == "lars":
+        raise argparse.ArgumentTypeError(
+            "lars is the published code's optimizer for convnets; ViTs train with adamw")
     if s not in ("adamw", "sgd"):
-        raise argparse.ArgumentTypeError("lars is the published code's optimizer for convnets; ViTs train with adamw"
-                                         if s == "lars" else f"expected adamw or sgd, got {s}")
+        raise argparse.ArgumentTypeError(f"expected adamw or sgd, got {s}")
     return s
 
 
 def add_model_args(p):
-    p.add_argument("--pretrained_weights", help="DINO weights or checkpoint; default: <output_dir>/checkpoint.pth")
+    p.add_argument("--pretrained_weights",
+                   help="DINO weights or checkpoint; default: <output_dir>/checkpoint.pth")
     p.add_argument("--checkpoint_key", help="network of a training checkpoint (default: teacher)")
     p.add_argument("--arch", choices=list(ARCHS), help="default: the checkpoint's, else vit_small")
     p.add_argument("--patch_size", type=POSITIVE_INT, help="default: the checkpoint's, else 16")
-    p.add_argument("--output_dir", default="output", help="the run to evaluate; knn, attn, linear write results here")
+    p.add_argument("--output_dir", default="output",
+                   help="the run to evaluate; knn, attn, linear write results here")
 
 
-def add_eval_data_args(p, data_path_help="folder holding train/<class>/ and val/<class>/; default: the demo data",
-                       required=False):
+def add_eval_data_args(
+        p, data_path_help="folder holding train/<class>/ and val/<class>/; default: the demo data",
+        required=False):
     p.add_argument("--data_path", required=required, help=data_path_help)
-    p.add_argument("--resize_size", type=POSITIVE_INT, help="default: crop_size * 256 / 224 (the demo data: crop_size)")
-    p.add_argument("--crop_size", type=POSITIVE_INT, help="default: 224 (the demo data: its global crop size)")
-    p.add_argument("--batch_size_per_gpu", type=POSITIVE_INT, default=128)
+    p.add_argument("--resize_size", type=POSITIVE_INT,
+                   help="default: crop_size * 256 / 224 (the demo data: crop_size)")
+    p.add_argument("--crop_size", type=POSITIVE_INT,
+                   help="default: 224 (the demo data: its global crop size)")
+    p.add_argument("--batch_size_per_gpu", type=POSITIVE_INT, default=128,
+                   help="images per GPU per batch")
     p.add_argument("--num_workers", type=COUNT, default=10, help="data loader processes per GPU")
 
 
 def add_train_args(p):
-    p.add_argument("--data_path", help="folder of images (ImageFolder or flat, recursive); default: the demo data")
-    p.add_argument("--preset", choices=["paper", "demo"], help="unset flags: the paper's recipe or the demo's")
-    p.add_argument("--output_dir", default="output", help="checkpoints and log.txt; resumes from checkpoint.pth here")
-    p.add_argument("--pretrained_weights", help="start both networks from these weights (continued pre-training)")
-    p.add_argument("--checkpoint_key", help="entry of a training checkpoint for both networks (default: each its own)")
-    p.add_argument("--pretrained_heads", type=bool_flag, default=True, help="take a training checkpoint's heads too")
-    p.add_argument("--freeze_backbone_epochs", type=COUNT, default=0, help="epochs in which only the head trains")
-    p.add_argument("--arch", default="vit_small", choices=list(ARCHS))
-    p.add_argument("--patch_size", type=POSITIVE_INT, default=16)
-    p.add_argument("--out_dim", type=number(int, 2), default=65536, help="dimension of the DINO head output")
-    p.add_argument("--norm_last_layer", type=bool_flag, default=True, help="fix the last layer's weight norm at 1")
-    p.add_argument("--use_bn_in_head", type=bool_flag, default=False)
-    p.add_argument("--momentum_teacher", type=FRACTION, default=0.996, help="base EMA momentum, cosine to 1")
-    p.add_argument("--warmup_teacher_temp", type=POSITIVE, default=0.04)
-    p.add_argument("--teacher_temp", type=POSITIVE, default=0.04)
-    p.add_argument("--warmup_teacher_temp_epochs", type=COUNT, default=0)
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="auto: bf16 on "
-                   "GPUs with native bf16, fp16 on older GPUs, fp32 on the CPU")
-    p.add_argument("--use_fp16", dest="precision", type=lambda s: "fp16" if bool_flag(s) else "fp32",
-                   default=argparse.SUPPRESS, help="the published code's flag: true is --precision fp16, false fp32")
+    # data and output
+    p.add_argument("--data_path",
+                   help="folder of images (ImageFolder or flat, recursive); default: the demo data")
+    p.add_argument("--preset", choices=["paper", "demo"],
+                   help="unset flags: the paper's recipe or the demo's")
+    p.add_argument("--output_dir", default="output",
+                   help="checkpoints and log.txt; resumes from checkpoint.pth here")
+    # starting point
+    p.add_argument("--pretrained_weights",
+                   help="start both networks from these weights (continued pre-training)")
+    p.add_argument("--checkpoint_key",
+                   help="entry of a training checkpoint for both networks (default: each its own)")
+    p.add_argument("--pretrained_heads", type=bool_flag, default=True,
+                   help="take a training checkpoint's heads too")
+    p.add_argument("--freeze_backbone_epochs", type=COUNT, default=0,
+                   help="epochs in which only the head trains")
+    # model
+    p.add_argument("--arch", default="vit_small", choices=list(ARCHS),
+                   help="the ViT (paper: vit_small)")
+    p.add_argument("--patch_size", type=POSITIVE_INT, default=16,
+                   help="patch side in pixels (paper: 16)")
+    p.add_argument("--out_dim", type=number(int, 2), default=65536,
+                   help="dimension of the DINO head output")
+    p.add_argument("--norm_last_layer", type=bool_flag, default=True,
+                   help="fix the last layer's weight norm at 1")
+    p.add_argument("--use_bn_in_head", type=bool_flag, default=False,
+                   help="BatchNorm in the head's MLP (paper: false)")
+    # teacher
+    p.add_argument("--momentum_teacher", type=FRACTION, default=0.996,
+                   help="base EMA momentum, cosine to 1")
+    p.add_argument("--warmup_teacher_temp", type=POSITIVE, default=0.04,
+                   help="teacher temperature at the start, linear to --teacher_temp (paper: 0.04)")
+    p.add_argument("--teacher_temp", type=POSITIVE, default=0.04,
+                   help="teacher temperature after the warm-up (paper: 0.04)")
+    p.add_argument("--warmup_teacher_temp_epochs", type=COUNT, default=0,
+                   help="epochs of the teacher temperature's warm-up (paper: 0)")
+    # optimization
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+                   help="auto: bf16 on GPUs with native bf16, fp16 on older GPUs, fp32 on the CPU")
+    p.add_argument("--use_fp16", dest="precision",
+                   type=lambda s: "fp16" if bool_flag(s) else "fp32", default=argparse.SUPPRESS,
+                   help="the published code's flag: true is --precision fp16, false fp32")
     p.add_argument("--optimizer", type=optimizer_name, default="adamw", help="adamw or sgd")
-    p.add_argument("--weight_decay", type=NONNEGATIVE, default=0.04)
-    p.add_argument("--weight_decay_end", type=NONNEGATIVE, default=0.4)
-    p.add_argument("--clip_grad", type=NONNEGATIVE, default=3.0, help="max gradient norm per tensor; 0: no clipping")
-    p.add_argument("--batch_size_per_gpu", type=POSITIVE_INT, default=64)
-    p.add_argument("--accum_iter", type=POSITIVE_INT, default=1, help="micro-batches (of batch_size_per_gpu) per step")
-    p.add_argument("--grad_checkpointing", action="store_true", help="less memory, a third more compute")
-    p.add_argument("--epochs", type=POSITIVE_INT, default=100)
-    p.add_argument("--freeze_last_layer", type=COUNT, default=1, help="epochs with the head's last layer fixed")
-    p.add_argument("--lr", type=NONNEGATIVE, default=0.0005, help="peak lr for a total batch of 256")
-    p.add_argument("--warmup_epochs", type=COUNT, default=10)
-    p.add_argument("--min_lr", type=NONNEGATIVE, default=1e-6)
-    p.add_argument("--drop_path_rate", type=NONNEGATIVE, default=0.1, help="stochastic depth of the student")
-    p.add_argument("--global_crops_scale", type=FRACTION, nargs=2, default=[0.4, 1.0])
-    p.add_argument("--local_crops_number", type=COUNT, default=8)
-    p.add_argument("--local_crops_scale", type=FRACTION, nargs=2, default=[0.05, 0.4])
-    p.add_argument("--global_crops_size", type=POSITIVE_INT, default=224)
-    p.add_argument("--local_crops_size", type=POSITIVE_INT, default=96)
-    p.add_argument("--saveckp_freq", type=COUNT, default=20, help="also keep checkpointNNNN.pth this often")
-    p.add_argument("--knn_every", type=COUNT, default=0, help="epochs between k-NN evaluations (k=20) of the teacher")
-    p.add_argument("--knn_data_path", help="for --knn_every: train/<class>/ and val/<class>/ (default: the demo's)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--weight_decay", type=NONNEGATIVE, default=0.04,
+                   help="weight decay at the start, cosine to --weight_decay_end (paper: 0.04)")
+    p.add_argument("--weight_decay_end", type=NONNEGATIVE, default=0.4,
+                   help="weight decay at the end (paper: 0.4)")
+    p.add_argument("--clip_grad", type=NONNEGATIVE, default=3.0,
+                   help="max gradient norm per tensor; 0: no clipping")
+    p.add_argument("--batch_size_per_gpu", type=POSITIVE_INT, default=64,
+                   help="images per GPU per loader batch (paper: 64, on 16 GPUs)")
+    p.add_argument("--accum_iter", type=POSITIVE_INT, default=1,
+                   help="micro-batches per optimizer step, EMA, schedule step and center update: "
+                        "a total batch of batch_size_per_gpu x accum_iter x processes")
+    p.add_argument("--grad_checkpointing", action="store_true",
+                   help="less memory, a third more compute")
+    p.add_argument("--epochs", type=POSITIVE_INT, default=100,
+                   help="epochs of training (paper: 100)")
+    p.add_argument("--freeze_last_layer", type=COUNT, default=1,
+                   help="epochs with the head's last layer fixed")
+    p.add_argument("--lr", type=NONNEGATIVE, default=0.0005,
+                   help="peak lr for a total batch of 256")
+    p.add_argument("--warmup_epochs", type=COUNT, default=10,
+                   help="epochs of linear lr warm-up from 0 (paper: 10)")
+    p.add_argument("--min_lr", type=NONNEGATIVE, default=1e-6,
+                   help="lr at the end of the cosine schedule (paper: 1e-6)")
+    p.add_argument("--drop_path_rate", type=NONNEGATIVE, default=0.1,
+                   help="stochastic depth of the student")
+    # multi-crop
+    p.add_argument("--global_crops_scale", type=FRACTION, nargs=2, default=[0.4, 1.0],
+                   help="area range of the 2 global crops, a fraction of the image (paper: 0.4 1)")
+    p.add_argument("--local_crops_number", type=COUNT, default=8,
+                   help="local crops per image; 0: no multi-crop (paper: 8)")
+    p.add_argument("--local_crops_scale", type=FRACTION, nargs=2, default=[0.05, 0.4],
+                   help="area range of the local crops (paper: 0.05 0.4)")
+    p.add_argument("--global_crops_size", type=POSITIVE_INT, default=224,
+                   help="side of the global crops in pixels (paper: 224)")
+    p.add_argument("--local_crops_size", type=POSITIVE_INT, default=96,
+                   help="side of the local crops in pixels (paper: 96)")
+    # the run
+    p.add_argument("--saveckp_freq", type=COUNT, default=20,
+                   help="also keep checkpointNNNN.pth this often")
+    p.add_argument("--knn_every", type=COUNT, default=0,
+                   help="epochs between k-NN evaluations (k=20) of the teacher")
+    p.add_argument("--knn_data_path",
+                   help="for --knn_every: train/<class>/ and val/<class>/ (default: the demo's)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="random seed (initial weights, data order, crops, drop path)")
     p.add_argument("--num_workers", type=COUNT, default=10, help="data loader processes per GPU")
-    p.add_argument("--log_every", type=POSITIVE_INT, default=10, help="iterations between progress lines")
+    p.add_argument("--log_every", type=POSITIVE_INT, default=10,
+                   help="iterations between progress lines")
     p.add_argument("--compile", action="store_true", help="torch.compile the student and teacher")
-    p.add_argument("--dist_timeout", type=POSITIVE, default=30, help="minutes a collective waits for a lost peer")
-    p.add_argument("--local_rank", "--local-rank", type=int, help="ignored: the launcher's environment decides")
+    p.add_argument("--dist_timeout", type=POSITIVE, default=30,
+                   help="minutes a collective waits for a lost peer")
+    p.add_argument("--local_rank", "--local-rank", type=int,
+                   help="ignored: the launcher's environment decides")
     p.add_argument("--dist_url", help="ignored likewise")
 
 
 def add_knn_args(p):
     add_model_args(p)
     add_eval_data_args(p)
-    p.add_argument("--nb_knn", type=POSITIVE_INT, nargs="+", default=[10, 20, 100, 200], help="numbers of neighbours")
-    p.add_argument("--temperature", type=POSITIVE, default=0.07, help="votes weigh exp(cos_sim / temperature)")
-    p.add_argument("--random_init", type=bool_flag, default=False, help="also evaluate a random init (the demo: true)")
+    p.add_argument("--nb_knn", type=POSITIVE_INT, nargs="+", default=[10, 20, 100, 200],
+                   help="numbers of neighbours")
+    p.add_argument("--temperature", type=POSITIVE, default=0.07,
+                   help="votes weigh exp(cos_sim / temperature)")
+    p.add_argument("--random_init", type=bool_flag, default=False,
+                   help="also evaluate a random init (the demo: true)")
 
 
 def add_attn_args(p):
     add_model_args(p)
     p.add_argument("--image_path", help="any image PIL reads; default: the first demo val image")
-    p.add_argument("--image_size", type=POSITIVE_INT, nargs=2, metavar=("H", "W"), help="resize to this first "
-                   "(default 480 480; the demo: 4x its global crop size)")
-    p.add_argument("--threshold", type=FRACTION, help="also write per-head masks of this fraction of the attention")
+    p.add_argument("--image_size", type=POSITIVE_INT, nargs=2, metavar=("H", "W"),
+                   help="resize to this first (default 480 480; the demo: 4x its global crop size)")
+    p.add_argument("--threshold", type=FRACTION,
+                   help="also write per-head masks of this fraction of the attention")
 
 
 def embeddings_file(path):
     if not path.endswith((".npz", ".pt")):
-        raise argparse.ArgumentTypeError(f"must end in .npz (numpy) or .pt (torch), which picks the format; got {path}")
+        raise argparse.ArgumentTypeError(
+            f"must end in .npz (numpy) or .pt (torch), which picks the format; got {path}")
     return path
 
 
@@ -1959,31 +2034,40 @@ def add_embed_args(p):
     add_model_args(p)
     add_eval_data_args(p, "folder of images, searched recursively", required=True)
     p.add_argument("--output", required=True, type=embeddings_file, help="FILE.npz or FILE.pt")
-    p.add_argument("--patch_tokens", action="store_true", help="also the final-norm patch tokens [N, h, w, D]")
-    p.add_argument("--n_last_blocks", type=COUNT, default=0, help="also the CLS tokens of the last n blocks [N, n, D]")
-    p.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="float16 halves the file")
+    p.add_argument("--patch_tokens", action="store_true",
+                   help="also the final-norm patch tokens [N, h, w, D]")
+    p.add_argument("--n_last_blocks", type=COUNT, default=0,
+                   help="also the CLS tokens of the last n blocks [N, n, D]")
+    p.add_argument("--dtype", choices=["float32", "float16"], default="float32",
+                   help="float16 halves the file")
 
 
 def add_linear_args(p):
     add_model_args(p)
     add_eval_data_args(p)
-    p.add_argument("--n_last_blocks", type=POSITIVE_INT, help="CLS tokens of the last n blocks (default 4, vit_base 1)")
-    p.add_argument("--avgpool_patchtokens", type=bool_flag, help="and the mean patch token (default: for vit_base)")
-    p.add_argument("--epochs", type=POSITIVE_INT, default=100)
-    p.add_argument("--lr", type=NONNEGATIVE, default=0.001, help="SGD lr for a total batch of 256, cosine to 0")
+    p.add_argument("--n_last_blocks", type=POSITIVE_INT,
+                   help="CLS tokens of the last n blocks (default 4, vit_base 1)")
+    p.add_argument("--avgpool_patchtokens", type=bool_flag,
+                   help="and the mean patch token (default: for vit_base)")
+    p.add_argument("--epochs", type=POSITIVE_INT, default=100,
+                   help="epochs of training (paper: 100)")
+    p.add_argument("--lr", type=NONNEGATIVE, default=0.001,
+                   help="SGD lr for a total batch of 256, cosine to 0")
     p.add_argument("--val_freq", type=POSITIVE_INT, default=1, help="epochs between validations")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed (classifier init, data order)")
 
 
 COMMANDS = {"train": ("self-supervised pre-training", add_train_args),
             "knn": ("weighted k-NN accuracy of frozen features", add_knn_args),
             "attn": ("last-block attention maps of an image", add_attn_args),
             "linear": ("linear classifier on frozen features", add_linear_args),
-            "embed": ("CLS (and patch) token embeddings of every image in a folder", add_embed_args)}
+            "embed": ("CLS (and patch) token embeddings of every image in a folder",
+                      add_embed_args)}
 
 
 def build_parser(preset="paper"):
-    """The CLI; with preset 'demo', the unset flags take the demo's values (DEMO) instead of the paper's."""
+    """The CLI; with preset 'demo', the unset flags take the demo's values (DEMO) instead of the
+    paper's."""
     parser = Parser(description="DINO: self-supervised ViT training and evaluation")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (description, add_args) in COMMANDS.items():
@@ -1995,23 +2079,28 @@ def build_parser(preset="paper"):
 
 
 def parse_args(argv=None):
-    """The command line, unset flags taken from the preset; a bad flag is one line before any work."""
+    """The command line, unset flags taken from the preset; a bad flag is one line before any
+    work."""
     args = build_parser().parse_args(argv)
-    no_knn_data = args.command == "train" and args.knn_data_path is None and args.data_path is not None
+    no_knn_data = (args.command == "train" and args.knn_data_path is None
+                   and args.data_path is not None)
     if no_knn_data and args.knn_every:  # the paper preset's knn_every is 0: this one was given
-        raise DinoError("--knn_every needs --knn_data_path, a folder holding train/<class>/ and val/<class>/")
+        raise DinoError(
+            "--knn_every needs --knn_data_path, a folder holding train/<class>/ and val/<class>/")
     default_preset = "demo" if args.command != "attn" and args.data_path is None else "paper"
     args.preset = getattr(args, "preset", None) or default_preset
     if args.preset == "demo":
         args = build_parser("demo").parse_args(argv)
         args.preset = "demo"
     if no_knn_data:
-        args.knn_every = 0  # the demo preset's k-NN needs labelled data: the demo's, or --knn_data_path
+        # the demo preset's k-NN needs labelled data: the demo's, or --knn_data_path
+        args.knn_every = 0
     if args.command != "train":
         return args
     for flag in ("global_crops_size", "local_crops_size"):  # what no flag's type can check
         if getattr(args, flag) % args.patch_size:
-            raise DinoError(f"--{flag} {getattr(args, flag)} is not a multiple of --patch_size {args.patch_size}")
+            raise DinoError(f"--{flag} {getattr(args, flag)} is not a multiple of "
+                            f"--patch_size {args.patch_size}")
     for flag in ("global_crops_scale", "local_crops_scale"):
         low, high = getattr(args, flag)
         if low > high:
@@ -2023,19 +2112,23 @@ def main(argv=None):
     try:
         args = parse_args(argv)
         if args.command == "train":
-            prepare_output_dir(args.output_dir)  # before the demo data is written there, or any image is listed
+            # before the demo data is written there, or any image is listed
+            prepare_output_dir(args.output_dir)
             if args.data_path is None:  # written here, once, before the processes start
                 demo = make_demo_dataset(os.path.join(args.output_dir, "demo_data"))
-                args.data_path, args.knn_data_path = os.path.join(demo, "train"), args.knn_data_path or demo
+                args.data_path = os.path.join(demo, "train")
+                args.knn_data_path = args.knn_data_path or demo
                 print(f"no --data_path: the demo dataset in {args.data_path}")
-            print(f"--preset {args.preset}: {args.arch}/{args.patch_size}, crops {args.global_crops_size}/"
-                  f"{args.local_crops_size}, out_dim {args.out_dim}, {args.epochs} epochs (unset flags take these)"
-                  + (f"; {DEMO_WHY}" if args.preset == "demo" else ""))
+            why = f"; {DEMO_WHY}" if args.preset == "demo" else ""
+            print(f"--preset {args.preset}: {args.arch}/{args.patch_size}, "
+                  f"crops {args.global_crops_size}/{args.local_crops_size}, "
+                  f"out_dim {args.out_dim}, {args.epochs} epochs (unset flags take these){why}")
             launch(train, args)
         elif args.command == "attn":
             attn_main(args)
         else:
-            launch({"knn": knn_main, "linear": linear_main, "embed": embed_main}[args.command], args)
+            mains = {"knn": knn_main, "linear": linear_main, "embed": embed_main}
+            launch(mains[args.command], args)
     except DinoError as e:
         if get_rank() == 0 or isinstance(e, LostContactError):
             print(f"error: {e}", file=sys.stderr)

@@ -45,6 +45,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 import torchvision.datasets
 import torchvision.transforms as T
 import torchvision.transforms.functional as TF
@@ -76,6 +77,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # PIL image -> normalized tensor
 NORMALIZE = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+BICUBIC = T.InterpolationMode.BICUBIC  # every resize of the published code
 
 
 def _pil_gaussian_blur(img):
@@ -90,15 +92,14 @@ class DataAugmentationDINO:
 
     def __init__(self, global_crops_scale, local_crops_scale, local_crops_number,
                  global_crops_size=224, local_crops_size=96):
-        bicubic = T.InterpolationMode.BICUBIC
         jitter = T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)
         flip_and_color_jitter = T.Compose([T.RandomHorizontalFlip(p=0.5),
                                            T.RandomApply([jitter], p=0.8),
                                            T.RandomGrayscale(p=0.2)])
         global_crop = T.RandomResizedCrop(global_crops_size, scale=global_crops_scale,
-                                          interpolation=bicubic)
+                                          interpolation=BICUBIC)
         local_crop = T.RandomResizedCrop(local_crops_size, scale=local_crops_scale,
-                                         interpolation=bicubic)
+                                         interpolation=BICUBIC)
 
         def blur(p):
             return T.RandomApply([T.Lambda(_pil_gaussian_blur)], p=p)
@@ -153,16 +154,16 @@ def _per_sample(x):
 
 def _rgb_to_grayscale(img):
     """ITU-R 601-2 luma (torchvision's weights), [B, 1, H, W]."""
-    r, g, b = img.unbind(dim=1)
+    r, g, b = img.unbind(1)
     return (0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(1)
 
 
 def _adjust_hue(img, factor):
     """Turn the hue by factor (in turns): torchvision's (Pillow's) RGB -> HSV, then the branch-free
     HSV -> RGB."""
-    r, g, b = img.unbind(dim=1)
-    maxc = img.amax(dim=1)  # the value v
-    minc = img.amin(dim=1)
+    r, g, b = img.unbind(1)
+    maxc = img.amax(1)  # the value v
+    minc = img.amin(1)
     delta = maxc - minc
     gray = delta == 0  # hue and saturation are 0 there; replacing the divisors by 1 avoids nan
     s = delta / torch.where(gray, torch.ones_like(maxc), maxc)
@@ -170,7 +171,7 @@ def _adjust_hue(img, factor):
     h = torch.where(maxc == r, (g - b) / delta,
                     torch.where(maxc == g, 2.0 + (b - r) / delta, 4.0 + (r - g) / delta))
     h = (torch.fmod(h / 6.0 + 1.0, 1.0) + factor.view(-1, 1, 1)) % 1.0
-    k = torch.stack([(n + 6.0 * h) % 6.0 for n in (5.0, 3.0, 1.0)], dim=1)
+    k = torch.stack([(n + 6.0 * h) % 6.0 for n in (5.0, 3.0, 1.0)], 1)
     ramp = torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0)
     return maxc.unsqueeze(1) * (1.0 - s.unsqueeze(1) * ramp)
 
@@ -180,7 +181,7 @@ def _gaussian_blur(img, sigma, kernel_size):
     B, C, H, W = img.shape
     x = torch.arange(kernel_size, device=img.device, dtype=img.dtype) - (kernel_size - 1) / 2
     kernel = torch.exp(-0.5 * (x / sigma.view(-1, 1)).pow(2))
-    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(C, dim=0)  # [B * C, k]
+    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(C, 0)  # [B * C, k]
     pad = kernel_size // 2
     # the samples' channels become the groups of one depthwise convolution
     out = F.pad(img.reshape(1, B * C, H, W), (pad, pad, 0, 0), mode="reflect")
@@ -199,7 +200,7 @@ def _solarize(img):
 def _normalize(img):
     """ImageNet mean/std normalization, per channel with Python scalars (no host-to-device copy)."""
     return torch.stack([(img[:, c] - m) / s
-                        for c, (m, s) in enumerate(zip(IMAGENET_MEAN, IMAGENET_STD))], dim=1)
+                        for c, (m, s) in enumerate(zip(IMAGENET_MEAN, IMAGENET_STD))], 1)
 
 
 JITTER_RANGES = ((0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-0.1, 0.1))  # ColorJitter(0.4, 0.4, 0.2, 0.1)
@@ -211,7 +212,7 @@ def _color_jitter(img, apply, order, factors):
     """Where apply, ColorJitter's ops (0 brightness, 1 contrast, 2 saturation, 3 hue) in each
     sample's order [B, 4] with its factors [B, 4]. Hue, the costly op, runs once: the blends before
     each sample's hue, hue, the rest."""
-    hue_position = (order == 3).int().argmax(dim=1)
+    hue_position = (order == 3).int().argmax(1)
     for p in range(3):
         img = _jitter_blend(img, apply & (p < hue_position), order[:, p], factors)
     img = torch.where(_per_sample(apply), _adjust_hue(img, factors[:, 3]), img)
@@ -227,7 +228,7 @@ def _jitter_blend(img, chosen, op, factors):
     gray = _rgb_to_grayscale(img)
     kind = _per_sample(op)
     other = torch.where(kind == 0, 0.0,
-                        torch.where(kind == 1, gray.mean(dim=(1, 2, 3), keepdim=True), gray))
+                        torch.where(kind == 1, gray.mean((1, 2, 3), keepdim=True), gray))
     factor = _per_sample(factors.gather(1, op[:, None]).squeeze(1))
     blend = (factor * img + (1.0 - factor) * other).clamp(0.0, 1.0)
     return torch.where(_per_sample(chosen), blend, img)
@@ -245,8 +246,8 @@ def sample_photometric_params(n, blur_p, solarize_p, device=None):
 
     return dict(jitter=coin(0.8),
                 # a random permutation per sample
-                order=torch.rand(n, 4, device=device).argsort(dim=1),
-                factors=torch.stack([uniform(low, high) for low, high in JITTER_RANGES], dim=1),
+                order=torch.rand(n, 4, device=device).argsort(1),
+                factors=torch.stack([uniform(low, high) for low, high in JITTER_RANGES], 1),
                 grayscale=coin(0.2),
                 blur=coin(blur_p),
                 sigma=uniform(*BLUR_SIGMA),
@@ -315,7 +316,7 @@ def list_images(root):
 UNREADABLE = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
-class ImageDataset(torch.utils.data.Dataset):
+class ImageDataset(Dataset):
     """Every image under `root`, recursively (labels ignored). An unreadable file costs a warning,
     not the run: the next readable one replaces it, counted in `skipped` (shared memory: the
     workers' counts reach the main process). An index (index, epoch) seeds the augmentation by
@@ -377,11 +378,11 @@ def eval_transform(resize_size, crop_size):
     """The paper's evaluation preprocessing: bicubic resize of the short side (None: 256 for 224),
     center crop."""
     resize = T.Resize(resize_size or round(crop_size * 256 / 224),
-                      interpolation=T.InterpolationMode.BICUBIC)
+                      interpolation=BICUBIC)
     return T.Compose([resize, T.CenterCrop(crop_size), NORMALIZE])
 
 
-class EpochSampler(torch.utils.data.DistributedSampler):
+class EpochSampler(DistributedSampler):
     """DistributedSampler whose indices carry their epoch, for ImageDataset's per-sample seeds."""
 
     def __iter__(self):
@@ -457,10 +458,10 @@ class DINOLoss(nn.Module):
         once."""
         temp = self.teacher_temp_schedule[min(epoch, len(self.teacher_temp_schedule) - 1)]
         # [views, batch, out_dim]: ncrops student views, 2 teacher views
-        log_p = (F.log_softmax(student_output.float() / self.student_temp, dim=-1)
-                 .unflatten(0, (self.ncrops, -1)))
-        log_q = (F.log_softmax((teacher_output.float() - self.center) / temp, dim=-1)
-                 .unflatten(0, (2, -1)))
+        log_p = (student_output.float() / self.student_temp).log_softmax(-1)
+        log_p = log_p.unflatten(0, (self.ncrops, -1))
+        log_q = ((teacher_output.float() - self.center) / temp).log_softmax(-1)
+        log_q = log_q.unflatten(0, (2, -1))
         q = log_q.exp()
         batch = q.shape[1]
         n_pairs = 2 * (self.ncrops - 1)
@@ -479,8 +480,8 @@ class DINOLoss(nn.Module):
         n = q.shape[1]
         sums = [loss.detach() * n,
                 -(q * log_q).sum(-1).mean() * n,
-                q.mean(dim=(0, 1)) * n,
-                teacher_output.float().sum(dim=0, keepdim=True)]
+                q.mean((0, 1)) * n,
+                teacher_output.float().sum(0, keepdim=True)]
         self._sums = sums if self._samples == 0 else [a + b for a, b in zip(self._sums, sums)]
         self._samples += n
 
@@ -519,8 +520,7 @@ def cosine_scheduler(base_value, final_value, epochs, niter_per_ep, warmup_epoch
 def get_params_groups(model):
     """Weight decay on weight matrices only: none on biases, norms, tokens and other 1-D
     parameters."""
-    regularized = []
-    not_regularized = []
+    regularized, not_regularized = [], []
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
@@ -681,8 +681,8 @@ def train_one_epoch(s, loader, epoch, epochs, accum_iter=1, log_every=10, photom
             elapsed = time.time() - start
             eta = elapsed / done * ((epochs - epoch) * n_iter - done)
             if get_rank() == 0:
-                mean_loss = sums["loss"].item() / done
-                print(f"epoch {epoch}/{epochs} it {done}/{n_iter} loss {mean_loss:.4f} "
+                print(f"epoch {epoch}/{epochs} it {done}/{n_iter} "
+                      f"loss {sums['loss'].item() / done:.4f} "
                       f"lr {s.schedules['lr'][i]:.2e} wd {s.schedules['wd'][i]:.3f} "
                       f"momentum {s.schedules['momentum'][i]:.4f} "
                       f"{done * batch / elapsed:.1f} img/s "
@@ -693,9 +693,8 @@ def train_one_epoch(s, loader, epoch, epochs, accum_iter=1, log_every=10, photom
         means /= get_world_size()
     elapsed = time.time() - start
     # the means, then the epoch's last schedule values and its speed
-    stats = dict(zip(sums, means.tolist()),
-                 epoch=epoch, lr=s.schedules["lr"][i], wd=s.schedules["wd"][i],
-                 momentum=s.schedules["momentum"][i],
+    schedules = {name: values[i] for name, values in s.schedules.items()}  # lr, wd, momentum
+    stats = dict(zip(sums, means.tolist()), epoch=epoch, **schedules,
                  epoch_time_s=elapsed, images_per_s=n_iter * batch / elapsed)
     return stats
 
@@ -713,15 +712,15 @@ def knn_classifier(train_features, train_labels, test_features, test_labels, k, 
     train_labels = train_labels.long()
     hits1 = hits5 = 0
     for i in range(0, len(test_labels), chunk_size):
-        sims, idx = (test_features[i:i + chunk_size] @ train_features.T).topk(k, dim=1)
+        sims, idx = (test_features[i:i + chunk_size] @ train_features.T).topk(k, 1)
         votes = torch.zeros(len(idx), num_classes, dtype=sims.dtype, device=sims.device)
         votes.scatter_add_(1, train_labels[idx], (sims / T).exp())
         # A class no neighbour voted for is no hit, even within the top 5
         # (its rank among zeros is arbitrary).
-        scores, preds = votes.topk(min(5, num_classes), dim=1)
+        scores, preds = votes.topk(min(5, num_classes), 1)
         hits = (preds == test_labels[i:i + chunk_size, None]) & (scores > 0)
         hits1 += hits[:, 0].sum().item()
-        hits5 += hits.any(dim=1).sum().item()
+        hits5 += hits.any(1).sum().item()
     return 100.0 * hits1 / len(test_labels), 100.0 * hits5 / len(test_labels)
 
 
@@ -732,8 +731,8 @@ def shard_loader(dataset, batch_size, num_workers, device):
     world_size = get_world_size()
     n = len(dataset)
     indices = range(n * rank // world_size, n * (rank + 1) // world_size)
-    shard = torch.utils.data.Subset(dataset, indices)
-    return torch.utils.data.DataLoader(shard, batch_size=batch_size, num_workers=num_workers,
+    shard = Subset(dataset, indices)
+    return DataLoader(shard, batch_size=batch_size, num_workers=num_workers,
                                        pin_memory=torch.device(device).type == "cuda")
 
 
@@ -801,7 +800,7 @@ def threshold_masks(maps, threshold):
     (the paper's figure): in decreasing attention, a patch is kept while the mass of the larger
     ones before it is short of it."""
     flat = maps.flatten(1).double()  # double: the kept mass is compared to the threshold exactly
-    values, order = flat.sort(dim=1, descending=True)
+    values, order = flat.sort(1, descending=True)
     mass_before = (values.cumsum(1) - values) / values.sum(1, keepdim=True)
     keep = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, order, mass_before < threshold)
     return keep.reshape(maps.shape)
@@ -864,8 +863,8 @@ def linear_features(model, images, n_last_blocks, avgpool_patchtokens):
     blocks = model.get_intermediate_layers(images, n_last_blocks)
     features = [x[:, 0] for x in blocks]
     if avgpool_patchtokens:
-        features.append(blocks[-1][:, 1:].mean(dim=1))
-    return torch.cat(features, dim=-1).float()
+        features.append(blocks[-1][:, 1:].mean(1))
+    return torch.cat(features, -1).float()
 
 
 def train_linear_epoch(features, classifier, loader, optimizer, device):
@@ -893,9 +892,9 @@ def evaluate_linear(features, classifier, loader, device):
     counts = torch.zeros(3, device=device)  # top-1 hits, top-5 hits, images
     for images, labels in loader:
         logits = classifier(features(images.to(device, non_blocking=True)))
-        top5 = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        top5 = logits.topk(min(5, logits.shape[1]), 1).indices
         hits = top5 == labels.to(device, non_blocking=True)[:, None]
-        counts[:2] += torch.stack([hits[:, 0].sum(), hits.any(dim=1).sum()])
+        counts[:2] += torch.stack([hits[:, 0].sum(), hits.any(1).sum()])
         counts[2] += len(labels)  # a Python number: no host-to-device copy, no sync
     if get_world_size() > 1:
         dist.all_reduce(counts)
@@ -932,7 +931,7 @@ def embed_folder(model, folder, resize_size=None, crop_size=224, patch_tokens=Fa
         batch = {"cls": blocks[-1][:, 0],
                  "readable": readable.to(device, torch.float32),  # gloo gathers no bool
                  "patch_tokens": blocks[-1][:, 1:].unflatten(1, (h, h)),
-                 "last_blocks": torch.stack([x[:, 0] for x in blocks], dim=1)}
+                 "last_blocks": torch.stack([x[:, 0] for x in blocks], 1)}
         for k in rows:
             rows[k].append(batch[k])
         done += len(images)
@@ -962,8 +961,7 @@ def _harmless_globals():
         from numpy._core.multiarray import scalar
     except ImportError:  # numpy 1
         from numpy.core.multiarray import scalar
-    dtypes = [type(np.dtype(t))
-              for t in (np.float64, np.float32, np.float16, np.int64, np.int32, np.bool_)]
+    dtypes = [type(np.dtype(name)) for name in "float64 float32 float16 int64 int32 bool".split()]
     return [argparse.Namespace, np.dtype, *dtypes,
             (scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar")]
 
@@ -1254,9 +1252,8 @@ def launch(fn, args):
         if not errors.empty():
             raise DinoError(errors.get()) from None
         if e.signal_name:
-            why = ""
-            if e.signal_name == "SIGABRT":
-                why = " (NCCL's reaction to a lost or hung process)"
+            nccl = " (NCCL's reaction to a lost or hung process)"
+            why = nccl if e.signal_name == "SIGABRT" else ""
             raise DinoError(f"training process {e.error_index} was killed by {e.signal_name}{why}; "
                             f"rerun the same command to resume from the last checkpoint") from None
         raise
@@ -1449,14 +1446,14 @@ def train_loader(args, rank, world_size, device, on_device):
     """This process's share of the --data_path images in multi-crop batches, reshuffled every epoch
     by loader.sampler.set_epoch. on_device: the workers only crop and flip (MultiCropPhotometry does
     the rest on the device)."""
-    crops = (args.global_crops_scale, args.local_crops_scale, args.local_crops_number,
-             args.global_crops_size, args.local_crops_size)
     augment = MultiCropGeometry if on_device else DataAugmentationDINO
-    dataset = ImageDataset(args.data_path, augment(*crops), args.seed)
+    transform = augment(args.global_crops_scale, args.local_crops_scale, args.local_crops_number,
+                        args.global_crops_size, args.local_crops_size)
+    dataset = ImageDataset(args.data_path, transform, args.seed)
     sampler = EpochSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True,
                            seed=args.seed)
     # its own generator: worker seeds from the global one would shift drop path on resume
-    return torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=args.batch_size_per_gpu,
+    return DataLoader(dataset, sampler=sampler, batch_size=args.batch_size_per_gpu,
                                        num_workers=args.num_workers,
                                        pin_memory=device.type == "cuda", drop_last=True,
                                        persistent_workers=args.num_workers > 0,
@@ -1771,7 +1768,7 @@ def linear_main(args):
     rank, world_size, device = init_distributed()
     seed_everything(args.seed)
     train_transform = T.Compose([
-        T.RandomResizedCrop(args.crop_size, interpolation=T.InterpolationMode.BICUBIC),
+        T.RandomResizedCrop(args.crop_size, interpolation=BICUBIC),
         T.RandomHorizontalFlip(), NORMALIZE])
     val_transform = eval_transform(args.resize_size, args.crop_size)
     train_set, val_set = image_folders(args.data_path, train_transform, val_transform)
@@ -1789,9 +1786,9 @@ def linear_main(args):
     lr = args.lr * args.batch_size_per_gpu * world_size / 256
     optimizer = torch.optim.SGD(ddp.parameters(), lr, momentum=0.9, weight_decay=0)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.epochs, eta_min=0)
-    sampler = torch.utils.data.DistributedSampler(train_set, num_replicas=world_size, rank=rank,
+    sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank,
                                                   seed=args.seed)
-    loader = torch.utils.data.DataLoader(train_set, sampler=sampler,
+    loader = DataLoader(train_set, sampler=sampler,
                                          batch_size=args.batch_size_per_gpu,
                                          num_workers=args.num_workers,
                                          pin_memory=device.type == "cuda",
@@ -1834,9 +1831,8 @@ def linear_main(args):
 class Parser(argparse.ArgumentParser):
     def error(self, message):
         # one line and status 2, like every other bad input (not argparse's usage block)
-        print(f"error: {message}; see python dino.py "
-              f"{' '.join(self.prog.split()[1:] + ['--help'])}", file=sys.stderr)
-        sys.exit(2)
+        self.exit(2, f"error: {message}; see python dino.py "
+                     f"{' '.join(self.prog.split()[1:] + ['--help'])}\n")  # to stderr
 
 
 def number(kind, low, high=None, above=False):
@@ -1872,155 +1868,144 @@ def bool_flag(s):
 
 
 def optimizer_name(s):
-    if s == "lars":
-        raise argparse.ArgumentTypeError(
-            "lars is the published code's optimizer for convnets; ViTs train with adamw")
     if s not in ("adamw", "sgd"):
-        raise argparse.ArgumentTypeError(f"expected adamw or sgd, got {s}")
+        lars = "lars is the published code's optimizer for convnets; ViTs train with adamw"
+        raise argparse.ArgumentTypeError(lars if s == "lars" else f"expected adamw or sgd, got {s}")
     return s
 
 
 def add_model_args(p):
-    p.add_argument("--pretrained_weights",
-                   help="DINO weights or checkpoint; default: <output_dir>/checkpoint.pth")
-    p.add_argument("--checkpoint_key", help="network of a training checkpoint (default: teacher)")
-    p.add_argument("--arch", choices=list(ARCHS), help="default: the checkpoint's, else vit_small")
-    p.add_argument("--patch_size", type=POSITIVE_INT, help="default: the checkpoint's, else 16")
-    p.add_argument("--output_dir", default="output",
-                   help="the run to evaluate; knn, attn, linear write results here")
+    add = p.add_argument
+    add("--pretrained_weights",
+        help="DINO weights or checkpoint; default: <output_dir>/checkpoint.pth")
+    add("--checkpoint_key", help="network of a training checkpoint (default: teacher)")
+    add("--arch", choices=list(ARCHS), help="default: the checkpoint's, else vit_small")
+    add("--patch_size", type=POSITIVE_INT, help="default: the checkpoint's, else 16")
+    add("--output_dir", default="output",
+        help="the run to evaluate; knn, attn, linear write results here")
 
 
 def add_eval_data_args(
         p, data_path_help="folder holding train/<class>/ and val/<class>/; default: the demo data",
         required=False):
-    p.add_argument("--data_path", required=required, help=data_path_help)
-    p.add_argument("--resize_size", type=POSITIVE_INT,
-                   help="default: crop_size * 256 / 224 (the demo data: crop_size)")
-    p.add_argument("--crop_size", type=POSITIVE_INT,
-                   help="default: 224 (the demo data: its global crop size)")
-    p.add_argument("--batch_size_per_gpu", type=POSITIVE_INT, default=128,
-                   help="images per GPU per batch")
-    p.add_argument("--num_workers", type=COUNT, default=10, help="data loader processes per GPU")
+    add = p.add_argument
+    add("--data_path", required=required, help=data_path_help)
+    add("--resize_size", type=POSITIVE_INT,
+        help="default: crop_size * 256 / 224 (the demo data: crop_size)")
+    add("--crop_size", type=POSITIVE_INT, help="default: 224 (the demo data: its global crop size)")
+    add("--batch_size_per_gpu", type=POSITIVE_INT, default=128, help="images per GPU per batch")
+    add("--num_workers", type=COUNT, default=10, help="data loader processes per GPU")
 
 
 def add_train_args(p):
+    add = p.add_argument
     # data and output
-    p.add_argument("--data_path",
-                   help="folder of images (ImageFolder or flat, recursive); default: the demo data")
-    p.add_argument("--preset", choices=["paper", "demo"],
-                   help="unset flags: the paper's recipe or the demo's")
-    p.add_argument("--output_dir", default="output",
-                   help="checkpoints and log.txt; resumes from checkpoint.pth here")
+    add("--data_path",
+        help="folder of images (ImageFolder or flat, recursive); default: the demo data")
+    add("--preset", choices=["paper", "demo"], help="unset flags: the paper's recipe or the demo's")
+    add("--output_dir", default="output",
+        help="checkpoints and log.txt; resumes from checkpoint.pth here")
     # starting point
-    p.add_argument("--pretrained_weights",
-                   help="start both networks from these weights (continued pre-training)")
-    p.add_argument("--checkpoint_key",
-                   help="entry of a training checkpoint for both networks (default: each its own)")
-    p.add_argument("--pretrained_heads", type=bool_flag, default=True,
-                   help="take a training checkpoint's heads too")
-    p.add_argument("--freeze_backbone_epochs", type=COUNT, default=0,
-                   help="epochs in which only the head trains")
+    add("--pretrained_weights",
+        help="start both networks from these weights (continued pre-training)")
+    add("--checkpoint_key",
+        help="entry of a training checkpoint for both networks (default: each its own)")
+    add("--pretrained_heads", type=bool_flag, default=True,
+        help="take a training checkpoint's heads too")
+    add("--freeze_backbone_epochs", type=COUNT, default=0,
+        help="epochs in which only the head trains")
     # model
-    p.add_argument("--arch", default="vit_small", choices=list(ARCHS),
-                   help="the ViT (paper: vit_small)")
-    p.add_argument("--patch_size", type=POSITIVE_INT, default=16,
-                   help="patch side in pixels (paper: 16)")
-    p.add_argument("--out_dim", type=number(int, 2), default=65536,
-                   help="dimension of the DINO head output")
-    p.add_argument("--norm_last_layer", type=bool_flag, default=True,
-                   help="fix the last layer's weight norm at 1")
-    p.add_argument("--use_bn_in_head", type=bool_flag, default=False,
-                   help="BatchNorm in the head's MLP (paper: false)")
+    add("--arch", default="vit_small", choices=list(ARCHS), help="the ViT (paper: vit_small)")
+    add("--patch_size", type=POSITIVE_INT, default=16, help="patch side in pixels (paper: 16)")
+    add("--out_dim", type=number(int, 2), default=65536, help="dimension of the DINO head output")
+    add("--norm_last_layer", type=bool_flag, default=True,
+        help="fix the last layer's weight norm at 1")
+    add("--use_bn_in_head", type=bool_flag, default=False,
+        help="BatchNorm in the head's MLP (paper: false)")
     # teacher
-    p.add_argument("--momentum_teacher", type=FRACTION, default=0.996,
-                   help="base EMA momentum, cosine to 1")
-    p.add_argument("--warmup_teacher_temp", type=POSITIVE, default=0.04,
-                   help="teacher temperature at the start, linear to --teacher_temp (paper: 0.04)")
-    p.add_argument("--teacher_temp", type=POSITIVE, default=0.04,
-                   help="teacher temperature after the warm-up (paper: 0.04)")
-    p.add_argument("--warmup_teacher_temp_epochs", type=COUNT, default=0,
-                   help="epochs of the teacher temperature's warm-up (paper: 0)")
+    add("--momentum_teacher", type=FRACTION, default=0.996, help="base EMA momentum, cosine to 1")
+    add("--warmup_teacher_temp", type=POSITIVE, default=0.04,
+        help="teacher temperature at the start, linear to --teacher_temp (paper: 0.04)")
+    add("--teacher_temp", type=POSITIVE, default=0.04,
+        help="teacher temperature after the warm-up (paper: 0.04)")
+    add("--warmup_teacher_temp_epochs", type=COUNT, default=0,
+        help="epochs of the teacher temperature's warm-up (paper: 0)")
     # optimization
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
-                   help="auto: bf16 on GPUs with native bf16, fp16 on older GPUs, fp32 on the CPU")
-    p.add_argument("--use_fp16", dest="precision",
-                   type=lambda s: "fp16" if bool_flag(s) else "fp32", default=argparse.SUPPRESS,
-                   help="the published code's flag: true is --precision fp16, false fp32")
-    p.add_argument("--optimizer", type=optimizer_name, default="adamw", help="adamw or sgd")
-    p.add_argument("--weight_decay", type=NONNEGATIVE, default=0.04,
-                   help="weight decay at the start, cosine to --weight_decay_end (paper: 0.04)")
-    p.add_argument("--weight_decay_end", type=NONNEGATIVE, default=0.4,
-                   help="weight decay at the end (paper: 0.4)")
-    p.add_argument("--clip_grad", type=NONNEGATIVE, default=3.0,
-                   help="max gradient norm per tensor; 0: no clipping")
-    p.add_argument("--batch_size_per_gpu", type=POSITIVE_INT, default=64,
-                   help="images per GPU per loader batch (paper: 64, on 16 GPUs)")
-    p.add_argument("--accum_iter", type=POSITIVE_INT, default=1,
-                   help="micro-batches per optimizer step, EMA, schedule step and center update: "
-                        "a total batch of batch_size_per_gpu x accum_iter x processes")
-    p.add_argument("--grad_checkpointing", action="store_true",
-                   help="less memory, a third more compute")
-    p.add_argument("--epochs", type=POSITIVE_INT, default=100,
-                   help="epochs of training (paper: 100)")
-    p.add_argument("--freeze_last_layer", type=COUNT, default=1,
-                   help="epochs with the head's last layer fixed")
-    p.add_argument("--lr", type=NONNEGATIVE, default=0.0005,
-                   help="peak lr for a total batch of 256")
-    p.add_argument("--warmup_epochs", type=COUNT, default=10,
-                   help="epochs of linear lr warm-up from 0 (paper: 10)")
-    p.add_argument("--min_lr", type=NONNEGATIVE, default=1e-6,
-                   help="lr at the end of the cosine schedule (paper: 1e-6)")
-    p.add_argument("--drop_path_rate", type=NONNEGATIVE, default=0.1,
-                   help="stochastic depth of the student")
+    add("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
+        help="auto: bf16 on GPUs with native bf16, fp16 on older GPUs, fp32 on the CPU")
+    add("--use_fp16", dest="precision",
+        type=lambda s: "fp16" if bool_flag(s) else "fp32", default=argparse.SUPPRESS,
+        help="the published code's flag: true is --precision fp16, false fp32")
+    add("--optimizer", type=optimizer_name, default="adamw", help="adamw or sgd")
+    add("--weight_decay", type=NONNEGATIVE, default=0.04,
+        help="weight decay at the start, cosine to --weight_decay_end (paper: 0.04)")
+    add("--weight_decay_end", type=NONNEGATIVE, default=0.4,
+        help="weight decay at the end (paper: 0.4)")
+    add("--clip_grad", type=NONNEGATIVE, default=3.0,
+        help="max gradient norm per tensor; 0: no clipping")
+    add("--batch_size_per_gpu", type=POSITIVE_INT, default=64,
+        help="images per GPU per loader batch (paper: 64, on 16 GPUs)")
+    add("--accum_iter", type=POSITIVE_INT, default=1,
+        help="micro-batches per optimizer step, EMA, schedule step and center update: "
+             "a total batch of batch_size_per_gpu x accum_iter x processes")
+    add("--grad_checkpointing", action="store_true", help="less memory, a third more compute")
+    add("--epochs", type=POSITIVE_INT, default=100, help="epochs of training (paper: 100)")
+    add("--freeze_last_layer", type=COUNT, default=1,
+        help="epochs with the head's last layer fixed")
+    add("--lr", type=NONNEGATIVE, default=0.0005, help="peak lr for a total batch of 256")
+    add("--warmup_epochs", type=COUNT, default=10,
+        help="epochs of linear lr warm-up from 0 (paper: 10)")
+    add("--min_lr", type=NONNEGATIVE, default=1e-6,
+        help="lr at the end of the cosine schedule (paper: 1e-6)")
+    add("--drop_path_rate", type=NONNEGATIVE, default=0.1, help="stochastic depth of the student")
     # multi-crop
-    p.add_argument("--global_crops_scale", type=FRACTION, nargs=2, default=[0.4, 1.0],
-                   help="area range of the 2 global crops, a fraction of the image (paper: 0.4 1)")
-    p.add_argument("--local_crops_number", type=COUNT, default=8,
-                   help="local crops per image; 0: no multi-crop (paper: 8)")
-    p.add_argument("--local_crops_scale", type=FRACTION, nargs=2, default=[0.05, 0.4],
-                   help="area range of the local crops (paper: 0.05 0.4)")
-    p.add_argument("--global_crops_size", type=POSITIVE_INT, default=224,
-                   help="side of the global crops in pixels (paper: 224)")
-    p.add_argument("--local_crops_size", type=POSITIVE_INT, default=96,
-                   help="side of the local crops in pixels (paper: 96)")
+    add("--global_crops_scale", type=FRACTION, nargs=2, default=[0.4, 1.0],
+        help="area range of the 2 global crops, a fraction of the image (paper: 0.4 1)")
+    add("--local_crops_number", type=COUNT, default=8,
+        help="local crops per image; 0: no multi-crop (paper: 8)")
+    add("--local_crops_scale", type=FRACTION, nargs=2, default=[0.05, 0.4],
+        help="area range of the local crops (paper: 0.05 0.4)")
+    add("--global_crops_size", type=POSITIVE_INT, default=224,
+        help="side of the global crops in pixels (paper: 224)")
+    add("--local_crops_size", type=POSITIVE_INT, default=96,
+        help="side of the local crops in pixels (paper: 96)")
     # the run
-    p.add_argument("--saveckp_freq", type=COUNT, default=20,
-                   help="also keep checkpointNNNN.pth this often")
-    p.add_argument("--knn_every", type=COUNT, default=0,
-                   help="epochs between k-NN evaluations (k=20) of the teacher")
-    p.add_argument("--knn_data_path",
-                   help="for --knn_every: train/<class>/ and val/<class>/ (default: the demo's)")
-    p.add_argument("--seed", type=int, default=0,
-                   help="random seed (initial weights, data order, crops, drop path)")
-    p.add_argument("--num_workers", type=COUNT, default=10, help="data loader processes per GPU")
-    p.add_argument("--log_every", type=POSITIVE_INT, default=10,
-                   help="iterations between progress lines")
-    p.add_argument("--compile", action="store_true", help="torch.compile the student and teacher")
-    p.add_argument("--dist_timeout", type=POSITIVE, default=30,
-                   help="minutes a collective waits for a lost peer")
-    p.add_argument("--local_rank", "--local-rank", type=int,
-                   help="ignored: the launcher's environment decides")
-    p.add_argument("--dist_url", help="ignored likewise")
+    add("--saveckp_freq", type=COUNT, default=20, help="also keep checkpointNNNN.pth this often")
+    add("--knn_every", type=COUNT, default=0,
+        help="epochs between k-NN evaluations (k=20) of the teacher")
+    add("--knn_data_path",
+        help="for --knn_every: train/<class>/ and val/<class>/ (default: the demo's)")
+    add("--seed", type=int, default=0,
+        help="random seed (initial weights, data order, crops, drop path)")
+    add("--num_workers", type=COUNT, default=10, help="data loader processes per GPU")
+    add("--log_every", type=POSITIVE_INT, default=10, help="iterations between progress lines")
+    add("--compile", action="store_true", help="torch.compile the student and teacher")
+    add("--dist_timeout", type=POSITIVE, default=30,
+        help="minutes a collective waits for a lost peer")
+    add("--local_rank", "--local-rank", type=int,
+        help="ignored: the launcher's environment decides")
+    add("--dist_url", help="ignored likewise")
 
 
 def add_knn_args(p):
+    add = p.add_argument
     add_model_args(p)
     add_eval_data_args(p)
-    p.add_argument("--nb_knn", type=POSITIVE_INT, nargs="+", default=[10, 20, 100, 200],
-                   help="numbers of neighbours")
-    p.add_argument("--temperature", type=POSITIVE, default=0.07,
-                   help="votes weigh exp(cos_sim / temperature)")
-    p.add_argument("--random_init", type=bool_flag, default=False,
-                   help="also evaluate a random init (the demo: true)")
+    add("--nb_knn", type=POSITIVE_INT, nargs="+", default=[10, 20, 100, 200],
+        help="numbers of neighbours")
+    add("--temperature", type=POSITIVE, default=0.07, help="votes weigh exp(cos_sim / temperature)")
+    add("--random_init", type=bool_flag, default=False,
+        help="also evaluate a random init (the demo: true)")
 
 
 def add_attn_args(p):
+    add = p.add_argument
     add_model_args(p)
-    p.add_argument("--image_path", help="any image PIL reads; default: the first demo val image")
-    p.add_argument("--image_size", type=POSITIVE_INT, nargs=2, metavar=("H", "W"),
-                   help="resize to this first (default 480 480; the demo: 4x its global crop size)")
-    p.add_argument("--threshold", type=FRACTION,
-                   help="also write per-head masks of this fraction of the attention")
+    add("--image_path", help="any image PIL reads; default: the first demo val image")
+    add("--image_size", type=POSITIVE_INT, nargs=2, metavar=("H", "W"),
+        help="resize to this first (default 480 480; the demo: 4x its global crop size)")
+    add("--threshold", type=FRACTION,
+        help="also write per-head masks of this fraction of the attention")
 
 
 def embeddings_file(path):
@@ -2031,30 +2016,30 @@ def embeddings_file(path):
 
 
 def add_embed_args(p):
+    add = p.add_argument
     add_model_args(p)
     add_eval_data_args(p, "folder of images, searched recursively", required=True)
-    p.add_argument("--output", required=True, type=embeddings_file, help="FILE.npz or FILE.pt")
-    p.add_argument("--patch_tokens", action="store_true",
-                   help="also the final-norm patch tokens [N, h, w, D]")
-    p.add_argument("--n_last_blocks", type=COUNT, default=0,
-                   help="also the CLS tokens of the last n blocks [N, n, D]")
-    p.add_argument("--dtype", choices=["float32", "float16"], default="float32",
-                   help="float16 halves the file")
+    add("--output", required=True, type=embeddings_file, help="FILE.npz or FILE.pt")
+    add("--patch_tokens", action="store_true", help="also the final-norm patch tokens [N, h, w, D]")
+    add("--n_last_blocks", type=COUNT, default=0,
+        help="also the CLS tokens of the last n blocks [N, n, D]")
+    add("--dtype", choices=["float32", "float16"], default="float32",
+        help="float16 halves the file")
 
 
 def add_linear_args(p):
+    add = p.add_argument
     add_model_args(p)
     add_eval_data_args(p)
-    p.add_argument("--n_last_blocks", type=POSITIVE_INT,
-                   help="CLS tokens of the last n blocks (default 4, vit_base 1)")
-    p.add_argument("--avgpool_patchtokens", type=bool_flag,
-                   help="and the mean patch token (default: for vit_base)")
-    p.add_argument("--epochs", type=POSITIVE_INT, default=100,
-                   help="epochs of training (paper: 100)")
-    p.add_argument("--lr", type=NONNEGATIVE, default=0.001,
-                   help="SGD lr for a total batch of 256, cosine to 0")
-    p.add_argument("--val_freq", type=POSITIVE_INT, default=1, help="epochs between validations")
-    p.add_argument("--seed", type=int, default=0, help="random seed (classifier init, data order)")
+    add("--n_last_blocks", type=POSITIVE_INT,
+        help="CLS tokens of the last n blocks (default 4, vit_base 1)")
+    add("--avgpool_patchtokens", type=bool_flag,
+        help="and the mean patch token (default: for vit_base)")
+    add("--epochs", type=POSITIVE_INT, default=100, help="epochs of training (paper: 100)")
+    add("--lr", type=NONNEGATIVE, default=0.001,
+        help="SGD lr for a total batch of 256, cosine to 0")
+    add("--val_freq", type=POSITIVE_INT, default=1, help="epochs between validations")
+    add("--seed", type=int, default=0, help="random seed (classifier init, data order)")
 
 
 COMMANDS = {"train": ("self-supervised pre-training", add_train_args),
@@ -2127,8 +2112,8 @@ def main(argv=None):
         elif args.command == "attn":
             attn_main(args)
         else:
-            mains = {"knn": knn_main, "linear": linear_main, "embed": embed_main}
-            launch(mains[args.command], args)
+            command = {"knn": knn_main, "linear": linear_main, "embed": embed_main}[args.command]
+            launch(command, args)
     except DinoError as e:
         if get_rank() == 0 or isinstance(e, LostContactError):
             print(f"error: {e}", file=sys.stderr)

@@ -51,7 +51,7 @@ class Attention(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4)  # each [B, heads, N, C / heads]
         # explicit path, only when the weights themselves are wanted (attention maps)
         if return_attention:
-            return ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+            return ((q * self.scale) @ k.transpose(-2, -1)).softmax(-1)
         # Fast path: SDPA runs flash / memory-efficient kernels on CUDA, never materializing the
         # N x N matrix.
         x = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
@@ -125,7 +125,7 @@ class VisionTransformer(nn.Module):
                              mode="bicubic")
         assert grid.shape[-2:] == (h0, w0)
         patch_pos = grid.permute(0, 2, 3, 1).reshape(1, -1, dim)
-        return torch.cat((self.pos_embed[:, :1], patch_pos), dim=1)
+        return torch.cat((self.pos_embed[:, :1], patch_pos), 1)
 
     def prepare_tokens(self, x):
         B, _, h, w = x.shape
@@ -136,7 +136,7 @@ class VisionTransformer(nn.Module):
         # Under autocast the patch embedding is bf16/fp16; the fp32 class token and positional
         # embedding make the residual stream fp32 (cat and + promote), as in the published code,
         # at every input size.
-        x = torch.cat((self.cls_token.expand(B, -1, -1), x), dim=1)
+        x = torch.cat((self.cls_token.expand(B, -1, -1), x), 1)
         return x + self.interpolate_pos_encoding(x, h, w)
 
     def forward(self, x):
@@ -242,4 +242,4 @@ class DINOHead(nn.Module):
             self.last_layer.weight_g.requires_grad = False
 
     def forward(self, x):
-        return self.last_layer(F.normalize(self.mlp(x), dim=-1, p=2))
+        return self.last_layer(F.normalize(self.mlp(x), dim=-1))

@@ -46,6 +46,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
+from torch.utils.checkpoint import checkpoint
 import torchvision.datasets
 import torchvision.transforms as T
 import torchvision.transforms.functional as TF
@@ -267,13 +268,18 @@ def apply_photometric(img, params):
 
 class MultiCropPhotometry:
     """DataAugmentationDINO's photometric half, batched on the device: uint8 crops -> normalized
-    float32, no sync."""
+    crops of dtype, no sync. Under autocast, the dtype the patch embedding casts its input to
+    (bf16, fp16) gives the same step with half the bytes. compile: torch.compile the ops."""
 
     # (blur p, solarize p) of global view 1, global view 2, and the local views
     PROBS = ((1.0, 0.0), (0.1, 0.2), (0.5, 0.0))
 
-    def __init__(self, local_crops_number):
+    def __init__(self, local_crops_number, dtype=torch.float32, compile=False):
         self.local_crops_number = local_crops_number
+        self.dtype = dtype
+        self.apply = apply_photometric
+        if compile:
+            self.apply = torch.compile(apply_photometric)
 
     def __call__(self, views):
         assert len(views) == 2 + self.local_crops_number
@@ -282,7 +288,7 @@ class MultiCropPhotometry:
             if group:  # the views sharing the same probabilities, as one batch
                 img = torch.cat(group).float().div(255)
                 params = sample_photometric_params(len(img), *probs, device=img.device)
-                img = apply_photometric(img, params)
+                img = self.apply(img, params).to(self.dtype)
                 out += img.split(len(group[0]))
         return out
 
@@ -433,56 +439,86 @@ def build_dino_networks(arch="vit_small", patch_size=16, out_dim=65536, use_bn_i
 # -----------------------------------------------------------------------------
 # loss
 
+def cross_term(student_logits, q):
+    """sum over teacher views t and student views s != t of q_t . log p_s, each softmax once:
+    sum_t q_t . (sum_s log p_s - log p_t). student_logits [ncrops, b, K], q [2, b, K]."""
+    log_p = student_logits.log_softmax(-1)
+    return (q * (log_p.sum(0, keepdim=True) - log_p[:2])).sum()
+
+
 class DINOLoss(nn.Module):
     """Cross-entropy between the sharpened, centered teacher and the student, over all pairs of
     different views. Each softmax is computed once: the sum over pairs (teacher view t, student
     view s != t) is sum_t q_t . (sum_s log p_s - log p_t)."""
 
     def __init__(self, out_dim, ncrops, warmup_teacher_temp, teacher_temp,
-                 warmup_teacher_temp_epochs, nepochs, student_temp=0.1, center_momentum=0.9):
+                 warmup_teacher_temp_epochs, nepochs, student_temp=0.1, center_momentum=0.9,
+                 chunks=1):
         super().__init__()
+        # chunks > 1: the student's log-softmax over chunks of the batch, recomputed in backward:
+        # no [ncrops, batch, out_dim] log-probabilities kept for it
+        self.chunks = chunks
         self.student_temp = student_temp
         self.center_momentum = center_momentum
         self.ncrops = ncrops
         self.register_buffer("center", torch.zeros(1, out_dim))
-        self.teacher_temp_schedule = np.concatenate((
+        temps = np.concatenate((
             np.linspace(warmup_teacher_temp, teacher_temp, warmup_teacher_temp_epochs),
             np.ones(max(nepochs - warmup_teacher_temp_epochs, 0)) * teacher_temp))
+        # a tensor (see teacher_temp), not in the state dict: the flags rebuild it
+        self.register_buffer("teacher_temps", torch.tensor(temps, dtype=torch.float32),
+                             persistent=False)
         # detached collapse indicators of the last center update; read them only when logging
         self.stats = {}
+        self._sums = [0.0] * 4  # loss, teacher entropy, mean softmax, teacher output: see sums
         self._samples = 0  # samples summed in self._sums since the last center update
 
     def forward(self, student_output, teacher_output, epoch, update_center=True):
         """The loss; then the center moves. update_center=False (gradient accumulation) leaves the
         center where it is and only adds this batch to the sums that update_center() then uses
         once."""
-        temp = self.teacher_temp_schedule[min(epoch, len(self.teacher_temp_schedule) - 1)]
-        # [views, batch, out_dim]: ncrops student views, 2 teacher views
-        log_p = (student_output.float() / self.student_temp).log_softmax(-1)
-        log_p = log_p.unflatten(0, (self.ncrops, -1))
-        log_q = ((teacher_output.float() - self.center) / temp).log_softmax(-1)
-        log_q = log_q.unflatten(0, (2, -1))
-        q = log_q.exp()
-        batch = q.shape[1]
-        n_pairs = 2 * (self.ncrops - 1)
-        cross = (q * (log_p.sum(0, keepdim=True) - log_p[:2])).sum()
-        loss = -cross / (batch * n_pairs)
-        self._accumulate(loss, q, log_q, teacher_output)
+        temp = self.teacher_temp(epoch)
+        loss, sums = self.loss_and_sums(student_output, teacher_output, temp)
+        self.accumulate(sums, len(teacher_output) // 2)
         if update_center:
             self.update_center()
         return loss
 
-    @torch.no_grad()
-    def _accumulate(self, loss, q, log_q, teacher_output):
-        """Sums since the last center update of the loss, teacher entropy and softmax (collapse
-        indicators) and teacher output (center) over the samples: micro-batches give the whole
-        batch's values."""
+    def teacher_temp(self, epoch):
+        """The epoch's teacher temperature, a 0-dim tensor: a compiled step takes a new value
+        without recompiling."""
+        return self.teacher_temps[min(epoch, len(self.teacher_temps) - 1)]
+
+    def loss_and_sums(self, student_output, teacher_output, temp):
+        """The loss of a batch at teacher temperature temp, and its sums over the samples of the
+        loss, the teacher's entropy and softmax (collapse indicators) and its output (center);
+        changes nothing."""
+        # [views, batch, out_dim]: ncrops student views, 2 teacher views
+        logits = (student_output.float() / self.student_temp).unflatten(0, (self.ncrops, -1))
+        log_q = ((teacher_output.float() - self.center) / temp).log_softmax(-1)
+        log_q = log_q.unflatten(0, (2, -1))
+        q = log_q.exp()
         n = q.shape[1]
-        sums = [loss.detach() * n,
-                -(q * log_q).sum(-1).mean() * n,
-                q.mean((0, 1)) * n,
-                teacher_output.float().sum(0, keepdim=True)]
-        self._sums = sums if self._samples == 0 else [a + b for a, b in zip(self._sums, sums)]
+        n_pairs = 2 * (self.ncrops - 1)
+        if self.chunks == 1:
+            cross = cross_term(logits, q)
+        else:
+            pairs = zip(logits.chunk(self.chunks, 1), q.chunk(self.chunks, 1))
+            cross = sum(checkpoint(cross_term, *pair, use_reentrant=False) for pair in pairs)
+        loss = -cross / (n * n_pairs)
+        with torch.no_grad():
+            sums = [loss * n,
+                    -(q * log_q).sum(-1).mean() * n,
+                    q.mean((0, 1)) * n,
+                    teacher_output.float().sum(0, keepdim=True)]
+        return loss, sums
+
+    @torch.no_grad()
+    def accumulate(self, sums, n):
+        """Add a (micro-)batch of n samples to the sums since the last center update: micro-batches
+        give the whole batch's values. New tensors: a CUDA graph's outputs are overwritten by its
+        next run."""
+        self._sums = [total + x for total, x in zip(self._sums, sums)]
         self._samples += n
 
     @torch.no_grad()
@@ -490,7 +526,7 @@ class DINOLoss(nn.Module):
         """Move the center toward the mean teacher output over the samples since the last update
         (and over all processes, which step equal batches), and set the collapse indicators of those
         samples (this process's). The paper's collapse study: loss = h(P_t) + KL(P_t || P_s)."""
-        loss, entropy, mean_q, teacher = (s / self._samples for s in self._sums)
+        loss, entropy, mean_q, teacher = (x / self._samples for x in self._sums)
         self.stats = {"teacher_entropy": entropy,
                       "kl": loss - entropy,
                       "batch_mean_entropy": -(mean_q * mean_q.clamp_min(1e-12).log()).sum()}
@@ -499,6 +535,7 @@ class DINOLoss(nn.Module):
         # 2 teacher views per sample; a Python scalar: no host-to-device copy
         teacher /= 2 * get_world_size()
         self.center.mul_(self.center_momentum).add_(teacher, alpha=1 - self.center_momentum)
+        self._sums = [0.0] * 4
         self._samples = 0
 
 
@@ -570,8 +607,26 @@ class TrainState:
     # where the last good state is saved: a non-finite loss names it
     checkpoint_path: str = "checkpoint.pth"
     amp_dtype: torch.dtype = None  # autocast to this; None: fp32
-    # the student as the step runs it (DDP-wrapped, compiled); default: student
+    # the student as the step runs it (DDP-wrapped); default: student
     student_forward: nn.Module = None
+    # forward_and_loss as the step runs it (compile_step); default: forward_and_loss
+    compiled_forward: object = None
+
+
+def forward_and_loss(student, teacher, dino_loss, crops, temp):
+    """Algorithm 1's forward on one (micro-)batch: the teacher sees only the 2 global views, the
+    student all of them; returns DINOLoss.loss_and_sums at teacher temperature temp. The region
+    compile_step compiles whole."""
+    with torch.no_grad():
+        teacher_output = teacher(crops[:2])
+    student_output = student(crops)
+    return dino_loss.loss_and_sums(student_output, teacher_output, temp)
+
+
+def compile_step(s, **options):
+    """torch.compile the step's forward (teacher, student and loss as one region); options are
+    torch.compile's: mode="reduce-overhead" adds CUDA graphs, fullgraph=True fails on a break."""
+    s.compiled_forward = torch.compile(forward_and_loss, **options)
 
 
 def train_step(s, micro_batches, epoch, i):
@@ -587,6 +642,8 @@ def train_step(s, micro_batches, epoch, i):
 
     # the views -> student and teacher -> the loss and its gradients, micro-batch by micro-batch
     student = s.student_forward or s.student
+    forward = s.compiled_forward or forward_and_loss
+    temp = s.dino_loss.teacher_temp(epoch)
     n = sum(len(crops[0]) for crops in micro_batches)  # samples in the batch
     loss = 0.0
     for k, crops in enumerate(micro_batches):
@@ -598,14 +655,11 @@ def train_step(s, micro_batches, epoch, i):
         with sync_context:
             with torch.autocast(crops[0].device.type, dtype=s.amp_dtype or torch.float32,
                                 enabled=s.amp_dtype is not None):
-                with torch.no_grad():
-                    # the teacher sees only the 2 global views
-                    teacher_output = s.teacher(crops[:2])
-                student_output = student(crops)  # the student sees all of them
+                mean_loss, sums = forward(student, s.teacher, s.dino_loss, crops, temp)
                 # the loss is a mean over the micro-batch: weighted by its share, the gradients
                 # sum to the batch's
-                mean_loss = s.dino_loss(student_output, teacher_output, epoch, update_center=False)
                 micro_loss = mean_loss * (len(crops[0]) / n)
+            s.dino_loss.accumulate(sums, len(crops[0]))
             s.scaler.scale(micro_loss).backward()
         loss = loss + micro_loss.detach()
 
@@ -1469,7 +1523,6 @@ def train(args, device_photometry=None):
         prepare_output_dir(args.output_dir)
     seed_everything(args.seed)  # the same initial weights on every rank
     on_device = device.type == "cuda" if device_photometry is None else device_photometry
-    photometry = MultiCropPhotometry(args.local_crops_number) if on_device else None
     loader = train_loader(args, rank, world_size, device, on_device)
     dataset = loader.dataset
     n_iter = len(loader) // args.accum_iter  # optimizer steps per epoch
@@ -1498,14 +1551,17 @@ def train(args, device_photometry=None):
                 f"the processes resumed different epochs ({-epochs[1]} to {epochs[0]}): put "
                 f"--output_dir on a filesystem that every node shares")
         s.student_forward = nn.parallel.DistributedDataParallel(s.student)
+    photometry = None
+    if on_device:
+        photometry = MultiCropPhotometry(args.local_crops_number, s.amp_dtype or torch.float32,
+                                         args.compile)
     if args.compile:
-        s.student.compile()
-        s.teacher.compile()
+        compile_step(s)
     if rank == 0:
         print(f"training {args.arch}/{args.patch_size} on {len(dataset)} images, {world_size} "
               f"process(es) on {device.type}, batch "
               f"{args.batch_size_per_gpu * args.accum_iter * world_size}, {n_iter} it/epoch, "
-              f"precision {args.precision}", flush=True)
+              f"precision {args.precision}, compiled step {args.compile}", flush=True)
     for epoch in range(start_epoch, args.epochs):
         loader.sampler.set_epoch(epoch)
         # drop path and device photometry: replayed on resume
@@ -1979,7 +2035,8 @@ def add_train_args(p):
         help="random seed (initial weights, data order, crops, drop path)")
     add("--num_workers", type=COUNT, default=10, help="data loader processes per GPU")
     add("--log_every", type=POSITIVE_INT, default=10, help="iterations between progress lines")
-    add("--compile", action="store_true", help="torch.compile the student and teacher")
+    add("--compile", action="store_true",
+        help="torch.compile the step's forward (teacher, student, loss) and the GPU photometry")
     add("--dist_timeout", type=POSITIVE, default=30,
         help="minutes a collective waits for a lost peer")
     add("--local_rank", "--local-rank", type=int,

@@ -1,6 +1,9 @@
 """
-Tests for vision_transformer.py and dino.py, CPU only: `python -m pytest -q` (a few minutes on 2 cores);
-the slow fault-injection tests run with `python -m pytest -q -m slow`.
+Tests for vision_transformer.py, dino.py and bench.py, CPU only: `python -m pytest -q` (a few minutes on 2 cores);
+the slow fault-injection tests run with `python -m pytest -q -m slow`, the GPU ones with `python -m pytest -q -m gpu`.
+They follow dino.py's sections in its order: the model (vision_transformer.py), part 1 (the algorithm), part 2 (the
+tool); then bench.py, then the tests that need a GPU. Every image folder comes from one factory (image_folder),
+every weight file from another (checkpoint_file).
 Expectations are independent of the code under test: hand-computed values,
 invariants, or explicit slow references written here.
 """
@@ -16,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -57,7 +61,275 @@ def torch_global_switches():
 
 
 # -----------------------------------------------------------------------------
-# model
+# test data: the images, the image folders and the weight files every test uses
+
+def picture(look, size=40, rng=None, c=0, classes=dino.DEMO_CLASSES):
+    """One 8-bit RGB test image of class c (an index into classes). size: a side, or (height, width). look:
+    "shapes": the demo's image of that class (square): one dark shape on a light background with clutter;
+    "color": the class's grey level, black for the first class to white for the last, plus noise: trivially separable;
+    "noise": uniform noise;
+    "gradient": smooth ramps plus a sine pattern (no randomness), so that crops, flips and blurs all change it."""
+    h, w = (size, size) if isinstance(size, int) else size
+    if look == "shapes":
+        return dino.demo_image(classes[c], rng, h)[0]
+    if look == "color":
+        level = 255 * c / max(len(classes) - 1, 1)
+        pixels = np.clip(level + rng.normal(0, 10, (h, w, 3)), 0, 255)
+    elif look == "noise":
+        pixels = rng.integers(0, 255, (h, w, 3))
+    else:
+        y, x = np.mgrid[0:h, 0:w]
+        pixels = np.stack([255 * x / w, 255 * y / h, 128 + 100 * np.sin(x / 3.0 + y / 5.0)], axis=-1)
+    return Image.fromarray(pixels.astype(np.uint8))
+
+
+def odd_picture(kind, rng):
+    """A readable image of an unusual mode or shape."""
+    if kind == "1x1":
+        return Image.new("RGB", (1, 1), (200, 10, 10))
+    if kind == "wide":  # 100 x 10000 pixels
+        return Image.fromarray(rng.integers(0, 255, (100, 10000, 3), dtype=np.uint8))
+    if kind == "cmyk":
+        return Image.fromarray(rng.integers(0, 255, (30, 40, 4), dtype=np.uint8), "CMYK")
+    if kind == "gray":
+        return Image.fromarray(rng.integers(0, 255, (40, 30), dtype=np.uint8), "L")
+    if kind == "16bit":
+        return Image.fromarray(rng.integers(0, 65535, (30, 40), dtype=np.uint16))
+    if kind == "16bit_40000":  # one grey level, 40000 / 65535 of white
+        return Image.fromarray(np.full((20, 20), 40000, dtype=np.uint16))
+    if kind == "palette":
+        return Image.new("P", (33, 41), 3)
+    assert kind == "rgba", kind
+    return Image.new("RGBA", (50, 30), (255, 0, 0, 128))
+
+
+def unreadable_bytes(kind, rng, first_image):
+    """The content of a file that no image library reads (first_image: the path of a good PNG)."""
+    if kind == "truncated":  # a PNG cut off after its header
+        return first_image.read_bytes()[:200]
+    if kind == "corrupt":  # a JPEG header, then noise
+        return b"\xff\xd8\xff\xe0" + rng.bytes(500)
+    if kind == "empty":
+        return b""
+    assert kind == "text", kind
+    return b"not an image"
+
+
+def image_folder(root, n=8, classes=2, size=40, look="shapes", names=None, bad=None, odd=None):
+    """The one maker of test images on disk; returns root, as a str. Where the images go:
+    n of them as root/<class>/<i>.png, image i in class i % len(classes) (classes: their names, or how many of the
+    demo's classes; None: no class folders, root/<i>.png); with n = (train, val), as many under root/train/ and
+    under root/val/; with names, one at each of these paths (relative to root) instead.
+    size, look: each image's (see picture). Then bad: {path: kind} of unreadable files (see unreadable_bytes);
+    odd: {path: kind} of readable images of unusual modes and shapes (see odd_picture).
+    One generator, seeded 0, draws them all in this order: a test gets the same files every time."""
+    root = Path(root)
+    rng = np.random.default_rng(0)
+    if isinstance(classes, int):
+        classes = dino.DEMO_CLASSES[:classes]
+    images = []  # (path, class index)
+    if names is not None:
+        images += [(root / name, 0) for name in names]
+    else:
+        splits = {root / "train": n[0], root / "val": n[1]} if isinstance(n, tuple) else {root: n}
+        for folder, count in splits.items():
+            for cls in classes or ():  # every class folder, even one without images
+                os.makedirs(folder / cls, exist_ok=True)
+            for i in range(count):
+                if classes:
+                    images.append((folder / classes[i % len(classes)] / f"{i}.png", i % len(classes)))
+                else:
+                    images.append((folder / f"{i}.png", 0))
+    os.makedirs(root, exist_ok=True)
+    for path, c in images:
+        os.makedirs(path.parent, exist_ok=True)
+        picture(look, size, rng, c, classes or dino.DEMO_CLASSES).save(path)
+    for name, kind in (bad or {}).items():
+        os.makedirs((root / name).parent, exist_ok=True)
+        first_image = images[0][0] if images else None
+        (root / name).write_bytes(unreadable_bytes(kind, rng, first_image))
+    for name, kind in (odd or {}).items():
+        os.makedirs((root / name).parent, exist_ok=True)
+        odd_picture(kind, rng).save(root / name)
+    return str(root)
+
+
+# train/ and val/ of 3 classes, each its own grey level: k-NN and linear probes tell them apart perfectly
+LABELLED = dict(n=(12, 6), classes=("a", "b", "c"), look="color", size=32)
+# the embedding tests' folder: readable images in an order that sorting by path gives, a broken one among them
+EMBED_NAMES = ["cat.png", "dogs/d1.png", "dogs/d2.jpg", "zebra.png"]
+EMBED_FOLDER = dict(names=EMBED_NAMES, look="noise", size=(40, 36), bad={"dogs/bad.png": "truncated"})
+
+
+def tiny_vit():
+    torch.manual_seed(0)
+    return vits.vit_tiny(patch_size=16).eval()
+
+
+def checkpoint_file(path, kind="ours", out_dim=None, seed=0, module=False, new_weight_norm=False, numpy1=False,
+                    extra=None):
+    """The one maker of weight files: writes path, returns (student, teacher), the networks in it: vit_tiny/16
+    backbones, or with out_dim MultiCropWrappers with heads of out_dim outputs, made from seed, the teacher first
+    (seed 0: its backbone is tiny_vit()). kind:
+    "plain": the teacher backbone's state dict, as the published weights (dino_deitsmall16_pretrain.pth); no student.
+    "ours": a training checkpoint as dino.py writes one, without the optimizer: student, teacher, epoch, args.
+    module: its keys prefixed `module.` (as a DDP-wrapped network saves them); new_weight_norm: the heads' last layers
+    as newer PyTorch names weight norm (parametrizations.weight.original0/1); extra: entries added.
+    "published": checkpoint.pth as the published main_dino.py writes it (out_dim needed): the DDP student's keys carry
+    `module.`, the teacher's not, heads with weight_g / weight_v, args an argparse.Namespace, numpy scalars in the
+    optimizer state (numpy1: under numpy 1's module names), the loss center and the fp16 scaler.
+    "truncated" (a checkpoint cut off halfway), "empty", "text": no checkpoint at all (no networks)."""
+    path = Path(path)
+    if kind in ("truncated", "empty", "text"):
+        if kind == "truncated":
+            torch.save({"teacher": {"w": torch.randn(1000)}}, path)
+            path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+        elif kind == "empty":
+            path.write_bytes(b"")
+        else:
+            path.write_text("hello, this is no checkpoint\n")
+        return None, None
+    torch.manual_seed(seed)
+    networks = []
+    for _ in range(1 if kind == "plain" else 2):  # the teacher, then the student
+        backbone = vits.vit_tiny(patch_size=16)
+        networks.append(dino.MultiCropWrapper(backbone, vits.DINOHead(192, out_dim)) if out_dim else backbone)
+    if kind == "plain":
+        torch.save(networks[0].state_dict(), path)
+        return None, networks[0]
+    teacher, student = networks
+    if kind == "published":
+        optimizer = torch.optim.AdamW(dino.get_params_groups(student))
+        for group in optimizer.param_groups:
+            group["lr"], group["weight_decay"] = np.float64(1e-4), np.float64(0.04)
+        args = argparse.Namespace(arch="vit_tiny", patch_size=16, out_dim=out_dim, norm_last_layer=True,
+                                  use_fp16=True, global_crops_scale=(0.4, 1.0), lr=0.0005, dist_url="env://", gpu=0,
+                                  rank=0)
+        ckpt = {"student": {f"module.{k}": v for k, v in student.state_dict().items()},
+                "teacher": teacher.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 7, "args": args,
+                "dino_loss": {"center": torch.randn(1, out_dim)},
+                "fp16_scaler": torch.amp.GradScaler("cpu").state_dict()}
+        assert isinstance(ckpt["optimizer"]["param_groups"][0]["lr"], np.float64)
+        if numpy1:
+            torch.save(ckpt, path, _use_new_zipfile_serialization=False)
+            raw = path.read_bytes()
+            assert raw.count(b"numpy._core.multiarray\nscalar") >= 1
+            path.write_bytes(raw.replace(b"numpy._core.multiarray\nscalar", b"numpy.core.multiarray\nscalar"))
+        else:
+            torch.save(ckpt, path)
+        return student, teacher
+
+    def entries(network):
+        state = network.state_dict()
+        if not out_dim:
+            state = {f"backbone.{k}": v for k, v in state.items()}
+        if new_weight_norm:
+            state = {k.replace("last_layer.weight_g", "last_layer.parametrizations.weight.original0")
+                     .replace("last_layer.weight_v", "last_layer.parametrizations.weight.original1"): v
+                     for k, v in state.items()}
+        if module:
+            state = {f"module.{k}": v for k, v in state.items()}
+        return state
+
+    ckpt = {"student": entries(student), "teacher": entries(teacher), "epoch": 1,
+            "args": {"arch": "vit_tiny", "patch_size": 16, "global_crops_size": 32}}
+    torch.save({**ckpt, **(extra or {})}, path)
+    return student, teacher
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A training checkpoint of a random vit_tiny/16 (its teacher is tiny_vit()) trained at 32 pixels, no heads."""
+    path = tmp_path_factory.mktemp("run") / "checkpoint.pth"
+    checkpoint_file(path)
+    return str(path)
+
+
+# -----------------------------------------------------------------------------
+# running the CLI: in this process, as a user runs it, in a process group
+
+def train_argv(data, out, *extra):
+    return ["train", "--data_path", str(data), "--output_dir", str(out), "--arch", "vit_tiny", "--patch_size", "16",
+            "--out_dim", "32", "--epochs", "2", "--batch_size_per_gpu", "4", "--global_crops_size", "32",
+            "--local_crops_size", "16", "--local_crops_number", "2", "--num_workers", "0", "--warmup_epochs", "1",
+            "--log_every", "1", *extra]
+
+
+def parse(command, argv):
+    return parse_args([command, *argv])
+
+
+def main_error(argv, capsys):
+    """Run the CLI in-process; it must exit with status 2 and a one-line 'error: ...' message."""
+    with pytest.raises(SystemExit) as e:
+        dino.main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+    return err
+
+
+def one_line_error(fn, match):
+    with pytest.raises(DinoError, match=match) as e:
+        fn()
+    assert "\n" not in str(e.value)
+
+
+def read_log(out):
+    with open(out / "log.txt") as f:
+        return [json.loads(line) for line in f]
+
+
+def run_cli(argv, cwd=HERE, timeout=240):
+    """The CLI as a user runs it: a separate process; returns (exit code, stdout, stderr)."""
+    p = subprocess.run([sys.executable, os.path.join(HERE, "dino.py"), *argv], cwd=cwd, capture_output=True,
+                       text=True, timeout=timeout)
+    return p.returncode, p.stdout, p.stderr
+
+
+def start_cli(argv, stderr_path, env=None, python_args=("dino.py",)):
+    """The CLI in a separate process, stderr to a file (a pipe nobody reads could fill up and block it)."""
+    with open(stderr_path, "w") as err:
+        return subprocess.Popen([sys.executable, *python_args, *argv], cwd=HERE, env={**os.environ, **(env or {})},
+                                stdout=subprocess.DEVNULL, stderr=err)
+
+
+def wait_for(condition, p, timeout=120):
+    """Poll condition() every 2 ms while process p runs; True once it holds, False if p exited first."""
+    deadline = time.time() + timeout
+    while p.poll() is None and time.time() < deadline:
+        if condition():
+            return True
+        time.sleep(0.002)
+    assert time.time() < deadline, "timed out waiting"
+    return False
+
+
+def stderr_line(path):
+    """The process's stderr, which must be one 'error: ...' line."""
+    err = open(path).read().strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
+    return err
+
+
+# Several processes in one test form a gloo group on the CPU, GPU or not (NCCL refuses two processes on one GPU)
+GLOO_ON_THE_CPU = {"CUDA_VISIBLE_DEVICES": ""}
+
+
+def rank_environment(rank, port, local_rank=None):
+    """The environment torchrun gives process `rank` of a group of 2 on this machine (local_rank: on its node)."""
+    return dict(RANK=str(rank), LOCAL_RANK=str(rank if local_rank is None else local_rank), WORLD_SIZE="2",
+                MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **GLOO_ON_THE_CPU)
+
+
+def become_rank(rank, port):
+    """A spawned worker's first step: become process `rank` of a gloo group (init_distributed joins it), one thread."""
+    os.environ.update(rank_environment(rank, port))
+    torch.set_num_threads(1)
+
+
+# -----------------------------------------------------------------------------
+# vision_transformer.py: the model
 
 @pytest.mark.parametrize("arch, dim, heads", [("vit_tiny", 192, 3), ("vit_small", 384, 6), ("vit_base", 768, 12)])
 def test_output_shapes(arch, dim, heads):
@@ -272,66 +544,16 @@ def test_residual_stream_is_fp32_under_autocast(size):
     assert dtypes == [torch.float32] * 12
 
 
-def make_checkpoint_files(tmp_path, arch="vit_tiny"):
-    """The formats load_pretrained_weights accepts, all holding the same backbone and head."""
-    torch.manual_seed(0)
-    backbone = getattr(vits, arch)(patch_size=16)
-    head = vits.DINOHead(backbone.embed_dim, 64)
-    wrapper = dino.MultiCropWrapper(backbone, head)
-    files = {}
-    files["plain"] = tmp_path / "plain.pth"
-    torch.save(backbone.state_dict(), files["plain"])
-    full = {"student": {f"module.{k}": v + 1 for k, v in wrapper.state_dict().items()},
-            "teacher": {f"module.{k}": v for k, v in wrapper.state_dict().items()}, "epoch": 3, "args": {"arch": arch}}
-    files["full"] = tmp_path / "full.pth"
-    torch.save(full, files["full"])
-    files["new_weight_norm"] = tmp_path / "newwn.pth"
-    sd = {k.replace("last_layer.weight_g", "last_layer.parametrizations.weight.original0")
-           .replace("last_layer.weight_v", "last_layer.parametrizations.weight.original1"): v
-          for k, v in wrapper.state_dict().items()}
-    torch.save({"teacher": sd}, files["new_weight_norm"])
-    return wrapper, files
-
-
-def test_load_pretrained_weights_formats_round_trip(tmp_path):
-    wrapper, files = make_checkpoint_files(tmp_path)
-    x = torch.randn(2, 3, 32, 48)
-    with torch.no_grad():
-        expected_features, expected_out = wrapper.backbone(x), wrapper(x)
-        for name in ("plain", "full", "new_weight_norm"):
-            model = dino.load_pretrained_weights(vits.vit_tiny(patch_size=16), files[name])
-            torch.testing.assert_close(model(x), expected_features, rtol=0, atol=0)
-        for name in ("full", "new_weight_norm"):
-            whole = dino.MultiCropWrapper(vits.vit_tiny(patch_size=16), vits.DINOHead(192, 64))
-            dino.load_pretrained_weights(whole, files[name], "teacher")
-            torch.testing.assert_close(whole(x), expected_out, rtol=0, atol=0)
-        student = dino.load_pretrained_weights(vits.vit_tiny(patch_size=16), files["full"], "student")
-        assert not torch.allclose(student(x), expected_features)  # the student entry (+1) was picked
-
-
-def test_load_pretrained_weights_wrong_arch_is_one_line(tmp_path):
-    _, files = make_checkpoint_files(tmp_path)
-    with pytest.raises(DinoError) as e:
-        dino.load_pretrained_weights(vits.vit_small(patch_size=8), files["full"])
-    msg = str(e.value)
-    assert "\n" not in msg and "--arch vit_tiny --patch_size 16" in msg and "shape mismatch" in msg
-    with pytest.raises(DinoError, match="no 'nope' entry"):
-        dino.load_pretrained_weights(vits.vit_tiny(patch_size=16), files["full"], "nope")
-
+# =============================================================================
+# Part 1: the algorithm
+# =============================================================================
 
 # -----------------------------------------------------------------------------
-# multi-crop augmentation
+# data and multi-crop
 
 LOW = torch.tensor([(0 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]).view(3, 1, 1)
 HIGH = torch.tensor([(1 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]).view(3, 1, 1)
 TV_JITTER = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
-
-
-def natural_image(w=48, h=40, mode="RGB"):
-    """Smooth gradients plus a sine pattern, so crops, flips and blurs all change it."""
-    y, x = np.mgrid[0:h, 0:w]
-    rgb = np.stack([255 * x / w, 255 * y / h, 128 + 100 * np.sin(x / 3.0 + y / 5.0)], axis=-1)
-    return Image.fromarray(rgb.astype(np.uint8)).convert(mode)
 
 
 def images(n=6, h=40, w=48, seed=0):
@@ -358,7 +580,7 @@ def in_normalized_range(t):
 
 def test_data_augmentation_dino():
     aug = DataAugmentationDINO((0.4, 1.0), (0.05, 0.4), 3, global_crops_size=32, local_crops_size=16)
-    crops = aug(natural_image())
+    crops = aug(picture("gradient", (40, 48)))
     assert [tuple(c.shape) for c in crops] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 3
     assert all(c.dtype == torch.float32 and in_normalized_range(c) for c in crops)
 
@@ -366,7 +588,7 @@ def test_data_augmentation_dino():
 @pytest.mark.parametrize("mode", ["RGB", "L", "RGBA"])
 def test_multi_crop_geometry(mode):
     geometry = MultiCropGeometry((0.4, 1.0), (0.05, 0.4), 4, global_crops_size=32, local_crops_size=16)
-    crops = geometry(natural_image(mode=mode).convert("RGB"))
+    crops = geometry(picture("gradient", (40, 48)).convert(mode).convert("RGB"))
     assert [tuple(c.shape) for c in crops] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 4
     assert all(c.dtype == torch.uint8 for c in crops)
 
@@ -375,7 +597,7 @@ def test_multi_crop_geometry(mode):
 def test_geometry_equals_torchvision_crop_and_flip(w, h, sizes):
     """Same boxes and flips as torchvision's PIL ops; torch's uint8 antialiased bicubic is Pillow's filter, so
     the pixels agree to within rounding (which pass of the separable resize runs first differs by a level or two)."""
-    img = natural_image(w, h)
+    img = picture("gradient", (h, w))
     torch.manual_seed(0)
     crops = MultiCropGeometry((0.4, 1.0), (0.05, 0.4), 4, *sizes)(img)
     torch.manual_seed(0)
@@ -475,7 +697,7 @@ def test_application_frequencies(view, blur_p, solarize_p):
 
 def test_photometry_call_shapes_range_and_sampling():
     geometry = MultiCropGeometry((0.4, 1.0), (0.05, 0.4), 3, global_crops_size=32, local_crops_size=16)
-    batch = [torch.stack(v) for v in zip(*[geometry(natural_image()) for _ in range(4)])]
+    batch = [torch.stack(v) for v in zip(*[geometry(picture("gradient", (40, 48))) for _ in range(4)])]
     photometry = MultiCropPhotometry(3)
     torch.manual_seed(0)
     out = photometry(batch)
@@ -499,8 +721,59 @@ def test_photometry_has_no_host_sync():
     assert [(o.shape, o.dtype, o.device.type) for o in out] == [(v.shape, torch.float32, "meta") for v in views]
 
 
+def test_bad_and_odd_images_are_skipped_and_counted(tmp_path, capsys):
+    """Unreadable files cost a warning each and are counted, not the run; odd ones (tiny, huge, CMYK, 16-bit, grey,
+    palette, RGBA) train as RGB; images beside the class folders count too."""
+    data = tmp_path / "data"
+    unreadable = {"disk/5_corrupt.png": "truncated", "ring/3_corrupt.jpg": "corrupt", "disk/9_empty.jpg": "empty",
+                  "ring/7_text.png": "text", "dots/corrupt.jpg": "corrupt"}  # a class folder with nothing readable
+    odd = {"disk/1x1.png": "1x1", "ring/wide.jpg": "wide", "disk/cmyk.jpg": "cmyk", "ring/sixteen.png": "16bit",
+           "gray.png": "gray", "sixteen.png": "16bit_40000", "palette.gif": "palette", "rgba.png": "rgba"}
+    image_folder(data, n=15, bad=unreadable, odd=odd)
+    good = (data / "disk" / "0.png").read_bytes()
+    assert Image.open(data / "disk" / "cmyk.jpg").mode == "CMYK"
+    assert Image.open(data / "ring" / "sixteen.png").mode.startswith("I")
+    assert len(dino.list_images(data)) == 28  # 7 batches of 4 (drop_last): every file is drawn once
+    dino.main(train_argv(data, tmp_path / "out", "--epochs", "1"))
+    log = read_log(tmp_path / "out")
+    assert log[0]["skipped_images"] == 5 and np.isfinite(log[0]["loss"])  # no two unreadable files in a row
+    err = capsys.readouterr().err
+    assert all(f"skipping unreadable image {data / path}" in err for path in unreadable)
+    assert err.count("skipping unreadable image") == 5
+    assert dino.load_rgb(data / "sixteen.png").getpixel((0, 0)) == (156, 156, 156)  # 40000 / 65535 * 255, not clipped
+    assert (data / "disk" / "0.png").read_bytes() == good  # the good files were left alone
+
+
 # -----------------------------------------------------------------------------
-# loss, schedules, optimization
+# model glue
+
+def test_multicrop_wrapper_runs_backbone_once_per_resolution():
+    torch.manual_seed(0)
+    backbone = vits.vit_tiny(patch_size=16).eval()
+    head = vits.DINOHead(192, 10)
+    wrapper = dino.MultiCropWrapper(backbone, head)
+    calls = []
+    backbone.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    crops = [torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)] + [torch.randn(2, 3, 16, 16) for _ in range(3)]
+    with torch.no_grad():
+        out = wrapper(crops)
+        calls_batched = list(calls)
+        per_crop = torch.cat([head(backbone(c)) for c in crops])
+    assert calls_batched == [4, 6]
+    torch.testing.assert_close(out, per_crop, atol=1e-5, rtol=1e-4)
+
+
+def test_teacher_starts_as_student_copy_without_drop_path():
+    student, teacher = dino.build_dino_networks("vit_tiny", out_dim=32, drop_path_rate=0.1)
+    for (n, s), t in zip(student.state_dict().items(), teacher.state_dict().values()):
+        assert torch.equal(s, t), n
+    assert not any(p.requires_grad for p in teacher.parameters())
+    assert student.backbone.blocks[-1].drop_path.drop_prob == pytest.approx(0.1)
+    assert all(b.drop_path.drop_prob == 0 for b in teacher.backbone.blocks)
+
+
+# -----------------------------------------------------------------------------
+# loss
 
 def reference_dino_loss(student_out, teacher_out, center, ncrops, student_temp, teacher_temp):
     """The DINO loss pair by pair, as in the paper's Algorithm 1."""
@@ -547,6 +820,9 @@ def test_dino_loss_collapse_indicators_on_collapsed_outputs():
     assert abs(loss_fn.stats["kl"].item()) < 1e-5
     assert abs(loss_fn.stats["batch_mean_entropy"].item() - math.log(8)) < 1e-5
 
+
+# -----------------------------------------------------------------------------
+# schedules and updates
 
 def test_cosine_scheduler_values():
     s = dino.cosine_scheduler(1.0, 0.0, epochs=10, niter_per_ep=2, warmup_epochs=2, start_warmup_value=0.0)
@@ -598,109 +874,8 @@ def test_params_groups_exclude_biases_and_1d_from_weight_decay():
     assert "head.last_layer.weight_g" not in no_wd  # frozen: in no group
 
 
-def test_multicrop_wrapper_runs_backbone_once_per_resolution():
-    torch.manual_seed(0)
-    backbone = vits.vit_tiny(patch_size=16).eval()
-    head = vits.DINOHead(192, 10)
-    wrapper = dino.MultiCropWrapper(backbone, head)
-    calls = []
-    backbone.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
-    crops = [torch.randn(2, 3, 32, 32), torch.randn(2, 3, 32, 32)] + [torch.randn(2, 3, 16, 16) for _ in range(3)]
-    with torch.no_grad():
-        out = wrapper(crops)
-        calls_batched = list(calls)
-        per_crop = torch.cat([head(backbone(c)) for c in crops])
-    assert calls_batched == [4, 6]
-    torch.testing.assert_close(out, per_crop, atol=1e-5, rtol=1e-4)
-
-
 # -----------------------------------------------------------------------------
-# training
-
-def tiny_folder(root, n=8, size=40, classes=2):
-    """An ImageFolder of small procedural images."""
-    rng = np.random.default_rng(0)
-    for i in range(n):
-        cls = dino.DEMO_CLASSES[i % classes]
-        os.makedirs(root / cls, exist_ok=True)
-        dino.demo_image(cls, rng, size)[0].save(root / cls / f"{i}.png")
-    return root
-
-
-def train_argv(data, out, *extra):
-    return ["train", "--data_path", str(data), "--output_dir", str(out), "--arch", "vit_tiny", "--patch_size", "16",
-            "--out_dim", "32", "--epochs", "2", "--batch_size_per_gpu", "4", "--global_crops_size", "32",
-            "--local_crops_size", "16", "--local_crops_number", "2", "--num_workers", "0", "--warmup_epochs", "1",
-            "--log_every", "1", *extra]
-
-
-# Several processes in one test form a gloo group on the CPU, GPU or not (NCCL refuses two processes on one GPU)
-GLOO_ON_THE_CPU = {"CUDA_VISIBLE_DEVICES": ""}
-
-
-def run_cli(argv, cwd=HERE, timeout=240):
-    """The CLI as a user runs it: a separate process; returns (exit code, stdout, stderr)."""
-    p = subprocess.run([sys.executable, os.path.join(HERE, "dino.py"), *argv], cwd=cwd, capture_output=True,
-                       text=True, timeout=timeout)
-    return p.returncode, p.stdout, p.stderr
-
-
-def read_log(out):
-    with open(out / "log.txt") as f:
-        return [json.loads(line) for line in f]
-
-
-def test_short_training_run_writes_checkpoint_and_json_log(tmp_path, capsys):
-    data = tiny_folder(tmp_path / "data")
-    dino.main(train_argv(data, tmp_path / "out", "--saveckp_freq", "1"))
-    log = read_log(tmp_path / "out")
-    assert [entry["epoch"] for entry in log] == [0, 1]
-    for entry in log:
-        assert math.isfinite(entry["loss"]) and entry["skipped_images"] == 0
-        assert {"teacher_entropy", "kl", "batch_mean_entropy", "lr", "wd", "momentum", "images_per_s"} <= set(entry)
-        assert entry["loss"] == pytest.approx(entry["teacher_entropy"] + entry["kl"], rel=1e-4)
-    ckpt = torch.load(tmp_path / "out" / "checkpoint.pth", weights_only=True)
-    assert ckpt["epoch"] == 2 and ckpt["args"]["arch"] == "vit_tiny"
-    assert {"student", "teacher", "optimizer", "dino_loss"} <= set(ckpt)
-    assert (tmp_path / "out" / "checkpoint0000.pth").exists() and (tmp_path / "out" / "checkpoint0001.pth").exists()
-    assert not list((tmp_path / "out").glob("*.tmp*"))
-    printed = capsys.readouterr().out
-    assert "it 2/2 loss" in printed and "img/s" in printed and "eta" in printed
-
-
-@pytest.mark.parametrize("workers", ["0", "2"])  # 2: persistent loader workers, started once per run
-def test_resume_is_bit_exact(tmp_path, workers):
-    data = tiny_folder(tmp_path / "data")
-    argv = ["--saveckp_freq", "1", "--num_workers", workers]
-    dino.main(train_argv(data, tmp_path / "straight", *argv))
-    # An interrupted run: only the state after epoch 0 exists; rerunning the same command finishes it.
-    os.makedirs(tmp_path / "resumed")
-    os.replace(tmp_path / "straight" / "checkpoint0000.pth", tmp_path / "resumed" / "checkpoint.pth")
-    dino.main(train_argv(data, tmp_path / "resumed", *argv))
-    a = torch.load(tmp_path / "straight" / "checkpoint.pth", weights_only=True)
-    b = torch.load(tmp_path / "resumed" / "checkpoint.pth", weights_only=True)
-    for net in ("teacher", "student"):
-        for k in a[net]:
-            assert torch.equal(a[net][k], b[net][k]), f"{net} {k}"
-    assert torch.equal(a["dino_loss"]["center"], b["dino_loss"]["center"])
-    assert read_log(tmp_path / "straight")[1]["loss"] == read_log(tmp_path / "resumed")[0]["loss"]
-
-
-def test_recipe_defaults_and_teacher_starts_as_student_copy(tmp_path):
-    args = parse_args(["train", "--data_path", str(tmp_path), "--output_dir", str(tmp_path / "out")])
-    assert (args.arch, args.patch_size, args.out_dim, args.lr, args.epochs, args.batch_size_per_gpu) == \
-        ("vit_small", 16, 65536, 0.0005, 100, 64)
-    assert (args.momentum_teacher, args.teacher_temp, args.weight_decay, args.weight_decay_end, args.clip_grad) == \
-        (0.996, 0.04, 0.04, 0.4, 3.0)
-    assert (args.local_crops_number, args.global_crops_scale, args.local_crops_scale) == (8, [0.4, 1.0], [0.05, 0.4])
-    assert args.freeze_last_layer == 1 and args.norm_last_layer is True
-    student, teacher = dino.build_dino_networks("vit_tiny", out_dim=32, drop_path_rate=args.drop_path_rate)
-    for (n, s), t in zip(student.state_dict().items(), teacher.state_dict().values()):
-        assert torch.equal(s, t), n
-    assert not any(p.requires_grad for p in teacher.parameters())
-    assert student.backbone.blocks[-1].drop_path.drop_prob == pytest.approx(0.1)
-    assert all(b.drop_path.drop_prob == 0 for b in teacher.backbone.blocks)
-
+# the train step and the epoch loop
 
 def record_forwards(monkeypatch):
     """Every MultiCropWrapper call of a training run: (is teacher, crops, output, the network's state before)."""
@@ -721,7 +896,7 @@ def record_forwards(monkeypatch):
 def test_train_step_follows_algorithm_1(tmp_path, monkeypatch):
     """Which crops each network sees, what the EMA and the center see (once per step), what is frozen when:
     4 images, batch 4, so each epoch is one step."""
-    data = tiny_folder(tmp_path / "data", n=4)
+    data = image_folder(tmp_path / "data", n=4)
     calls = record_forwards(monkeypatch)
     dino.main(train_argv(data, tmp_path / "out", "--saveckp_freq", "1", "--warmup_epochs", "0", "--lr", "10",
                          "--momentum_teacher", "0.9", "--clip_grad", "0"))
@@ -740,18 +915,6 @@ def test_train_step_follows_algorithm_1(tmp_path, monkeypatch):
     assert torch.equal(epoch0["student"][last], s_state[last]) and not torch.equal(epoch1["student"][last],
                                                                                    s_state[last])
     assert not torch.equal(epoch0["student"][block], s_state[block])
-
-
-@pytest.mark.parametrize("major, expected", [(8, torch.bfloat16), (7, torch.float16)], ids=["A100", "V100"])
-def test_precision_auto_takes_bf16_only_where_gpus_compute_it_natively(monkeypatch, major, expected):
-    # A GPU of this compute capability, on which bf16 tensors can be made (emulated before capability 8)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: argparse.Namespace(major=major))
-    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda device: True)
-    assert dino.autocast_dtype("auto", torch.device("cuda", 0)) == expected
-    assert dino.autocast_dtype("auto", torch.device("cpu")) is None
-    assert dino.autocast_dtype("fp16", torch.device("cuda", 0)) == torch.float16
 
 
 def train_step_from(args, precision, device, crops):
@@ -789,7 +952,7 @@ def test_mixed_precision_steps_are_close_to_fp32(tmp_path, device):
 def test_device_photometry_path_on_the_cpu(tmp_path, monkeypatch):
     """The GPU data path run on the CPU: the loader gives uint8 crops, colour / blur / solarize run batched before
     the step, which gets normalized float crops of the same shapes. Training keeps TF32 off."""
-    data = tiny_folder(tmp_path / "data")
+    data = image_folder(tmp_path / "data")
     loaded, stepped = [], []
     photometry, step = MultiCropPhotometry.__call__, dino.train_step
 
@@ -816,70 +979,6 @@ def test_device_photometry_path_on_the_cpu(tmp_path, monkeypatch):
     assert not torch.backends.cuda.matmul.allow_tf32
 
 
-@pytest.mark.parametrize("backend", [pytest.param("aot_eager", marks=pytest.mark.slow),
-                                     pytest.param("inductor", marks=pytest.mark.gpu)])
-def test_compiled_run_finishes_with_the_eager_loss(tmp_path, monkeypatch, backend):
-    """--compile for one epoch, the same loss as eager. On the CPU through aot_eager (graph capture and AOT autograd,
-    no code generation): inductor's CPU code generation takes 5 minutes on 2 cores and is not the GPU's anyway."""
-    data = tiny_folder(tmp_path / "data", n=4)
-    dino.main(train_argv(data, tmp_path / "eager", "--epochs", "1"))
-    compile_module = nn.Module.compile
-    monkeypatch.setattr(nn.Module, "compile", lambda self: compile_module(self, backend=backend))
-    dino.main(train_argv(data, tmp_path / "compiled", "--epochs", "1", "--compile"))
-    eager, compiled = read_log(tmp_path / "eager")[0]["loss"], read_log(tmp_path / "compiled")[0]["loss"]
-    assert math.isfinite(compiled) and compiled == pytest.approx(eager, rel=1e-2 if backend == "inductor" else 1e-5)
-
-
-def test_bad_flags_are_one_line_errors_before_any_work(tmp_path, capsys):
-    data = tiny_folder(tmp_path / "data", n=4)
-    out = tmp_path / "out"
-    for flags, expected in [(["--batch_size_per_gpu", "0"], "--batch_size_per_gpu: must be at least 1"),
-                            (["--num_workers", "-1"], "--num_workers: must be at least 0"),
-                            (["--patch_size", "0"], "--patch_size: must be at least 1"),
-                            (["--global_crops_size", "70"], "--global_crops_size 70 is not a multiple of --patch_size"),
-                            (["--global_crops_scale", "1.5", "0.2"], "--global_crops_scale: must be in (0, 1]"),
-                            (["--global_crops_scale", "0.9", "0.2"], "the smaller scale comes first"),
-                            (["--lr", "-1"], "--lr: must be at least 0.0"), (["--out_dim", "1"], "at least 2"),
-                            (["--teacher_temp", "0"], "--teacher_temp: must be above 0"),
-                            (["--epochs", "0"], "--epochs: must be at least 1"),
-                            (["--optimizer", "lars"], "lars is the published code's optimizer for convnets")]:
-        assert expected in main_error(train_argv(data, out, *flags), capsys), flags
-    for command, flags, expected in [("knn", ["--nb_knn", "0"], "--nb_knn: must be at least 1"),
-                                     ("knn", ["--temperature", "0"], "--temperature: must be above 0"),
-                                     ("linear", ["--batch_size_per_gpu", "0"], "must be at least 1")]:
-        assert expected in main_error([command, "--output_dir", str(out), *flags], capsys)
-    assert not out.exists()
-
-
-def _two_rank_worker(rank, data, out, port, results):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), **GLOO_ON_THE_CPU)
-    torch.set_num_threads(1)
-    run = dino.train(dino.parse_args(train_argv(data, out, "--epochs", "1")))
-    teacher, loss = run.teacher, run.dino_loss
-    # the center must equal the EMA of the all-process batch means: check one update by hand
-    center = loss.center.clone()
-    teacher_out = torch.randn(6, 32) + rank  # 3 samples x 2 views
-    loss(torch.randn(12, 32), teacher_out, 0)  # 3 samples x 4 crops
-    results[rank] = {"teacher": {k: v.clone() for k, v in teacher.state_dict().items()}, "center_before": center,
-                     "center_after": loss.center.clone(), "teacher_out": teacher_out}
-    torch.distributed.destroy_process_group()
-
-
-def test_two_processes_train_together(tmp_path):
-    data = tiny_folder(tmp_path / "data", n=16)
-    results = torch.multiprocessing.Manager().dict()
-    torch.multiprocessing.spawn(_two_rank_worker, args=(data, tmp_path / "out", dino._free_port(), results), nprocs=2)
-    r0, r1 = results[0], results[1]
-    for k in r0["teacher"]:
-        assert torch.equal(r0["teacher"][k], r1["teacher"][k]), k
-    assert torch.equal(r0["center_before"], r1["center_before"])
-    mean = torch.cat([r0["teacher_out"], r1["teacher_out"]]).mean(0, keepdim=True)
-    torch.testing.assert_close(r0["center_after"], 0.9 * r0["center_before"] + 0.1 * mean)
-    torch.testing.assert_close(r1["center_after"], r0["center_after"])
-    assert read_log(tmp_path / "out")[0]["epoch"] == 0
-
-
 # --accum_iter: micro-batches of 2 from the loader are the batch of 4 it would give with batch 4 (same sampler order,
 # per-sample augmentation seeds): with drop path 0 the runs must agree. SGD, as AdamW would hide a wrong gradient
 # scale (it normalizes the gradient).
@@ -897,7 +996,7 @@ def assert_same_run(a, b, tol=1e-5):
 def test_accum_iter_equals_the_big_batch(tmp_path, capsys):
     """2 epochs of 2 steps: the same student, teacher, center and log (lr scaled by the total batch, schedules
     stepped per optimizer step). Without clipping, so the summed gradient's scale is checked exactly."""
-    data = tiny_folder(tmp_path / "data", n=8)
+    data = image_folder(tmp_path / "data", n=8)
     # the CPU's data path on a GPU too: the batched photometry draws its parameters per (micro-)batch
     dino.train(parse_args(train_argv(data, tmp_path / "big", *ACCUM, "--clip_grad", "0", *BIG)),
                device_photometry=False)
@@ -927,9 +1026,7 @@ class CountingDDP(nn.parallel.DistributedDataParallel):
 
 
 def _accum_worker(rank, data, out, port, results):
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), **GLOO_ON_THE_CPU)
-    torch.set_num_threads(1)
+    become_rank(rank, port)
     nn.parallel.DistributedDataParallel = CountingDDP
     runs = {}
     for name, flags in (("big", BIG), ("micro", MICRO)):
@@ -944,7 +1041,7 @@ def _accum_worker(rank, data, out, port, results):
 
 def test_accum_iter_two_processes_equals_the_big_batch(tmp_path):
     """8 images, 4 per process: one step of a batch of 4 per process, or of 2 micro-batches of 2."""
-    data = tiny_folder(tmp_path / "data", n=8)
+    data = image_folder(tmp_path / "data", n=8)
     results = torch.multiprocessing.Manager().dict()
     torch.multiprocessing.spawn(_accum_worker, args=(data, tmp_path, dino._free_port(), results), nprocs=2)
     for rank in range(2):
@@ -954,54 +1051,8 @@ def test_accum_iter_two_processes_equals_the_big_batch(tmp_path):
         assert results[rank]["micro"]["reductions"] == results[rank]["big"]["reductions"] > 0
 
 
-def main_error(argv, capsys):
-    """Run the CLI in-process; it must exit with status 2 and a one-line 'error: ...' message."""
-    with pytest.raises(SystemExit) as e:
-        dino.main(argv)
-    assert e.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
-    return err
-
-
-def test_bad_data_paths_and_output_dirs(tmp_path, capsys):
-    assert "is not a directory" in main_error(train_argv(tmp_path / "missing", tmp_path / "out"), capsys)
-    os.makedirs(tmp_path / "empty" / "cls")
-    (tmp_path / "empty" / "notes.txt").write_text("no images here")
-    assert "holds no images" in main_error(train_argv(tmp_path / "empty", tmp_path / "out"), capsys)
-    data = tiny_folder(tmp_path / "data", n=4)
-    (tmp_path / "a_file").write_text("")
-    assert "is a file" in main_error(train_argv(data, tmp_path / "a_file"), capsys)
-    assert "not writable" in main_error(train_argv(data, tmp_path / "a_file" / "sub"), capsys)
-    assert "do not fill one batch" in main_error(train_argv(data, tmp_path / "out", "--batch_size_per_gpu", "5"),
-                                                 capsys)
-    assert not (tmp_path / "out" / "checkpoint.pth").exists()
-
-
-def test_cli_error_is_one_line_with_exit_code(tmp_path):
-    code, out, err = run_cli(train_argv(tmp_path / "missing", tmp_path / "out"))
-    assert code == 2 and err.strip().count("\n") == 0 and "error: --data_path" in err and "Traceback" not in err
-
-
-def test_corrupt_and_odd_images_are_handled(tmp_path, capsys):
-    data = tiny_folder(tmp_path / "data", n=7)
-    (data / "dots").mkdir(exist_ok=True)
-    good = (data / "disk" / "0.png").read_bytes()
-    (data / "dots" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0" + os.urandom(200))  # a JPEG header, then noise
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 30), dtype=np.uint8), "L").save(data / "gray.png")
-    Image.fromarray(np.full((20, 20), 40000, dtype=np.uint16)).save(data / "sixteen.png")
-    Image.new("P", (33, 41), 3).save(data / "palette.gif")
-    Image.new("RGBA", (50, 30), (255, 0, 0, 128)).save(data / "rgba.png")
-    dino.main(train_argv(data, tmp_path / "out", "--epochs", "1", "--batch_size_per_gpu", "2"))
-    log = read_log(tmp_path / "out")
-    assert log[0]["skipped_images"] >= 1 and math.isfinite(log[0]["loss"])
-    assert "skipping unreadable image" in capsys.readouterr().err
-    assert dino.load_rgb(data / "sixteen.png").getpixel((0, 0)) == (156, 156, 156)  # 40000 / 65535 * 255, not clipped
-    assert good  # the good files were left alone
-
-
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys, monkeypatch):
-    data = tiny_folder(tmp_path / "data")
+    data = image_folder(tmp_path / "data")
     forward = dino.DINOLoss.forward
 
     def nan_in_epoch_1(self, student_output, teacher_output, epoch, **kwargs):
@@ -1018,46 +1069,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys, 
 
 
 # -----------------------------------------------------------------------------
-# evaluation: knn, attn, linear
-
-def tiny_vit():
-    torch.manual_seed(0)
-    return vits.vit_tiny(patch_size=16).eval()
-
-
-def save_png(path, array):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    Image.fromarray(np.asarray(array, dtype=np.uint8)).save(path)
-
-
-def make_folders(root, n_train=4, n_val=2, classes=("a", "b", "c"), size=32):
-    """root/{train,val}/<class>/*.png: each class a different mean color plus noise."""
-    rng = np.random.default_rng(0)
-    for split, n in (("train", n_train), ("val", n_val)):
-        for c, cls in enumerate(classes):
-            for i in range(n):
-                color = 255 * c / max(len(classes) - 1, 1)
-                save_png(os.path.join(root, split, cls, f"{i}.png"),
-                         np.clip(color + rng.normal(0, 10, (size, size, 3)), 0, 255))
-    return str(root)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """A training-style checkpoint of a random vit_tiny/16 trained at 32 pixels."""
-    path = tmp_path_factory.mktemp("run") / "checkpoint.pth"
-    backbone = {f"backbone.{k}": v for k, v in tiny_vit().state_dict().items()}
-    torch.save({"student": backbone, "teacher": backbone, "epoch": 1,
-                "args": {"arch": "vit_tiny", "patch_size": 16, "global_crops_size": 32}}, path)
-    return str(path)
-
-
-def parse(command, argv):
-    return parse_args([command, *argv])
-
-
-# -----------------------------------------------------------------------------
-# knn
+# k-NN
 
 def reference_knn(train_features, train_labels, test_features, test_labels, k, T):
     """One test sample at a time, in plain Python: k nearest by cosine, votes exp(sim / T)."""
@@ -1112,41 +1124,31 @@ def test_shards_cover_the_dataset_once(monkeypatch):
             assert indices == list(range(n))
 
 
-def images_dataset():
-    g = torch.Generator().manual_seed(0)
-    return torch.utils.data.TensorDataset(torch.randn(7, 3, 32, 32, generator=g), torch.arange(7))
+def seven_images(root):
+    """A dataset of 7 images (more in one shard of 2 than in the other), as (image, True)."""
+    return dino.ImageFiles(root, dino.eval_transform(32, 32))
 
 
-def embed_images(folder):
-    """Readable images in an order that sorting by path gives, a corrupt one among them; their expected paths."""
-    rng = np.random.default_rng(0)
-    names = ["cat.png", "dogs/d1.png", "dogs/d2.jpg", "zebra.png"]
-    for name in names:
-        save_png(folder / name, rng.integers(0, 255, (40, 36, 3)))
-    (folder / "dogs" / "bad.png").write_bytes(b"\x89PNG broken")
-    return names
-
-
-def extract_worker(rank, port, out, folder):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+def extract_worker(rank, port, tmp_path):
+    become_rank(rank, port)
+    dist.init_process_group("gloo")
     try:
-        features = extract_features(tiny_vit(), images_dataset(), 2, 0, "cpu")
-        torch.save(features, os.path.join(out, f"rank{rank}.pth"))
-        embedded = dino.embed_folder(tiny_vit(), folder, crop_size=32, patch_tokens=True, batch_size=2)
-        torch.save(embedded, os.path.join(out, f"embedded{rank}.pth"))
+        features = extract_features(tiny_vit(), seven_images(tmp_path / "seven"), 2, 0, "cpu")
+        torch.save(features, tmp_path / f"rank{rank}.pth")
+        embedded = dino.embed_folder(tiny_vit(), tmp_path / "images", crop_size=32, patch_tokens=True, batch_size=2)
+        torch.save(embedded, tmp_path / f"embedded{rank}.pth")
     finally:
         dist.destroy_process_group()
 
 
 def test_extract_features_and_embed_folder_two_processes_equal_one(tmp_path):
-    single = extract_features(tiny_vit(), images_dataset(), 2, 0, "cpu")
+    image_folder(tmp_path / "seven", n=7, classes=None, look="noise", size=32)
+    single = extract_features(tiny_vit(), seven_images(tmp_path / "seven"), 2, 0, "cpu")
     assert single.shape == (7, 192) and single.dtype == torch.float32
     assert torch.allclose(single.norm(dim=1), torch.ones(7))
-    embed_images(tmp_path / "images")  # 5 files, the corrupt one in process 0's shard of 2
+    image_folder(tmp_path / "images", **EMBED_FOLDER)  # 5 files, the broken one in process 0's shard of 2
     single_embedded = dino.embed_folder(tiny_vit(), tmp_path / "images", crop_size=32, patch_tokens=True)
-    torch.multiprocessing.spawn(extract_worker, args=(dino._free_port(), str(tmp_path), tmp_path / "images"),
-                                nprocs=2)
+    torch.multiprocessing.spawn(extract_worker, args=(dino._free_port(), tmp_path), nprocs=2)
     # process 0 gets all 7 features, in dataset order; the others nothing
     torch.testing.assert_close(torch.load(tmp_path / "rank0.pth"), single, atol=1e-5, rtol=0)
     assert torch.load(tmp_path / "rank1.pth") is None
@@ -1157,32 +1159,8 @@ def test_extract_features_and_embed_folder_two_processes_equal_one(tmp_path):
         torch.testing.assert_close(embedded[k], single_embedded[k], atol=1e-5, rtol=1e-5)
 
 
-def test_evaluation_allows_tf32_on_gpus():
-    torch.backends.cuda.matmul.allow_tf32 = False  # torch_global_switches restores it
-    dino.load_backbone(argparse.Namespace(arch="vit_tiny", patch_size=16), torch.device("cpu"))  # knn, attn, linear
-    assert torch.backends.cuda.matmul.allow_tf32
-
-
-def test_knn_main_demo_run_with_random_init(tmp_path, checkpoint, monkeypatch, capsys):
-    out = tmp_path / "run"
-    with pytest.raises(DinoError, match="python dino.py train"):
-        knn_main(parse("knn", ["--output_dir", str(out)]))
-    os.makedirs(out)
-    shutil.copy(checkpoint, out / "checkpoint.pth")
-    monkeypatch.setattr(dino, "make_demo_dataset", lambda root: make_folders(root))  # a tiny stand-in demo
-    args = parse("knn", ["--output_dir", str(out), "--num_workers", "0"])
-    knn_main(args)
-    assert (args.arch, args.patch_size, args.crop_size, args.resize_size) == ("vit_tiny", 16, 32, 32)
-    results = json.loads((out / "knn_results.json").read_text())["results"]
-    ks = [10, 12]  # 20, 100 and 200 are capped at the 12 train images
-    assert [(r["model"], r["k"]) for r in results] == [(str(out / "checkpoint.pth"), k) for k in ks] + \
-        [("random init (seed 0)", k) for k in ks]
-    assert results[0]["top1"] == 100.0  # the colors are trivially separable
-    assert "random init (seed 0)" in capsys.readouterr().out
-
-
 def test_knn_accuracy_runs_in_eval_mode_and_restores_the_mode(tmp_path):
-    root = make_folders(tmp_path, n_train=2, n_val=1)
+    root = image_folder(tmp_path, n=(6, 3), classes=("a", "b", "c"), look="color", size=32)
     transform = dino.eval_transform(32, 32)
     sets = dino.image_folders(root, transform, transform)
     for training in (True, False):
@@ -1192,57 +1170,8 @@ def test_knn_accuracy_runs_in_eval_mode_and_restores_the_mode(tmp_path):
         assert modes and not any(modes) and model.training == training
 
 
-def reference_features(model, root, split, size):
-    """(L2-normalized CLS features, labels) of root/split/<class>/*, one image at a time: resize, center crop."""
-    features, labels = [], []
-    for label, cls in enumerate(sorted(os.listdir(os.path.join(root, split)))):
-        for name in sorted(os.listdir(os.path.join(root, split, cls))):
-            img = Image.open(os.path.join(root, split, cls, name)).convert("RGB")
-            x = T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size), T.ToTensor(),
-                           T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])(img)
-            with torch.no_grad():
-                features.append(F.normalize(model(x[None]), dim=1)[0])
-            labels.append(label)
-    return torch.stack(features), torch.tensor(labels)
-
-
-def test_knn_every_logs_the_teachers_knn_top1(tmp_path, capsys):
-    """Noise images with random labels: accuracies far from 0 and 100, checked against the saved teachers."""
-    data, root = tiny_folder(tmp_path / "data"), tmp_path / "labelled"
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 12), ("val", 9)):
-        for i in range(n):
-            save_png(root / split / "abc"[i % 3] / f"{i}.png", rng.integers(0, 255, (40, 36, 3)))
-    dino.main(train_argv(data, tmp_path / "out", "--knn_every", "1", "--knn_data_path", str(root),
-                         "--saveckp_freq", "1"))
-    log = read_log(tmp_path / "out")
-    assert [e["epoch"] for e in log] == [0, 1]
-    assert "teacher k-NN top-1" in capsys.readouterr().out
-    for e in log:
-        ckpt = dino.load_checkpoint_file(tmp_path / "out" / f"checkpoint{e['epoch']:04d}.pth")
-        teacher = vits.vit_tiny(patch_size=16).eval()
-        teacher.load_state_dict({k.removeprefix("backbone."): v for k, v in ckpt["teacher"].items()
-                                 if k.startswith("backbone.")})
-        (train, train_labels), (val, val_labels) = (reference_features(teacher, root, split, 32)
-                                                    for split in ("train", "val"))
-        assert 0 <= e["knn_top1"] <= 100
-        assert e["knn_top1"] == pytest.approx(reference_knn(train, train_labels, val, val_labels, 12, 0.07)[0])
-
-
-def test_knn_every_defaults(tmp_path, monkeypatch, capsys):
-    """The demo evaluates its own labelled data after its 4 epochs; other data need --knn_data_path for it."""
-    launched = []
-    monkeypatch.setattr(dino, "launch", lambda fn, args: launched.append(args))
-    monkeypatch.setattr(dino, "make_demo_dataset", lambda root: make_folders(root))
-    dino.main(["train", "--output_dir", str(tmp_path)])
-    assert launched[0].knn_every == 4 and launched[0].knn_data_path == str(tmp_path / "demo_data")
-    assert parse_args(["train", "--preset", "demo", "--data_path", str(tmp_path)]).knn_every == 0  # unlabelled
-    assert "--knn_every needs --knn_data_path" in main_error(["train", "--data_path", str(tmp_path), "--knn_every",
-                                                              "2", "--output_dir", str(tmp_path)], capsys)
-
-
 # -----------------------------------------------------------------------------
-# attn
+# attention maps
 
 def test_attention_maps_non_square():
     model = tiny_vit()
@@ -1279,115 +1208,11 @@ def test_attention_jaccard_on_hand_made_maps():
     torch.testing.assert_close(dino.attention_jaccard(maps, masks, 2), torch.tensor([0.5, 1 / 3, 0.75]))
 
 
-def test_attn_main_writes_maps(tmp_path, checkpoint, capsys):
-    image = tmp_path / "gray16.png"  # a 16-bit grayscale image, not 8-bit RGB
-    Image.fromarray(np.random.default_rng(0).integers(0, 65535, (50, 70)).astype(np.uint16)).save(image)
-    args = parse("attn", [
-        "--pretrained_weights", checkpoint, "--image_path", str(image), "--image_size", "40", "72",
-        "--threshold", "0.6", "--output_dir", str(tmp_path)])
-    attn_main(args)
-    names = sorted(os.listdir(tmp_path / "attn"))
-    assert names == sorted(["img.png", "attn-mean.png", "attn-overlay.png"] +
-                           [f"{kind}-head{i}.png" for kind in ("attn", "mask") for i in range(3)])
-    for name in names:  # 40 x 72 cropped to multiples of 16
-        with Image.open(tmp_path / "attn" / name) as img:
-            assert img.size == (64, 32) and img.mode == "RGB"
-    printed = capsys.readouterr().out.splitlines()
-    # 12 blocks x 12 tensors + class token, positions, patch embedding (2) and final norm (2)
-    assert printed[0] == f"loaded {checkpoint}: teacher backbone, 150 tensors"
-    assert sorted(printed[1:]) == [str(tmp_path / "attn" / name) for name in names]
-
-
-def test_attn_demo_defaults_and_jaccard(tmp_path, checkpoint, monkeypatch, capsys):
-    """On the demo: the maps of its first val image at 4x the training resolution, and the Jaccard scores of the
-    trained teacher and of random init over its val images, at the training resolution (32: the checkpoint's)."""
-    shutil.copy(checkpoint, tmp_path / "checkpoint.pth")
-    make_demo_dataset = dino.make_demo_dataset
-    monkeypatch.setattr(dino, "make_demo_dataset", lambda root: make_demo_dataset(root, n_train=1, n_val=2))
-    args = parse("attn", ["--output_dir", str(tmp_path)])
-    attn_main(args)
-    assert args.image_path == str(tmp_path / "demo_data" / "val" / "cross" / "0000.png")  # the first, sorted
-    assert args.image_size == [128, 128]
-    scores = json.loads((tmp_path / "attn" / "demo_jaccard.json").read_text())
-    masks = [np.asarray(Image.open(p).resize((32, 32), Image.BOX)) >= 128
-             for p in sorted((tmp_path / "demo_data" / "masks" / "val").rglob("*.png"))]
-    assert scores["images"] == 12 and scores["chance"] == pytest.approx(np.mean(masks))
-    for name in ("trained", "random"):
-        assert 0 < scores[name] <= scores[f"{name}_best_head"] <= 1
-    assert "attention on the object" in capsys.readouterr().out
-
-
-def test_demo_dataset(tmp_path):
-    """Deterministic; classes balanced; each mask is the drawn object: dark where it is, light (background) around
-    it but for the small clutter; the object covers its share of the image, the ring has its hole."""
-    for run in ("a", "b"):
-        dino.make_demo_dataset(tmp_path / run, n_train=3, n_val=2, seed=5)
-    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.png"))
-    assert files == sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*.png"))
-    assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
-    for split, n in (("train", 3), ("val", 2)):
-        for cls in dino.DEMO_CLASSES:
-            assert len(os.listdir(tmp_path / "a" / split / cls)) == n
-            assert len(os.listdir(tmp_path / "a" / "masks" / split / cls)) == n
-    rng = np.random.default_rng(0)
-    for cls in dino.DEMO_CLASSES * 5:
-        img, mask = dino.demo_image(cls, rng)
-        pixels = np.asarray(img).max(axis=2)
-        assert mask.shape == (64, 64) and mask.dtype == bool
-        assert (pixels[mask] < 125).mean() > 0.9 and (pixels[~mask] > 125).mean() > 0.8, cls
-        assert dino.DEMO_AREA[0] - 0.02 < mask.mean() < dino.DEMO_AREA[1] + 0.02, cls
-        if cls == "ring":
-            ys, xs = np.nonzero(mask)
-            assert not mask[round(ys.mean()), round(xs.mean())]
-
-
-def test_attn_on_a_folder(tmp_path, checkpoint, capsys):
-    folder = tmp_path / "images"
-    rng = np.random.default_rng(0)
-    for name in ("a.png", "sub/b.jpg"):
-        save_png(folder / name, rng.integers(0, 255, (40, 50, 3)))
-    (folder / "sub" / "bad.png").write_bytes(b"not an image")
-    argv = ["--pretrained_weights", checkpoint, "--image_size", "32", "48"]
-    attn_main(parse("attn", [*argv, "--image_path", str(folder), "--output_dir", str(tmp_path / "out")]))
-    printed, err = capsys.readouterr()
-    assert re.findall(r"^(\d/3) ", printed, re.M) == ["1/3", "2/3"]  # progress; the 3rd image is the bad one
-    assert err.count("warning") == 1 and str(folder / "sub" / "bad.png") in err
-    files = sorted(["img.png", "attn-mean.png", "attn-overlay.png"] + [f"attn-head{i}.png" for i in range(3)])
-    for name in ("a", "sub/b"):  # each as the image alone would give
-        assert sorted(os.listdir(tmp_path / "out" / "attn" / name)) == files
-        attn_main(parse("attn", [*argv, "--image_path", str(folder / name) + (".png" if name == "a" else ".jpg"),
-                                 "--output_dir", str(tmp_path / name)]))
-        for f in files:
-            assert (tmp_path / "out" / "attn" / name / f).read_bytes() == (tmp_path / name / "attn" / f).read_bytes()
-    assert sorted(os.listdir(tmp_path / "out" / "attn")) == ["a", "sub"]
-    os.remove(folder / "a.png")
-    os.remove(folder / "sub" / "b.jpg")
-    argv += ["--image_path", str(folder), "--output_dir", str(tmp_path / "out")]
-    one_line_error(lambda: attn_main(parse("attn", argv)), "could be read")
-    os.remove(folder / "sub" / "bad.png")
-    one_line_error(lambda: attn_main(parse("attn", argv)), "holds no images")
-
-
 # -----------------------------------------------------------------------------
-# linear
-
-def test_linear_probe_separates_bright_from_dark(tmp_path, checkpoint):
-    data = make_folders(tmp_path / "data", n_train=8, n_val=4, classes=("bright", "dark"))
-    args = parse("linear", [
-        "--data_path", data, "--pretrained_weights", checkpoint, "--crop_size", "32", "--epochs", "4",
-        "--batch_size_per_gpu", "4", "--lr", "1.0", "--num_workers", "0", "--output_dir", str(tmp_path)])
-    best = linear_main(args)
-    assert (args.n_last_blocks, args.avgpool_patchtokens) == (4, False)
-    assert best["top1"] == 100.0
-    saved = torch.load(tmp_path / "linear.pth", weights_only=True)
-    assert saved["state_dict"]["weight"].shape == (2, 4 * 192) and saved["classes"] == ["bright", "dark"]
-    assert saved["args"]["arch"] == "vit_tiny" and saved["epoch"] == 4
-
+# linear probe
 
 def linear_worker(rank, port, args):
-    torch.set_num_threads(1)
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port), **GLOO_ON_THE_CPU)
+    become_rank(rank, port)
     try:
         best = linear_main(args)  # joins the gloo group through init_distributed
         torch.save(best, os.path.join(args.output_dir, f"best{rank}.pth"))
@@ -1396,7 +1221,7 @@ def linear_worker(rank, port, args):
 
 
 def test_linear_probe_two_processes(tmp_path, checkpoint):
-    data = make_folders(tmp_path / "data", n_train=7, n_val=3, classes=("bright", "dark"))
+    data = image_folder(tmp_path / "data", n=(14, 6), classes=("bright", "dark"), look="color", size=32)
     args = parse("linear", [
         "--data_path", data, "--pretrained_weights", checkpoint, "--epochs", "3", "--batch_size_per_gpu", "2",
         "--lr", "1.0", "--num_workers", "0", "--output_dir", str(tmp_path)])
@@ -1407,11 +1232,11 @@ def test_linear_probe_two_processes(tmp_path, checkpoint):
 
 
 # -----------------------------------------------------------------------------
-# embed
+# embeddings
 
 def test_embed_folder_features_and_files(tmp_path, checkpoint, capsys):
-    folder, model = tmp_path / "images", tiny_vit()
-    names = embed_images(folder)
+    folder, model, names = tmp_path / "images", tiny_vit(), EMBED_NAMES
+    image_folder(folder, **EMBED_FOLDER)
     # the documented default preprocessing at crop 32: resize to round(32 * 256 / 224) = 37, center crop 32
     x = torch.stack([T.Compose([T.Resize(37, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(32),
                                 T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])(
@@ -1448,69 +1273,209 @@ def test_embed_folder_features_and_files(tmp_path, checkpoint, capsys):
     assert not list(tmp_path.glob("*.tmp"))
 
 
-def test_embed_bad_inputs(tmp_path, checkpoint, capsys):
-    folder = tmp_path / "images"
-    embed_images(folder)
-    argv = ["embed", "--data_path", str(folder), "--pretrained_weights", checkpoint, "--num_workers", "0"]
-    assert "must end in .npz (numpy) or .pt" in main_error([*argv, "--output", str(tmp_path / "e.txt")], capsys)
-    assert "vit_tiny has only 12 blocks" in main_error([*argv, "--n_last_blocks", "13", "--output",
-                                                         str(tmp_path / "e.pt")], capsys)
-    for name in ("cat.png", "dogs/d1.png", "dogs/d2.jpg", "zebra.png"):
-        os.remove(folder / name)
-    with pytest.raises(SystemExit):
-        dino.main([*argv, "--crop_size", "32", "--output", str(tmp_path / "e.pt")])
-    warning, error = capsys.readouterr().err.strip().split("\n")  # the file named, then one line and status 2
-    assert "dogs/bad.png" in warning and error.startswith("error: no image under --data_path")
-    assert not (tmp_path / "e.pt").exists()
+# -----------------------------------------------------------------------------
+# part 1 on its own
 
+def test_part_1_alone_trains():
+    """dino.py above its `# Part 2: the tool` banner, run alone (as a copy in another project would be): it builds a
+    run from its own names and trains two steps (2 global crops of 32 pixels, 2 local of 16, batch 4); no CLI."""
+    lines = open(os.path.join(HERE, "dino.py")).read().split("\n")
+    banner = lines.index("# Part 2: the tool")
+    assert lines[banner - 1].startswith("# ====")
+    part1 = {"__name__": "dino_part1"}
+    exec(compile("\n".join(lines[:banner - 1]), "dino.py part 1", "exec"), part1)
+    assert not {"build_parser", "parse_args", "main"} & set(part1)
+    assert not any(isinstance(v, type) and issubclass(v, argparse.ArgumentParser) for v in part1.values())
+    assert part1["train_step"].__module__ == "dino_part1"  # not dino's, imported
+    torch.manual_seed(0)
+    student, teacher = part1["build_dino_networks"]("vit_tiny", patch_size=16, out_dim=32)
+    loss = part1["DINOLoss"](32, 4, warmup_teacher_temp=0.04, teacher_temp=0.04, warmup_teacher_temp_epochs=0,
+                             nepochs=1)
+    optimizer = torch.optim.AdamW(part1["get_params_groups"](student))
+    schedule = part1["cosine_scheduler"]
+    schedules = {"lr": schedule(1e-3, 1e-6, 1, 2), "wd": schedule(0.04, 0.4, 1, 2), "momentum": schedule(0.9, 1, 1, 2)}
+    s = part1["TrainState"](student, teacher, loss, optimizer, torch.amp.GradScaler("cpu", enabled=False), schedules)
+    teacher_start = [p.detach().clone() for p in teacher.parameters()]
+    student_start = {name: p.detach().clone() for name, p in student.named_parameters()}
+    for i in range(2):
+        teacher_before = [p.detach().clone() for p in teacher.parameters()]
+        crops = [torch.randn(4, 3, size, size) for size in (32, 32, 16, 16)]
+        assert math.isfinite(part1["train_step"](s, [crops], 0, i).item())
+        # EMA: teacher <- m teacher + (1 - m) student, with this iteration's momentum
+        m = schedules["momentum"][i]
+        for t, t0, p in zip(teacher.parameters(), teacher_before, student.parameters()):
+            torch.testing.assert_close(t, m * t0 + (1 - m) * p.detach())
+    # every trainable weight moved but the head's last layer (fixed in the first epoch: freeze_last_layer 1)
+    moved = {name for name, p in student.named_parameters() if not torch.equal(p, student_start[name])}
+    trainable = {name for name, p in student.named_parameters() if p.requires_grad}
+    assert moved == trainable - {"head.last_layer.weight_v"} and "backbone.blocks.0.attn.qkv.weight" in moved
+    assert not all(torch.equal(t, t0) for t, t0 in zip(teacher.parameters(), teacher_start))
+    assert not all(torch.equal(t, p) for t, p in zip(teacher.parameters(), student.parameters()))
+
+
+# =============================================================================
+# Part 2: the tool
+# =============================================================================
 
 # -----------------------------------------------------------------------------
-# bad inputs: one-line DinoErrors
+# checkpoints: loading, saving, resume, pretrained weights
 
-def one_line_error(fn, match):
-    with pytest.raises(DinoError, match=match) as e:
-        fn()
-    assert "\n" not in str(e.value)
+def test_load_pretrained_weights_formats_round_trip(tmp_path):
+    """The formats load_pretrained_weights accepts, all holding the same backbone and head."""
+    files = {name: tmp_path / f"{name}.pth" for name in ("plain", "full", "new_weight_norm")}
+    checkpoint_file(files["plain"], "plain")
+    _, wrapper = checkpoint_file(files["full"], out_dim=64, module=True)
+    checkpoint_file(files["new_weight_norm"], out_dim=64, new_weight_norm=True)
+    x = torch.randn(2, 3, 32, 48)
+    with torch.no_grad():
+        expected_features, expected_out = wrapper.backbone(x), wrapper(x)
+        for name in ("plain", "full", "new_weight_norm"):
+            model = dino.load_pretrained_weights(vits.vit_tiny(patch_size=16), files[name])
+            torch.testing.assert_close(model(x), expected_features, rtol=0, atol=0)
+        for name in ("full", "new_weight_norm"):
+            whole = dino.MultiCropWrapper(vits.vit_tiny(patch_size=16), vits.DINOHead(192, 64))
+            dino.load_pretrained_weights(whole, files[name], "teacher")
+            torch.testing.assert_close(whole(x), expected_out, rtol=0, atol=0)
+        student = dino.load_pretrained_weights(vits.vit_tiny(patch_size=16), files["full"], "student")
+        assert not torch.allclose(student(x), expected_features)  # the student entry (another network) was picked
 
 
-def test_bad_inputs(tmp_path, checkpoint):
-    data = make_folders(tmp_path / "data")
-    os.rename(os.path.join(data, "val"), os.path.join(data, "validation"))
-    for command, run in (("knn", knn_main), ("linear", linear_main)):
-        one_line_error(lambda: run(parse(command, ["--data_path", data, "--pretrained_weights", checkpoint])),
-                       "no val/ folder")
-    os.makedirs(tmp_path / "empty")
-    args = parse("attn", ["--pretrained_weights", checkpoint, "--arch", "vit_small", "--image_path",
-                          str(tmp_path / "empty"), "--output_dir", str(tmp_path)])
-    one_line_error(lambda: attn_main(args), "holds no images")
-    not_an_image = tmp_path / "notes.png"
-    not_an_image.write_text("hello")
-    args.image_path = str(not_an_image)
-    one_line_error(lambda: attn_main(args), "not a readable image")
-    args.image_path = str(tmp_path / "data" / "train" / "a" / "0.png")
+def test_weights_of_another_arch_are_one_line(tmp_path, checkpoint):
+    full = tmp_path / "full.pth"
+    checkpoint_file(full, out_dim=64, module=True)
+    with pytest.raises(DinoError) as e:
+        dino.load_pretrained_weights(vits.vit_small(patch_size=8), full)
+    msg = str(e.value)
+    assert "\n" not in msg and "--arch vit_tiny --patch_size 16" in msg and "shape mismatch" in msg
+    with pytest.raises(DinoError, match="no 'nope' entry"):
+        dino.load_pretrained_weights(vits.vit_tiny(patch_size=16), full, "nope")
+    image = os.path.join(image_folder(tmp_path / "images", n=1, classes=None), "0.png")
+    args = parse("attn", ["--pretrained_weights", checkpoint, "--arch", "vit_small", "--image_path", image,
+                          "--output_dir", str(tmp_path)])
     one_line_error(lambda: attn_main(args), "vit_tiny")  # the checkpoint's arch, suggested
 
 
-# -----------------------------------------------------------------------------
-# faults: killed runs, bad checkpoints and pickles, changed flags, bad images, unwritable output dirs, lost
-# processes. The slow ones kill real training processes: `python -m pytest -q -m slow`.
+def test_unreadable_checkpoints_are_one_line_errors_and_never_overwritten(tmp_path, capsys):
+    files = {}
+    for kind in ("truncated", "empty", "text", "plain"):  # plain: a backbone, not a training run
+        files[kind] = tmp_path / f"{kind}.pth"
+        checkpoint_file(files[kind], kind)
+    for name in ("truncated", "empty", "text"):
+        with pytest.raises(dino.DinoError, match="is not a readable checkpoint") as e:
+            dino.load_checkpoint_file(files[name])
+        assert str(files[name]) in str(e.value) and "\n" not in str(e.value)
+    data = image_folder(tmp_path / "data", n=4)
+    for name, path in files.items():
+        out = tmp_path / f"run_{name}"
+        os.makedirs(out)
+        (out / "checkpoint.pth").write_bytes(path.read_bytes())
+        err = main_error(train_argv(data, out, "--epochs", "1"), capsys)
+        assert "cannot resume" in err and str(out / "checkpoint.pth") in err and "to start fresh" in err, err
+        assert (out / "checkpoint.pth").read_bytes() == path.read_bytes()  # left alone
+        assert not (out / "log.txt").exists()
+    for command in ("knn", "attn", "linear"):
+        err = main_error([command, "--pretrained_weights", str(files["truncated"]), "--output_dir",
+                          str(tmp_path / "eval")], capsys)
+        assert "is not a readable checkpoint" in err and str(files["truncated"]) in err
 
-def start_cli(argv, stderr_path, env=None, python_args=("dino.py",)):
-    """The CLI in a separate process, stderr to a file (a pipe nobody reads could fill up and block it)."""
-    with open(stderr_path, "w") as err:
-        return subprocess.Popen([sys.executable, *python_args, *argv], cwd=HERE, env={**os.environ, **(env or {})},
-                                stdout=subprocess.DEVNULL, stderr=err)
+
+class RunsCode:
+    """Unpickling it creates the marker file: what a malicious checkpoint could do with any command."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
 
 
-def wait_for(condition, p, timeout=120):
-    """Poll condition() every 2 ms while process p runs; True once it holds, False if p exited first."""
-    deadline = time.time() + timeout
-    while p.poll() is None and time.time() < deadline:
-        if condition():
-            return True
-        time.sleep(0.002)
-    assert time.time() < deadline, "timed out waiting"
-    return False
+def torch_load_calls(source):
+    """The argument text of every torch.load(...) call in source."""
+    calls = []
+    for match in re.finditer(r"torch\.load\(", source):
+        depth, i = 1, match.end()
+        while depth:
+            depth += {"(": 1, ")": -1}.get(source[i], 0)
+            i += 1
+        calls.append(source[match.end():i - 1])
+    return calls
+
+
+def test_every_torch_load_is_weights_only():
+    calls = torch_load_calls(open(os.path.join(HERE, "dino.py")).read())
+    assert calls and all("weights_only=True" in call for call in calls), calls
+    assert not torch_load_calls(open(os.path.join(HERE, "vision_transformer.py")).read())
+
+
+def test_code_running_pickle_is_refused_by_every_entry_point(tmp_path, capsys):
+    marker = tmp_path / "marker"
+    evil = tmp_path / "evil.pth"
+    checkpoint_file(evil, extra={"payload": RunsCode(marker)})
+    torch.load(evil, weights_only=False)  # the file really runs code when unpickled unsafely
+    assert marker.exists()
+    marker.unlink()
+
+    refused = "could run code"
+    with pytest.raises(dino.DinoError, match=refused):
+        dino.load_pretrained_weights(dino.vits.vit_tiny(patch_size=16), evil)
+    data = image_folder(tmp_path / "data", n=4)
+    os.makedirs(tmp_path / "run")
+    (tmp_path / "run" / "checkpoint.pth").write_bytes(evil.read_bytes())
+    assert refused in main_error(train_argv(data, tmp_path / "run"), capsys)
+    for command in ("knn", "attn", "linear"):
+        err = main_error([command, "--pretrained_weights", str(evil), "--output_dir", str(tmp_path / "eval")], capsys)
+        assert refused in err and str(evil) in err
+    err = main_error(["embed", "--data_path", str(data), "--pretrained_weights", str(evil), "--output",
+                      str(tmp_path / "features.npz")], capsys)
+    assert refused in err and not (tmp_path / "features.npz").exists()
+    assert not marker.exists()
+
+
+def test_official_checkpoint_loads_through_every_entry_point(tmp_path, capsys):
+    for numpy1 in (False, True):
+        official = tmp_path / f"official{numpy1}.pth"
+        networks = checkpoint_file(official, "published", out_dim=32, seed=3, numpy1=numpy1)
+        student, teacher = (network.state_dict() for network in networks)
+        ckpt = dino.load_checkpoint_file(official)
+        assert ckpt["args"].arch == "vit_tiny" and ckpt["epoch"] == 7
+        for key, expected in (("teacher", teacher), ("student", student)):
+            model = dino.load_pretrained_weights(vits.vit_tiny(patch_size=16), official, key)
+            assert all(torch.equal(v, expected[f"backbone.{k}"]) for k, v in model.state_dict().items())
+            assert capsys.readouterr().out == f"loaded {official}: {key} backbone, 150 tensors; head ignored\n"
+        head = dino.load_pretrained_weights(vits.DINOHead(192, 32), official)
+        assert torch.equal(head.last_layer.weight_v, teacher["head.last_layer.weight_v"])
+        assert capsys.readouterr().out == f"loaded {official}: teacher head, 8 tensors; backbone ignored\n"
+    data = image_folder(tmp_path / "data", **LABELLED)
+    image = os.path.join(data, "val", "a", "0.png")
+    out = str(tmp_path / "eval")
+    for argv in (["knn", "--data_path", data, "--crop_size", "32", "--nb_knn", "2", "--num_workers", "0"],
+                 ["attn", "--image_path", image, "--image_size", "32", "32"],
+                 ["linear", "--data_path", data, "--crop_size", "32", "--epochs", "1", "--num_workers", "0"]):
+        dino.main(argv + ["--pretrained_weights", str(official), "--output_dir", out])  # arch from its args
+        assert f"loaded {official}: teacher backbone, 150 tensors; head ignored" in capsys.readouterr().out
+
+
+def test_short_training_run_writes_checkpoint_and_json_log(tmp_path, capsys):
+    data = image_folder(tmp_path / "data")
+    dino.main(train_argv(data, tmp_path / "out", "--saveckp_freq", "1"))
+    log = read_log(tmp_path / "out")
+    assert [entry["epoch"] for entry in log] == [0, 1]
+    for entry in log:
+        assert math.isfinite(entry["loss"]) and entry["skipped_images"] == 0
+        assert {"teacher_entropy", "kl", "batch_mean_entropy", "lr", "wd", "momentum", "images_per_s"} <= set(entry)
+        assert entry["loss"] == pytest.approx(entry["teacher_entropy"] + entry["kl"], rel=1e-4)
+    ckpt = torch.load(tmp_path / "out" / "checkpoint.pth", weights_only=True)
+    assert ckpt["epoch"] == 2 and ckpt["args"]["arch"] == "vit_tiny"
+    assert {"student", "teacher", "optimizer", "dino_loss"} <= set(ckpt)
+    assert (tmp_path / "out" / "checkpoint0000.pth").exists() and (tmp_path / "out" / "checkpoint0001.pth").exists()
+    assert not list((tmp_path / "out").glob("*.tmp*"))
+    printed = capsys.readouterr().out
+    assert "it 2/2 loss" in printed and "img/s" in printed and "eta" in printed
+
+
+# A training run killed anywhere (slow): what is on disk is always usable, and rerunning the same command
+# finishes the same run.
+EPOCHS = 5
 
 
 def modified_after(path, since_ns):
@@ -1526,19 +1491,6 @@ def teacher(path):
 
 def assert_same_teacher(a, b):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-def stderr_line(path):
-    """The process's stderr, which must be one 'error: ...' line."""
-    err = open(path).read().strip()
-    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err, err
-    return err
-
-
-# -----------------------------------------------------------------------------
-# a training run killed anywhere
-
-EPOCHS = 5
 
 
 def check_log(out, epochs, n_kills):
@@ -1561,7 +1513,7 @@ def check_killed_run(out, n_kills):
 
 @pytest.mark.slow
 def test_sigkill_anywhere_then_rerun_resumes_and_equals_uninterrupted_run(tmp_path):
-    data = tiny_folder(tmp_path / "data")
+    data = image_folder(tmp_path / "data")
 
     def argv(out):
         return train_argv(data, out, "--epochs", str(EPOCHS))
@@ -1599,156 +1551,47 @@ def test_sigkill_anywhere_then_rerun_resumes_and_equals_uninterrupted_run(tmp_pa
     assert not list(out.glob("*.tmp*"))  # a killed save leaves no lasting litter
 
 
-# -----------------------------------------------------------------------------
-# unreadable checkpoints
-
-def bad_checkpoints(tmp_path):
-    """name -> path of a file that is no usable checkpoint."""
-    good = tmp_path / "good.pth"
-    torch.save({"teacher": {"w": torch.randn(1000)}}, good)
-    files = {name: tmp_path / f"{name}.pth" for name in ("truncated", "empty", "text", "not_training")}
-    files["truncated"].write_bytes(good.read_bytes()[:good.stat().st_size // 2])
-    files["empty"].write_bytes(b"")
-    files["text"].write_text("hello, this is no checkpoint\n")
-    torch.save({"cls_token": torch.zeros(1, 1, 192)}, files["not_training"])  # a backbone, not a training run
-    return files
-
-
-def test_unreadable_checkpoints_are_one_line_errors_and_never_overwritten(tmp_path, capsys):
-    files = bad_checkpoints(tmp_path)
-    for name in ("truncated", "empty", "text"):
-        with pytest.raises(dino.DinoError, match="is not a readable checkpoint") as e:
-            dino.load_checkpoint_file(files[name])
-        assert str(files[name]) in str(e.value) and "\n" not in str(e.value)
-    data = tiny_folder(tmp_path / "data", n=4)
-    for name, path in files.items():
-        out = tmp_path / f"run_{name}"
-        os.makedirs(out)
-        (out / "checkpoint.pth").write_bytes(path.read_bytes())
-        err = main_error(train_argv(data, out, "--epochs", "1"), capsys)
-        assert "cannot resume" in err and str(out / "checkpoint.pth") in err and "to start fresh" in err, err
-        assert (out / "checkpoint.pth").read_bytes() == path.read_bytes()  # left alone
-        assert not (out / "log.txt").exists()
-    for command in ("knn", "attn", "linear"):
-        err = main_error([command, "--pretrained_weights", str(files["truncated"]), "--output_dir",
-                          str(tmp_path / "eval")], capsys)
-        assert "is not a readable checkpoint" in err and str(files["truncated"]) in err
+@pytest.mark.parametrize("workers", ["0", "2"])  # 2: persistent loader workers, started once per run
+def test_resume_is_bit_exact(tmp_path, workers):
+    data = image_folder(tmp_path / "data")
+    argv = ["--saveckp_freq", "1", "--num_workers", workers]
+    dino.main(train_argv(data, tmp_path / "straight", *argv))
+    # An interrupted run: only the state after epoch 0 exists; rerunning the same command finishes it.
+    os.makedirs(tmp_path / "resumed")
+    os.replace(tmp_path / "straight" / "checkpoint0000.pth", tmp_path / "resumed" / "checkpoint.pth")
+    dino.main(train_argv(data, tmp_path / "resumed", *argv))
+    a = torch.load(tmp_path / "straight" / "checkpoint.pth", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "checkpoint.pth", weights_only=True)
+    for net in ("teacher", "student"):
+        for k in a[net]:
+            assert torch.equal(a[net][k], b[net][k]), f"{net} {k}"
+    assert torch.equal(a["dino_loss"]["center"], b["dino_loss"]["center"])
+    assert read_log(tmp_path / "straight")[1]["loss"] == read_log(tmp_path / "resumed")[0]["loss"]
 
 
-# -----------------------------------------------------------------------------
-# pickles that would run code
-
-class RunsCode:
-    """Unpickling it creates the marker file: what a malicious checkpoint could do with any command."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return open, (self.marker, "w")
-
-
-def torch_load_calls(source):
-    """The argument text of every torch.load(...) call in source."""
-    calls = []
-    for match in re.finditer(r"torch\.load\(", source):
-        depth, i = 1, match.end()
-        while depth:
-            depth += {"(": 1, ")": -1}.get(source[i], 0)
-            i += 1
-        calls.append(source[match.end():i - 1])
-    return calls
-
-
-def test_every_torch_load_is_weights_only():
-    calls = torch_load_calls(open(os.path.join(HERE, "dino.py")).read())
-    assert calls and all("weights_only=True" in call for call in calls), calls
-    assert not torch_load_calls(open(os.path.join(HERE, "vision_transformer.py")).read())
-
-
-def test_code_running_pickle_is_refused_by_every_entry_point(tmp_path, capsys):
-    marker = tmp_path / "marker"
-    evil = tmp_path / "evil.pth"
-    backbone = {f"backbone.{k}": v for k, v in dino.vits.vit_tiny(patch_size=16).state_dict().items()}
-    torch.save({"student": backbone, "teacher": backbone, "epoch": 1, "args": {"arch": "vit_tiny"},
-                "payload": RunsCode(marker)}, evil)
-    torch.load(evil, weights_only=False)  # the file really runs code when unpickled unsafely
-    assert marker.exists()
-    marker.unlink()
-
-    refused = "could run code"
-    with pytest.raises(dino.DinoError, match=refused):
-        dino.load_pretrained_weights(dino.vits.vit_tiny(patch_size=16), evil)
-    data = tiny_folder(tmp_path / "data", n=4)
-    os.makedirs(tmp_path / "run")
-    (tmp_path / "run" / "checkpoint.pth").write_bytes(evil.read_bytes())
-    assert refused in main_error(train_argv(data, tmp_path / "run"), capsys)
-    for command in ("knn", "attn", "linear"):
-        err = main_error([command, "--pretrained_weights", str(evil), "--output_dir", str(tmp_path / "eval")], capsys)
-        assert refused in err and str(evil) in err
-    err = main_error(["embed", "--data_path", str(data), "--pretrained_weights", str(evil), "--output",
-                      str(tmp_path / "features.npz")], capsys)
-    assert refused in err and not (tmp_path / "features.npz").exists()
-    assert not marker.exists()
-
-
-# -----------------------------------------------------------------------------
-# the published code's files and command lines
-
-def official_checkpoint(path, out_dim=32, numpy1=False):
-    """A checkpoint.pth laid out as the published main_dino.py writes it (vit_tiny/16): the DDP student's keys carry
-    `module.`, the teacher's not, heads with weight_g / weight_v, args an argparse.Namespace, numpy scalars in the
-    optimizer state, the loss center and the fp16 scaler. numpy1: with numpy 1's module names for the scalars."""
-    torch.manual_seed(3)
-    student, teacher = (dino.MultiCropWrapper(vits.vit_tiny(patch_size=16), vits.DINOHead(192, out_dim))
-                        for _ in range(2))
-    optimizer = torch.optim.AdamW(dino.get_params_groups(student))
-    for group in optimizer.param_groups:
-        group["lr"], group["weight_decay"] = np.float64(1e-4), np.float64(0.04)
-    args = argparse.Namespace(arch="vit_tiny", patch_size=16, out_dim=out_dim, norm_last_layer=True, use_fp16=True,
-                              global_crops_scale=(0.4, 1.0), lr=0.0005, dist_url="env://", gpu=0, rank=0)
-    ckpt = {"student": {f"module.{k}": v for k, v in student.state_dict().items()}, "teacher": teacher.state_dict(),
-            "optimizer": optimizer.state_dict(), "epoch": 7, "args": args,
-            "dino_loss": {"center": torch.randn(1, out_dim)}, "fp16_scaler": torch.amp.GradScaler("cpu").state_dict()}
-    assert isinstance(ckpt["optimizer"]["param_groups"][0]["lr"], np.float64)
-    if numpy1:
-        torch.save(ckpt, path, _use_new_zipfile_serialization=False)
-        raw = open(path, "rb").read()
-        assert raw.count(b"numpy._core.multiarray\nscalar") >= 1
-        open(path, "wb").write(raw.replace(b"numpy._core.multiarray\nscalar", b"numpy.core.multiarray\nscalar"))
-    else:
-        torch.save(ckpt, path)
-    return student.state_dict(), teacher.state_dict()
-
-
-def test_official_checkpoint_loads_through_every_entry_point(tmp_path, capsys):
-    for numpy1 in (False, True):
-        official = tmp_path / f"official{numpy1}.pth"
-        student, teacher = official_checkpoint(official, numpy1=numpy1)
-        ckpt = dino.load_checkpoint_file(official)
-        assert ckpt["args"].arch == "vit_tiny" and ckpt["epoch"] == 7
-        for key, expected in (("teacher", teacher), ("student", student)):
-            model = dino.load_pretrained_weights(vits.vit_tiny(patch_size=16), official, key)
-            assert all(torch.equal(v, expected[f"backbone.{k}"]) for k, v in model.state_dict().items())
-            assert capsys.readouterr().out == f"loaded {official}: {key} backbone, 150 tensors; head ignored\n"
-        head = dino.load_pretrained_weights(vits.DINOHead(192, 32), official)
-        assert torch.equal(head.last_layer.weight_v, teacher["head.last_layer.weight_v"])
-        assert capsys.readouterr().out == f"loaded {official}: teacher head, 8 tensors; backbone ignored\n"
-    data = make_folders(tmp_path / "data", size=32)
-    image = os.path.join(data, "val", "a", "0.png")
-    out = str(tmp_path / "eval")
-    for argv in (["knn", "--data_path", data, "--crop_size", "32", "--nb_knn", "2", "--num_workers", "0"],
-                 ["attn", "--image_path", image, "--image_size", "32", "32"],
-                 ["linear", "--data_path", data, "--crop_size", "32", "--epochs", "1", "--num_workers", "0"]):
-        dino.main(argv + ["--pretrained_weights", str(official), "--output_dir", out])  # arch from its args
-        assert f"loaded {official}: teacher backbone, 150 tensors; head ignored" in capsys.readouterr().out
+def test_resume_refuses_network_changes_and_reports_harmless_ones(tmp_path, capsys):
+    data = image_folder(tmp_path / "data", n=4)
+    dino.main(train_argv(data, tmp_path / "out", "--epochs", "1"))
+    capsys.readouterr()
+    err = main_error(train_argv(data, tmp_path / "out", "--arch", "vit_small", "--patch_size", "8",
+                                "--out_dim", "64"), capsys)
+    for difference in ("--arch vit_tiny (now vit_small)", "--patch_size 16 (now 8)", "--out_dim 32 (now 64)"):
+        assert difference in err, err
+    dino.main(train_argv(data, tmp_path / "out", "--epochs", "2", "--num_workers", "1"))
+    printed = capsys.readouterr().out
+    assert "resuming with changed flags" in printed and "epochs 1 -> 2" in printed and "num_workers 0 -> 1" in printed
+    assert "resumed from" in printed and [entry["epoch"] for entry in read_log(tmp_path / "out")] == [0, 1]
+    dino.main(train_argv(data, tmp_path / "out", "--epochs", "2", "--num_workers", "1"))
+    assert "nothing to train" in capsys.readouterr().out
+    assert len(read_log(tmp_path / "out")) == 2
 
 
 def test_continued_pretraining_from_a_full_checkpoint(tmp_path, capsys):
     """lr 0 and teacher momentum 1: after an epoch both networks are still the file's, backbones and heads."""
     official = tmp_path / "official.pth"
-    student, teacher = official_checkpoint(official)
-    data = tiny_folder(tmp_path / "data", n=4)
+    networks = checkpoint_file(official, "published", out_dim=32, seed=3)  # not the run's seed, 0
+    student, teacher = (network.state_dict() for network in networks)
+    data = image_folder(tmp_path / "data", n=4)
     dino.main(train_argv(data, tmp_path / "out", "--pretrained_weights", str(official), "--epochs", "1", "--lr", "0",
                          "--min_lr", "0", "--momentum_teacher", "1"))
     printed = capsys.readouterr().out
@@ -1772,10 +1615,9 @@ def test_continued_pretraining_from_a_full_checkpoint(tmp_path, capsys):
 
 def test_freeze_backbone_epochs_keeps_pretrained_backbone_bit_identical(tmp_path, capsys):
     weights = tmp_path / "dino_deittiny16_pretrain.pth"  # published-style: a plain backbone state dict
-    torch.manual_seed(5)
-    torch.save(vits.vit_tiny(patch_size=16).state_dict(), weights)
+    checkpoint_file(weights, "plain", seed=5)  # not the run's seed, 0
     pretrained = torch.load(weights, weights_only=True)
-    data = tiny_folder(tmp_path / "data", n=4)
+    data = image_folder(tmp_path / "data", n=4)
     dino.main(train_argv(data, tmp_path / "out", "--pretrained_weights", str(weights), "--freeze_backbone_epochs",
                          "1", "--saveckp_freq", "1", "--warmup_epochs", "0", "--lr", "1", "--freeze_last_layer", "0"))
     assert "the heads start fresh" in capsys.readouterr().out
@@ -1789,136 +1631,34 @@ def test_freeze_backbone_epochs_keeps_pretrained_backbone_bit_identical(tmp_path
     assert not torch.equal(epoch0["student"]["head.mlp.0.weight"], init["head.mlp.0.weight"])  # the head learned
 
 
-def test_official_command_line_parses_and_acts(tmp_path):
-    argv = ["train", "--arch", "deit_small", "--patch_size", "16", "--out_dim", "65536", "--norm_last_layer", "false",
-            "--warmup_teacher_temp", "0.04", "--teacher_temp", "0.07", "--warmup_teacher_temp_epochs", "30",
-            "--use_fp16", "false", "--weight_decay", "0.04", "--weight_decay_end", "0.4", "--clip_grad", "0",
-            "--batch_size_per_gpu", "64", "--epochs", "800", "--freeze_last_layer", "1", "--lr", "0.0005",
-            "--warmup_epochs", "10", "--min_lr", "1e-5", "--global_crops_scale", "0.25", "1.0", "--local_crops_scale",
-            "0.05", "0.25", "--local_crops_number", "10", "--seed", "0", "--num_workers", "10", "--optimizer", "sgd",
-            "--momentum_teacher", "0.996", "--drop_path_rate", "0.1", "--use_bn_in_head", "false", "--data_path",
-            str(tmp_path), "--output_dir", str(tmp_path / "out"), "--saveckp_freq", "20", "--dist_url", "env://",
-            "--local_rank", "0"]
-    args = parse_args(argv)
-    assert (args.arch, args.precision, args.optimizer, args.teacher_temp, args.local_crops_number) == \
-        ("deit_small", "fp32", "sgd", 0.07, 10)
-    assert args.global_crops_scale == [0.25, 1.0] and args.norm_last_layer is False and args.clip_grad == 0
-    assert parse_args(argv + ["--use_fp16", "true"]).precision == "fp16"
-    assert parse_args(argv + ["--local-rank=1"]).local_rank == 1
-    args.arch, args.out_dim, args.local_crops_number = "deit_tiny", 32, 2
-    s = dino.build_train_state(args, 1, 1, torch.device("cpu"))
-    assert isinstance(s.optimizer, torch.optim.SGD) and s.optimizer.defaults["momentum"] == 0.9
-    assert s.student.backbone.embed_dim == 192 and s.amp_dtype is None and not s.scaler.is_enabled()
-
-
 # -----------------------------------------------------------------------------
-# resuming with other flags
+# processes: distributed setup and the launcher
 
-def test_resume_refuses_network_changes_and_reports_harmless_ones(tmp_path, capsys):
-    data = tiny_folder(tmp_path / "data", n=4)
-    dino.main(train_argv(data, tmp_path / "out", "--epochs", "1"))
-    capsys.readouterr()
-    err = main_error(train_argv(data, tmp_path / "out", "--arch", "vit_small", "--patch_size", "8",
-                                "--out_dim", "64"), capsys)
-    for difference in ("--arch vit_tiny (now vit_small)", "--patch_size 16 (now 8)", "--out_dim 32 (now 64)"):
-        assert difference in err, err
-    dino.main(train_argv(data, tmp_path / "out", "--epochs", "2", "--num_workers", "1"))
-    printed = capsys.readouterr().out
-    assert "resuming with changed flags" in printed and "epochs 1 -> 2" in printed and "num_workers 0 -> 1" in printed
-    assert "resumed from" in printed and [entry["epoch"] for entry in read_log(tmp_path / "out")] == [0, 1]
-    dino.main(train_argv(data, tmp_path / "out", "--epochs", "2", "--num_workers", "1"))
-    assert "nothing to train" in capsys.readouterr().out
-    assert len(read_log(tmp_path / "out")) == 2
+def _two_rank_worker(rank, data, out, port, results):
+    become_rank(rank, port)
+    run = dino.train(dino.parse_args(train_argv(data, out, "--epochs", "1")))
+    teacher, loss = run.teacher, run.dino_loss
+    # the center must equal the EMA of the all-process batch means: check one update by hand
+    center = loss.center.clone()
+    teacher_out = torch.randn(6, 32) + rank  # 3 samples x 2 views
+    loss(torch.randn(12, 32), teacher_out, 0)  # 3 samples x 4 crops
+    results[rank] = {"teacher": {k: v.clone() for k, v in teacher.state_dict().items()}, "center_before": center,
+                     "center_after": loss.center.clone(), "teacher_out": teacher_out}
+    torch.distributed.destroy_process_group()
 
 
-# -----------------------------------------------------------------------------
-# bad and odd images
-
-def test_bad_and_odd_images_are_skipped_and_counted(tmp_path, capsys):
-    data = tiny_folder(tmp_path / "data", n=16)
-    rng = np.random.default_rng(0)
-    good = data / "disk" / "0.png"
-    unreadable = [data / "disk" / "5_corrupt.png", data / "ring" / "3_corrupt.jpg",  # 2 of 20: 1 in 10
-                  data / "disk" / "9_empty.jpg", data / "ring" / "7_text.png"]
-    unreadable[0].write_bytes(good.read_bytes()[:200])  # a truncated PNG
-    unreadable[1].write_bytes(b"\xff\xd8\xff\xe0" + rng.bytes(500))  # a JPEG header, then noise
-    unreadable[2].write_bytes(b"")
-    unreadable[3].write_text("not an image")
-    Image.new("RGB", (1, 1), (200, 10, 10)).save(data / "disk" / "1x1.png")
-    Image.fromarray(rng.integers(0, 255, (100, 10000, 3), dtype=np.uint8)).save(data / "ring" / "wide.jpg")
-    Image.fromarray(rng.integers(0, 255, (30, 40, 4), dtype=np.uint8), "CMYK").save(data / "disk" / "cmyk.jpg")
-    Image.fromarray(rng.integers(0, 65535, (30, 40), dtype=np.uint16)).save(data / "ring" / "sixteen.png")
-    assert Image.open(data / "disk" / "cmyk.jpg").mode == "CMYK"
-    assert Image.open(data / "ring" / "sixteen.png").mode.startswith("I")
-    assert len(dino.list_images(data)) == 24  # 6 batches of 4 (drop_last): every file is drawn once
-    dino.main(train_argv(data, tmp_path / "out", "--epochs", "1"))
-    log = read_log(tmp_path / "out")
-    assert log[0]["skipped_images"] == 4 and np.isfinite(log[0]["loss"])  # no two unreadable files in a row
-    err = capsys.readouterr().err
-    assert all(f"skipping unreadable image {path}" in err for path in unreadable)
-    assert err.count("skipping unreadable image") == 4
-
-
-# -----------------------------------------------------------------------------
-# output dir
-
-# We run as root: chmod cannot make a directory read-only for us. /proc refuses new entries for everyone, and a
-# path under a regular file cannot be created.
-@pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc")
-def test_unusable_output_dir_fails_before_any_work(tmp_path, capsys):
-    (tmp_path / "a_file").write_text("")
-    checkpoint = tmp_path / "weights.pth"
-    torch.save(dino.vits.vit_tiny(patch_size=16).state_dict(), checkpoint)
-    for out in ("/proc/dino_test_output", str(tmp_path / "a_file" / "out")):
-        err = main_error(["train", "--output_dir", out], capsys)  # the demo: it would write its data there first
-        assert f"--output_dir {out} is not writable" in err, err
-        for command in ("knn", "attn", "linear"):  # before they extract features or train
-            err = main_error([command, "--pretrained_weights", str(checkpoint), "--arch", "vit_tiny",
-                              "--output_dir", out], capsys)
-            assert f"--output_dir {out} is not writable" in err, err
-    assert "is a file" in main_error(["train", "--output_dir", str(tmp_path / "a_file")], capsys)
-    assert sorted(os.listdir(tmp_path)) == ["a_file", "weights.pth"]  # nothing was written
-
-
-# -----------------------------------------------------------------------------
-# processes that die
-
-def start_rank(rank, argv, port, stderr_path):
-    """One process of a 2-process gloo group, as on two nodes: nothing but the group connects them."""
-    env = dict(RANK=str(rank), LOCAL_RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
-               OMP_NUM_THREADS="1", **GLOO_ON_THE_CPU)
-    return start_cli(argv, stderr_path, env)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("victim, sig", [(1, signal.SIGKILL), (0, signal.SIGKILL), (1, signal.SIGSTOP)],
-                         ids=["rank1_killed", "rank0_killed", "rank1_hangs"])
-def test_survivor_of_a_lost_process_exits_with_one_line_and_rerun_resumes(tmp_path, victim, sig):
-    data = tiny_folder(tmp_path / "data", n=16)
-    out = tmp_path / "out"
-    # 0.25 minutes: a hung peer (SIGSTOP) is given up on after 15 s; a dead one is noticed at once
-    argv = train_argv(data, out, "--epochs", "4", "--dist_timeout", "0.25")
-    port = dino._free_port()
-    procs = [start_rank(rank, argv, port, tmp_path / f"err{rank}.txt") for rank in range(2)]
-    try:
-        assert wait_for(lambda: (out / "log.txt").exists(), procs[0]), open(tmp_path / "err0.txt").read()
-        procs[victim].send_signal(sig)
-        start = time.time()
-        survivor = procs[1 - victim]
-        assert survivor.wait(timeout=60) == 2 and time.time() - start < 60
-    finally:
-        for p in procs:
-            p.kill()
-            p.wait()
-    err = stderr_line(tmp_path / f"err{1 - victim}.txt")
-    assert "lost contact with another training process" in err and "rerun the same command to resume" in err
-    port = dino._free_port()
-    procs = [start_rank(rank, argv, port, tmp_path / f"rerun{rank}.txt") for rank in range(2)]
-    assert [p.wait(timeout=240) for p in procs] == [0, 0], open(tmp_path / "rerun0.txt").read()
-    assert [entry["epoch"] for entry in read_log(out)] == [0, 1, 2, 3]
-
-
-TWO_FAKE_GPUS = ["-c", "import sys, torch; torch.cuda.device_count = lambda: 2; import dino; dino.main(sys.argv[1:])"]
+def test_two_processes_train_together(tmp_path):
+    data = image_folder(tmp_path / "data", n=16)
+    results = torch.multiprocessing.Manager().dict()
+    torch.multiprocessing.spawn(_two_rank_worker, args=(data, tmp_path / "out", dino._free_port(), results), nprocs=2)
+    r0, r1 = results[0], results[1]
+    for k in r0["teacher"]:
+        assert torch.equal(r0["teacher"][k], r1["teacher"][k]), k
+    assert torch.equal(r0["center_before"], r1["center_before"])
+    mean = torch.cat([r0["teacher_out"], r1["teacher_out"]]).mean(0, keepdim=True)
+    torch.testing.assert_close(r0["center_after"], 0.9 * r0["center_before"] + 0.1 * mean)
+    torch.testing.assert_close(r1["center_after"], r0["center_after"])
+    assert read_log(tmp_path / "out")[0]["epoch"] == 0
 
 
 @pytest.mark.parametrize("visible, index", [(1, 0), (4, 3)], ids=["one_gpu_per_process", "all_gpus_visible"])
@@ -1975,11 +1715,11 @@ def test_a_process_leaves_its_group_whether_it_fails_or_not(monkeypatch):
 def test_processes_that_resume_different_epochs_stop(tmp_path, monkeypatch):
     """Output dirs not shared between nodes: this process finds a checkpoint of epoch 1, another one none (its
     all_reduce, MAX, is played here)."""
-    data = tiny_folder(tmp_path / "data", n=8)
+    data = image_folder(tmp_path / "data", n=8)
     argv = train_argv(data, tmp_path / "out")
     os.makedirs(tmp_path / "out")
     (tmp_path / "out" / "checkpoint.pth").touch()
-    monkeypatch.setattr(dino, "resume", lambda path, s: 1)
+    monkeypatch.setattr(dino, "resume", lambda path, s, args: 1)
     monkeypatch.setattr(dino, "init_distributed", lambda timeout: (0, 2, torch.device("cpu")))
     other_process = torch.tensor([0, 0])  # resumed nothing: starts at epoch 0
     monkeypatch.setattr(dist, "all_reduce", lambda t, op: t.copy_(torch.maximum(t, other_process)))
@@ -1995,6 +1735,123 @@ def test_batchnorm_head_with_several_cpu_processes_is_not_synced(tmp_path):
     assert nn.BatchNorm1d in kinds and nn.SyncBatchNorm not in kinds
     crops = [torch.randn(4, 3, size, size) for size in (32, 32, 16, 16)]
     assert math.isfinite(dino.train_step(s, [crops], 0, 0).item())
+
+
+def start_rank(rank, argv, port, stderr_path):
+    """One process of a 2-process gloo group, as on two nodes: nothing but the group connects them."""
+    return start_cli(argv, stderr_path, {**rank_environment(rank, port, local_rank=0), "OMP_NUM_THREADS": "1"})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("victim, sig", [(1, signal.SIGKILL), (0, signal.SIGKILL), (1, signal.SIGSTOP)],
+                         ids=["rank1_killed", "rank0_killed", "rank1_hangs"])
+def test_survivor_of_a_lost_process_exits_with_one_line_and_rerun_resumes(tmp_path, victim, sig):
+    data = image_folder(tmp_path / "data", n=16)
+    out = tmp_path / "out"
+    # 0.25 minutes: a hung peer (SIGSTOP) is given up on after 15 s; a dead one is noticed at once
+    argv = train_argv(data, out, "--epochs", "4", "--dist_timeout", "0.25")
+    port = dino._free_port()
+    procs = [start_rank(rank, argv, port, tmp_path / f"err{rank}.txt") for rank in range(2)]
+    try:
+        assert wait_for(lambda: (out / "log.txt").exists(), procs[0]), open(tmp_path / "err0.txt").read()
+        procs[victim].send_signal(sig)
+        start = time.time()
+        survivor = procs[1 - victim]
+        assert survivor.wait(timeout=60) == 2 and time.time() - start < 60
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    err = stderr_line(tmp_path / f"err{1 - victim}.txt")
+    assert "lost contact with another training process" in err and "rerun the same command to resume" in err
+    port = dino._free_port()
+    procs = [start_rank(rank, argv, port, tmp_path / f"rerun{rank}.txt") for rank in range(2)]
+    assert [p.wait(timeout=240) for p in procs] == [0, 0], open(tmp_path / "rerun0.txt").read()
+    assert [entry["epoch"] for entry in read_log(out)] == [0, 1, 2, 3]
+
+
+def test_error_in_launched_processes_is_one_line(tmp_path, capsys, monkeypatch):
+    # launch() spawns one process per GPU; with two "GPUs" the spawned workers find none and join a gloo group.
+    torch.cuda.is_available()  # this process reads CUDA_VISIBLE_DEVICES now, before the change for its children
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(dino._free_port()))
+    data = image_folder(tmp_path / "data", n=4)
+    err = main_error(train_argv(data, tmp_path / "out", "--batch_size_per_gpu", "3"), capsys)
+    assert "4 images split over 2 process(es) do not fill one batch" in err
+
+
+def test_launcher_names_a_process_killed_by_a_signal(monkeypatch):
+    """What torch.multiprocessing.spawn raises when a process dies of a signal (NCCL's watchdog aborts one whose peer
+    is lost), as one line; the real thing is the slow test below."""
+    def one_aborted(*args, **kwargs):
+        raise torch.multiprocessing.ProcessExitedException("process 1 terminated with signal SIGABRT", error_index=1,
+                                                           error_pid=4321, exit_code=-6, signal_name="SIGABRT")
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.multiprocessing, "spawn", one_aborted)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    with pytest.raises(DinoError) as e:
+        dino.launch(dino.train, None)
+    assert "training process 1 was killed by SIGABRT (NCCL" in str(e.value) and "rerun" in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+TWO_FAKE_GPUS = ["-c", "import sys, torch; torch.cuda.device_count = lambda: 2; import dino; dino.main(sys.argv[1:])"]
+
+
+def spawned_workers(pid):
+    children = open(f"/proc/{pid}/task/{pid}/children").read().split()
+    return [int(c) for c in children if "spawn_main" in open(f"/proc/{c}/cmdline").read()]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children"), reason="needs /proc")
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGABRT], ids=["killed", "aborted_as_by_nccl"])
+def test_launched_process_killed_is_one_line(tmp_path, sig):
+    data = image_folder(tmp_path / "data", n=16)
+    out = tmp_path / "out"
+    p = start_cli(train_argv(data, out, "--epochs", "50"), tmp_path / "err.txt", GLOO_ON_THE_CPU, TWO_FAKE_GPUS)
+    try:
+        assert wait_for(lambda: (out / "log.txt").exists(), p)
+        workers = spawned_workers(p.pid)
+        assert len(workers) == 2
+        os.kill(workers[1], sig)
+        assert p.wait(timeout=60) == 2
+    finally:
+        p.kill()
+        p.wait()
+    err = stderr_line(tmp_path / "err.txt")
+    assert "rerun the same command to resume" in err and (f"killed by {sig.name}" in err or "lost contact" in err)
+
+
+# -----------------------------------------------------------------------------
+# the demo data and the presets
+
+def test_demo_dataset(tmp_path):
+    """Deterministic; classes balanced; each mask is the drawn object: dark where it is, light (background) around
+    it but for the small clutter; the object covers its share of the image, the ring has its hole."""
+    for run in ("a", "b"):
+        dino.make_demo_dataset(tmp_path / run, n_train=3, n_val=2, seed=5)
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.png"))
+    assert files == sorted(p.relative_to(tmp_path / "b") for p in (tmp_path / "b").rglob("*.png"))
+    assert all((tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes() for f in files)
+    for split, n in (("train", 3), ("val", 2)):
+        for cls in dino.DEMO_CLASSES:
+            assert len(os.listdir(tmp_path / "a" / split / cls)) == n
+            assert len(os.listdir(tmp_path / "a" / "masks" / split / cls)) == n
+    rng = np.random.default_rng(0)
+    for cls in dino.DEMO_CLASSES * 5:
+        img, mask = dino.demo_image(cls, rng)
+        pixels = np.asarray(img).max(axis=2)
+        assert mask.shape == (64, 64) and mask.dtype == bool
+        assert (pixels[mask] < 125).mean() > 0.9 and (pixels[~mask] > 125).mean() > 0.8, cls
+        assert dino.DEMO_AREA[0] - 0.02 < mask.mean() < dino.DEMO_AREA[1] + 0.02, cls
+        if cls == "ring":
+            ys, xs = np.nonzero(mask)
+            assert not mask[round(ys.mean()), round(xs.mean())]
 
 
 def test_demo_data_appears_whole_or_not_at_all(tmp_path, monkeypatch):
@@ -2024,58 +1881,294 @@ def test_demo_data_appears_whole_or_not_at_all(tmp_path, monkeypatch):
     assert set(os.listdir(tmp_path)) == before | {"demo_data"}  # ours is gone
 
 
-def test_error_in_launched_processes_is_one_line(tmp_path, capsys, monkeypatch):
-    # launch() spawns one process per GPU; with two "GPUs" the spawned workers find none and join a gloo group.
-    torch.cuda.is_available()  # this process reads CUDA_VISIBLE_DEVICES now, before the change for its children
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(dino._free_port()))
-    data = tiny_folder(tmp_path / "data", n=4)
-    err = main_error(train_argv(data, tmp_path / "out", "--batch_size_per_gpu", "3"), capsys)
-    assert "4 images split over 2 process(es) do not fill one batch" in err
+def test_knn_every_defaults(tmp_path, monkeypatch, capsys):
+    """The demo evaluates its own labelled data after its 4 epochs; other data need --knn_data_path for it."""
+    launched = []
+    monkeypatch.setattr(dino, "launch", lambda fn, args: launched.append(args))
+    monkeypatch.setattr(dino, "make_demo_dataset", lambda root: image_folder(root, **LABELLED))
+    dino.main(["train", "--output_dir", str(tmp_path)])
+    assert launched[0].knn_every == 4 and launched[0].knn_data_path == str(tmp_path / "demo_data")
+    assert parse_args(["train", "--preset", "demo", "--data_path", str(tmp_path)]).knn_every == 0  # unlabelled
+    assert "--knn_every needs --knn_data_path" in main_error(["train", "--data_path", str(tmp_path), "--knn_every",
+                                                              "2", "--output_dir", str(tmp_path)], capsys)
 
 
-def test_launcher_names_a_process_killed_by_a_signal(monkeypatch):
-    """What torch.multiprocessing.spawn raises when a process dies of a signal (NCCL's watchdog aborts one whose peer
-    is lost), as one line; the real thing is the slow test below."""
-    def one_aborted(*args, **kwargs):
-        raise torch.multiprocessing.ProcessExitedException("process 1 terminated with signal SIGABRT", error_index=1,
-                                                           error_pid=4321, exit_code=-6, signal_name="SIGABRT")
+# -----------------------------------------------------------------------------
+# the commands: train, knn, attn, embed, linear
 
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    monkeypatch.setattr(torch.multiprocessing, "spawn", one_aborted)
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", "29500")
-    with pytest.raises(DinoError) as e:
-        dino.launch(dino.train, None)
-    assert "training process 1 was killed by SIGABRT (NCCL" in str(e.value) and "rerun" in str(e.value)
-    assert "\n" not in str(e.value)
+# We run as root: chmod cannot make a directory read-only for us. /proc refuses new entries for everyone, and a
+# path under a regular file cannot be created.
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc")
+def test_bad_data_paths_and_output_dirs_are_one_line_errors_before_any_work(tmp_path, checkpoint, capsys):
+    # output dirs: no command writes anything
+    (tmp_path / "a_file").write_text("")
+    weights = tmp_path / "weights.pth"
+    checkpoint_file(weights, "plain")
+    for out in ("/proc/dino_test_output", str(tmp_path / "a_file" / "out")):
+        err = main_error(["train", "--output_dir", out], capsys)  # the demo: it would write its data there first
+        assert f"--output_dir {out} is not writable" in err, err
+        for command in ("knn", "attn", "linear"):  # before they extract features or train
+            err = main_error([command, "--pretrained_weights", str(weights), "--arch", "vit_tiny",
+                              "--output_dir", out], capsys)
+            assert f"--output_dir {out} is not writable" in err, err
+    assert "is a file" in main_error(["train", "--output_dir", str(tmp_path / "a_file")], capsys)
+    assert sorted(os.listdir(tmp_path)) == ["a_file", "weights.pth"]  # nothing was written
+    # the training data; first as a user runs it: a process that exits with status 2 after one line
+    code, _, err = run_cli(train_argv(tmp_path / "missing", tmp_path / "out"))
+    assert code == 2 and err.strip().count("\n") == 0 and "error: --data_path" in err and "Traceback" not in err
+    assert "is not a directory" in main_error(train_argv(tmp_path / "missing", tmp_path / "out"), capsys)
+    empty = image_folder(tmp_path / "empty", n=0, classes=1, bad={"notes.txt": "text"})  # a class folder, no image
+    assert "holds no images" in main_error(train_argv(empty, tmp_path / "out"), capsys)
+    data = image_folder(tmp_path / "data", n=4)
+    assert "is a file" in main_error(train_argv(data, tmp_path / "a_file"), capsys)
+    assert "not writable" in main_error(train_argv(data, tmp_path / "a_file" / "sub"), capsys)
+    assert "do not fill one batch" in main_error(train_argv(data, tmp_path / "out", "--batch_size_per_gpu", "5"),
+                                                 capsys)
+    assert not (tmp_path / "out" / "checkpoint.pth").exists()
+    # the evaluation data
+    labelled = image_folder(tmp_path / "labelled", **LABELLED)
+    os.rename(os.path.join(labelled, "val"), os.path.join(labelled, "validation"))
+    for command, run in (("knn", knn_main), ("linear", linear_main)):
+        argv = ["--data_path", labelled, "--pretrained_weights", checkpoint, "--output_dir", str(tmp_path / "eval")]
+        one_line_error(lambda: run(parse(command, argv)), "no val/ folder")
+    args = parse("attn", ["--pretrained_weights", checkpoint, "--arch", "vit_small", "--image_path", empty,
+                          "--output_dir", str(tmp_path)])
+    one_line_error(lambda: attn_main(args), "holds no images")
+    image_folder(tmp_path / "notes", n=0, classes=None, bad={"notes.png": "text"})
+    args.image_path = str(tmp_path / "notes" / "notes.png")
+    one_line_error(lambda: attn_main(args), "not a readable image")
 
 
-def spawned_workers(pid):
-    children = open(f"/proc/{pid}/task/{pid}/children").read().split()
-    return [int(c) for c in children if "spawn_main" in open(f"/proc/{c}/cmdline").read()]
+@pytest.mark.parametrize("major, expected", [(8, torch.bfloat16), (7, torch.float16)], ids=["A100", "V100"])
+def test_precision_auto_takes_bf16_only_where_gpus_compute_it_natively(monkeypatch, major, expected):
+    # A GPU of this compute capability, on which bf16 tensors can be made (emulated before capability 8)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: argparse.Namespace(major=major))
+    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda device: True)
+    assert dino.autocast_dtype("auto", torch.device("cuda", 0)) == expected
+    assert dino.autocast_dtype("auto", torch.device("cpu")) is None
+    assert dino.autocast_dtype("fp16", torch.device("cuda", 0)) == torch.float16
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children"), reason="needs /proc")
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGABRT], ids=["killed", "aborted_as_by_nccl"])
-def test_launched_process_killed_is_one_line(tmp_path, sig):
-    data = tiny_folder(tmp_path / "data", n=16)
+@pytest.mark.parametrize("backend", [pytest.param("aot_eager", marks=pytest.mark.slow),
+                                     pytest.param("inductor", marks=pytest.mark.gpu)])
+def test_compiled_run_finishes_with_the_eager_loss(tmp_path, monkeypatch, backend):
+    """--compile for one epoch, the same loss as eager. On the CPU through aot_eager (graph capture and AOT autograd,
+    no code generation): inductor's CPU code generation takes 5 minutes on 2 cores and is not the GPU's anyway."""
+    data = image_folder(tmp_path / "data", n=4)
+    dino.main(train_argv(data, tmp_path / "eager", "--epochs", "1"))
+    compile_module = nn.Module.compile
+    monkeypatch.setattr(nn.Module, "compile", lambda self: compile_module(self, backend=backend))
+    dino.main(train_argv(data, tmp_path / "compiled", "--epochs", "1", "--compile"))
+    eager, compiled = read_log(tmp_path / "eager")[0]["loss"], read_log(tmp_path / "compiled")[0]["loss"]
+    assert math.isfinite(compiled) and compiled == pytest.approx(eager, rel=1e-2 if backend == "inductor" else 1e-5)
+
+
+def reference_features(model, root, split, size):
+    """(L2-normalized CLS features, labels) of root/split/<class>/*, one image at a time: resize, center crop."""
+    features, labels = [], []
+    for label, cls in enumerate(sorted(os.listdir(os.path.join(root, split)))):
+        for name in sorted(os.listdir(os.path.join(root, split, cls))):
+            img = Image.open(os.path.join(root, split, cls, name)).convert("RGB")
+            x = T.Compose([T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size), T.ToTensor(),
+                           T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])(img)
+            with torch.no_grad():
+                features.append(F.normalize(model(x[None]), dim=1)[0])
+            labels.append(label)
+    return torch.stack(features), torch.tensor(labels)
+
+
+def test_knn_every_logs_the_teachers_knn_top1(tmp_path, capsys):
+    """Noise images with random labels: accuracies far from 0 and 100, checked against the saved teachers."""
+    data, root = image_folder(tmp_path / "data"), tmp_path / "labelled"
+    image_folder(root, n=(12, 9), classes=("a", "b", "c"), look="noise", size=(40, 36))
+    dino.main(train_argv(data, tmp_path / "out", "--knn_every", "1", "--knn_data_path", str(root),
+                         "--saveckp_freq", "1"))
+    log = read_log(tmp_path / "out")
+    assert [e["epoch"] for e in log] == [0, 1]
+    assert "teacher k-NN top-1" in capsys.readouterr().out
+    for e in log:
+        ckpt = dino.load_checkpoint_file(tmp_path / "out" / f"checkpoint{e['epoch']:04d}.pth")
+        teacher = vits.vit_tiny(patch_size=16).eval()
+        teacher.load_state_dict({k.removeprefix("backbone."): v for k, v in ckpt["teacher"].items()
+                                 if k.startswith("backbone.")})
+        (train, train_labels), (val, val_labels) = (reference_features(teacher, root, split, 32)
+                                                    for split in ("train", "val"))
+        assert 0 <= e["knn_top1"] <= 100
+        assert e["knn_top1"] == pytest.approx(reference_knn(train, train_labels, val, val_labels, 12, 0.07)[0])
+
+
+def test_evaluation_allows_tf32_on_gpus():
+    torch.backends.cuda.matmul.allow_tf32 = False  # torch_global_switches restores it
+    dino.load_backbone(argparse.Namespace(arch="vit_tiny", patch_size=16), torch.device("cpu"))  # knn, attn, linear
+    assert torch.backends.cuda.matmul.allow_tf32
+
+
+def test_knn_main_demo_run_with_random_init(tmp_path, checkpoint, monkeypatch, capsys):
+    out = tmp_path / "run"
+    with pytest.raises(DinoError, match="python dino.py train"):
+        knn_main(parse("knn", ["--output_dir", str(out)]))
+    os.makedirs(out)
+    shutil.copy(checkpoint, out / "checkpoint.pth")
+    monkeypatch.setattr(dino, "make_demo_dataset", lambda root: image_folder(root, **LABELLED))  # a tiny stand-in
+    args = parse("knn", ["--output_dir", str(out), "--num_workers", "0"])
+    knn_main(args)
+    assert (args.arch, args.patch_size, args.crop_size, args.resize_size) == ("vit_tiny", 16, 32, 32)
+    results = json.loads((out / "knn_results.json").read_text())["results"]
+    ks = [10, 12]  # 20, 100 and 200 are capped at the 12 train images
+    assert [(r["model"], r["k"]) for r in results] == [(str(out / "checkpoint.pth"), k) for k in ks] + \
+        [("random init (seed 0)", k) for k in ks]
+    assert results[0]["top1"] == 100.0  # the colors are trivially separable
+    assert "random init (seed 0)" in capsys.readouterr().out
+
+
+def test_attn_main_writes_maps(tmp_path, checkpoint, capsys):
+    image = tmp_path / "gray16.png"  # a 16-bit grayscale image, not 8-bit RGB
+    image_folder(tmp_path, n=0, classes=None, odd={"gray16.png": "16bit"})
+    args = parse("attn", [
+        "--pretrained_weights", checkpoint, "--image_path", str(image), "--image_size", "40", "72",
+        "--threshold", "0.6", "--output_dir", str(tmp_path)])
+    attn_main(args)
+    names = sorted(os.listdir(tmp_path / "attn"))
+    assert names == sorted(["img.png", "attn-mean.png", "attn-overlay.png"] +
+                           [f"{kind}-head{i}.png" for kind in ("attn", "mask") for i in range(3)])
+    for name in names:  # 40 x 72 cropped to multiples of 16
+        with Image.open(tmp_path / "attn" / name) as img:
+            assert img.size == (64, 32) and img.mode == "RGB"
+    printed = capsys.readouterr().out.splitlines()
+    # 12 blocks x 12 tensors + class token, positions, patch embedding (2) and final norm (2)
+    assert printed[0] == f"loaded {checkpoint}: teacher backbone, 150 tensors"
+    assert sorted(printed[1:]) == [str(tmp_path / "attn" / name) for name in names]
+
+
+def test_attn_demo_defaults_and_jaccard(tmp_path, checkpoint, monkeypatch, capsys):
+    """On the demo: the maps of its first val image at 4x the training resolution, and the Jaccard scores of the
+    trained teacher and of random init over its val images, at the training resolution (32: the checkpoint's)."""
+    shutil.copy(checkpoint, tmp_path / "checkpoint.pth")
+    make_demo_dataset = dino.make_demo_dataset
+    monkeypatch.setattr(dino, "make_demo_dataset", lambda root: make_demo_dataset(root, n_train=1, n_val=2))
+    args = parse("attn", ["--output_dir", str(tmp_path)])
+    attn_main(args)
+    assert args.image_path == str(tmp_path / "demo_data" / "val" / "cross" / "0000.png")  # the first, sorted
+    assert args.image_size == [128, 128]
+    scores = json.loads((tmp_path / "attn" / "demo_jaccard.json").read_text())
+    masks = [np.asarray(Image.open(p).resize((32, 32), Image.BOX)) >= 128
+             for p in sorted((tmp_path / "demo_data" / "masks" / "val").rglob("*.png"))]
+    assert scores["images"] == 12 and scores["chance"] == pytest.approx(np.mean(masks))
+    for name in ("trained", "random"):
+        assert 0 < scores[name] <= scores[f"{name}_best_head"] <= 1
+    assert "attention on the object" in capsys.readouterr().out
+
+
+def test_attn_on_a_folder(tmp_path, checkpoint, capsys):
+    folder = tmp_path / "images"
+    image_folder(folder, names=["a.png", "sub/b.jpg"], look="noise", size=(40, 50), bad={"sub/bad.png": "text"})
+    argv = ["--pretrained_weights", checkpoint, "--image_size", "32", "48"]
+    attn_main(parse("attn", [*argv, "--image_path", str(folder), "--output_dir", str(tmp_path / "out")]))
+    printed, err = capsys.readouterr()
+    assert re.findall(r"^(\d/3) ", printed, re.M) == ["1/3", "2/3"]  # progress; the 3rd image is the bad one
+    assert err.count("warning") == 1 and str(folder / "sub" / "bad.png") in err
+    files = sorted(["img.png", "attn-mean.png", "attn-overlay.png"] + [f"attn-head{i}.png" for i in range(3)])
+    for name in ("a", "sub/b"):  # each as the image alone would give
+        assert sorted(os.listdir(tmp_path / "out" / "attn" / name)) == files
+        attn_main(parse("attn", [*argv, "--image_path", str(folder / name) + (".png" if name == "a" else ".jpg"),
+                                 "--output_dir", str(tmp_path / name)]))
+        for f in files:
+            assert (tmp_path / "out" / "attn" / name / f).read_bytes() == (tmp_path / name / "attn" / f).read_bytes()
+    assert sorted(os.listdir(tmp_path / "out" / "attn")) == ["a", "sub"]
+    os.remove(folder / "a.png")
+    os.remove(folder / "sub" / "b.jpg")
+    argv += ["--image_path", str(folder), "--output_dir", str(tmp_path / "out")]
+    one_line_error(lambda: attn_main(parse("attn", argv)), "could be read")
+    os.remove(folder / "sub" / "bad.png")
+    one_line_error(lambda: attn_main(parse("attn", argv)), "holds no images")
+
+
+def test_embed_bad_inputs(tmp_path, checkpoint, capsys):
+    folder = tmp_path / "images"
+    image_folder(folder, **EMBED_FOLDER)
+    argv = ["embed", "--data_path", str(folder), "--pretrained_weights", checkpoint, "--num_workers", "0"]
+    assert "must end in .npz (numpy) or .pt" in main_error([*argv, "--output", str(tmp_path / "e.txt")], capsys)
+    assert "vit_tiny has only 12 blocks" in main_error([*argv, "--n_last_blocks", "13", "--output",
+                                                         str(tmp_path / "e.pt")], capsys)
+    for name in EMBED_NAMES:
+        os.remove(folder / name)
+    with pytest.raises(SystemExit):
+        dino.main([*argv, "--crop_size", "32", "--output", str(tmp_path / "e.pt")])
+    warning, error = capsys.readouterr().err.strip().split("\n")  # the file named, then one line and status 2
+    assert "dogs/bad.png" in warning and error.startswith("error: no image under --data_path")
+    assert not (tmp_path / "e.pt").exists()
+
+
+def test_linear_probe_separates_bright_from_dark(tmp_path, checkpoint):
+    data = image_folder(tmp_path / "data", n=(16, 8), classes=("bright", "dark"), look="color", size=32)
+    args = parse("linear", [
+        "--data_path", data, "--pretrained_weights", checkpoint, "--crop_size", "32", "--epochs", "4",
+        "--batch_size_per_gpu", "4", "--lr", "1.0", "--num_workers", "0", "--output_dir", str(tmp_path)])
+    best = linear_main(args)
+    assert (args.n_last_blocks, args.avgpool_patchtokens) == (4, False)
+    assert best["top1"] == 100.0
+    saved = torch.load(tmp_path / "linear.pth", weights_only=True)
+    assert saved["state_dict"]["weight"].shape == (2, 4 * 192) and saved["classes"] == ["bright", "dark"]
+    assert saved["args"]["arch"] == "vit_tiny" and saved["epoch"] == 4
+
+
+# -----------------------------------------------------------------------------
+# the CLI
+
+def test_recipe_defaults(tmp_path):
+    args = parse_args(["train", "--data_path", str(tmp_path), "--output_dir", str(tmp_path / "out")])
+    assert (args.arch, args.patch_size, args.out_dim, args.lr, args.epochs, args.batch_size_per_gpu) == \
+        ("vit_small", 16, 65536, 0.0005, 100, 64)
+    assert (args.momentum_teacher, args.teacher_temp, args.weight_decay, args.weight_decay_end, args.clip_grad) == \
+        (0.996, 0.04, 0.04, 0.4, 3.0)
+    assert (args.local_crops_number, args.global_crops_scale, args.local_crops_scale) == (8, [0.4, 1.0], [0.05, 0.4])
+    assert args.freeze_last_layer == 1 and args.norm_last_layer is True
+    assert args.drop_path_rate == pytest.approx(0.1)  # the student's: see test_teacher_starts_as_student_copy_...
+
+
+def test_bad_flags_are_one_line_errors_before_any_work(tmp_path, capsys):
+    data = image_folder(tmp_path / "data", n=4)
     out = tmp_path / "out"
-    p = start_cli(train_argv(data, out, "--epochs", "50"), tmp_path / "err.txt", GLOO_ON_THE_CPU, TWO_FAKE_GPUS)
-    try:
-        assert wait_for(lambda: (out / "log.txt").exists(), p)
-        workers = spawned_workers(p.pid)
-        assert len(workers) == 2
-        os.kill(workers[1], sig)
-        assert p.wait(timeout=60) == 2
-    finally:
-        p.kill()
-        p.wait()
-    err = stderr_line(tmp_path / "err.txt")
-    assert "rerun the same command to resume" in err and (f"killed by {sig.name}" in err or "lost contact" in err)
+    for flags, expected in [(["--batch_size_per_gpu", "0"], "--batch_size_per_gpu: must be at least 1"),
+                            (["--num_workers", "-1"], "--num_workers: must be at least 0"),
+                            (["--patch_size", "0"], "--patch_size: must be at least 1"),
+                            (["--global_crops_size", "70"], "--global_crops_size 70 is not a multiple of --patch_size"),
+                            (["--global_crops_scale", "1.5", "0.2"], "--global_crops_scale: must be in (0, 1]"),
+                            (["--global_crops_scale", "0.9", "0.2"], "the smaller scale comes first"),
+                            (["--lr", "-1"], "--lr: must be at least 0.0"), (["--out_dim", "1"], "at least 2"),
+                            (["--teacher_temp", "0"], "--teacher_temp: must be above 0"),
+                            (["--epochs", "0"], "--epochs: must be at least 1"),
+                            (["--optimizer", "lars"], "lars is the published code's optimizer for convnets")]:
+        assert expected in main_error(train_argv(data, out, *flags), capsys), flags
+    for command, flags, expected in [("knn", ["--nb_knn", "0"], "--nb_knn: must be at least 1"),
+                                     ("knn", ["--temperature", "0"], "--temperature: must be above 0"),
+                                     ("linear", ["--batch_size_per_gpu", "0"], "must be at least 1")]:
+        assert expected in main_error([command, "--output_dir", str(out), *flags], capsys)
+    assert not out.exists()
+
+
+def test_official_command_line_parses_and_acts(tmp_path):
+    argv = ["train", "--arch", "deit_small", "--patch_size", "16", "--out_dim", "65536", "--norm_last_layer", "false",
+            "--warmup_teacher_temp", "0.04", "--teacher_temp", "0.07", "--warmup_teacher_temp_epochs", "30",
+            "--use_fp16", "false", "--weight_decay", "0.04", "--weight_decay_end", "0.4", "--clip_grad", "0",
+            "--batch_size_per_gpu", "64", "--epochs", "800", "--freeze_last_layer", "1", "--lr", "0.0005",
+            "--warmup_epochs", "10", "--min_lr", "1e-5", "--global_crops_scale", "0.25", "1.0", "--local_crops_scale",
+            "0.05", "0.25", "--local_crops_number", "10", "--seed", "0", "--num_workers", "10", "--optimizer", "sgd",
+            "--momentum_teacher", "0.996", "--drop_path_rate", "0.1", "--use_bn_in_head", "false", "--data_path",
+            str(tmp_path), "--output_dir", str(tmp_path / "out"), "--saveckp_freq", "20", "--dist_url", "env://",
+            "--local_rank", "0"]
+    args = parse_args(argv)
+    assert (args.arch, args.precision, args.optimizer, args.teacher_temp, args.local_crops_number) == \
+        ("deit_small", "fp32", "sgd", 0.07, 10)
+    assert args.global_crops_scale == [0.25, 1.0] and args.norm_last_layer is False and args.clip_grad == 0
+    assert parse_args(argv + ["--use_fp16", "true"]).precision == "fp16"
+    assert parse_args(argv + ["--local-rank=1"]).local_rank == 1
+    args.arch, args.out_dim, args.local_crops_number = "deit_tiny", 32, 2
+    s = dino.build_train_state(args, 1, 1, torch.device("cpu"))
+    assert isinstance(s.optimizer, torch.optim.SGD) and s.optimizer.defaults["momentum"] == 0.9
+    assert s.student.backbone.embed_dim == 192 and s.amp_dtype is None and not s.scaler.is_enabled()
 
 
 # -----------------------------------------------------------------------------

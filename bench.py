@@ -11,20 +11,23 @@ side in one process. Prints one markdown table (--json PATH also writes the numb
 
 Parts: the train step on synthetic crops already on the device (images/s, ms/step, model FLOP utilization from an
 analytic FLOP count, peak memory); the data pipeline per worker (in this process, one thread) on a folder of JPEGs
-(generated, 500x375, unless --data_dir); end to end (a DataLoader with --workers feeding the step).
+(generated, 500x375, unless --data_dir); end to end (dino.train_loader's DataLoader with --workers feeding the
+baseline's loop, and dino.train_one_epoch itself for ours).
 
 Baseline, as the published DINO code does it: explicit softmax(q k^T) v attention, fp16 autocast + GradScaler on a
 GPU (fp32 on the CPU), the loss pair by pair, per-parameter gradient clipping with a .item() each, a finite-loss
 .item() every step, AdamW(foreach=False, fused=False), a Python-loop EMA, the full augmentation in the workers
-(dino.DataAugmentationDINO). Ours: what `python dino.py train` runs (dino.train_step and its parts, fused AdamW, bf16
-autocast on a GPU; on a GPU MultiCropGeometry in the workers and MultiCropPhotometry on the device, without one
-DataAugmentationDINO in the workers, as the baseline).
+(dino.DataAugmentationDINO). Ours: what `python dino.py train` runs, called (dino.build_train_state, dino.train_step,
+dino.train_loader, dino.train_one_epoch: fused AdamW, bf16 autocast on a GPU; on a GPU MultiCropGeometry in the workers
+and MultiCropPhotometry on the device, without one DataAugmentationDINO in the workers, as the baseline). Both take
+their flags, crops and lr from dino.parse_args (with --warmup_epochs 0: the step part runs at the base values).
 
 With --accum_iter N and/or --grad_checkpointing it measures instead ours alone on one batch: as is, as N micro-batches
 (dino.py --accum_iter), with activation checkpointing; each in a fresh process, so that each peak memory is its own.
 """
 import argparse
 import datetime
+import itertools
 import json
 import math
 import multiprocessing
@@ -89,13 +92,19 @@ class PairwiseDINOLoss(nn.Module):
         return total / n_terms
 
 
-def make_baseline_step(student, teacher, loss_fn, optimizer, scaler, amp_dtype, args):
-    momentum = args.momentum_teacher
+def make_baseline_step(s, amp_dtype, args):
+    """The published train step on s's networks, optimizer, loss and scaler (None: no fp16), at the schedules'
+    first values."""
+    student = s.student
+    teacher = s.teacher
+    optimizer = s.optimizer
+    scaler = s.scaler
+    momentum = s.schedules["momentum"][0]
 
     def step(crops, epoch):
         with torch.autocast(crops[0].device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             teacher_output = teacher(crops[:2])
-            loss = loss_fn(student(crops), teacher_output)
+            loss = s.dino_loss(student(crops), teacher_output)
         if not math.isfinite(loss.item()):
             sys.exit("loss is not finite")
         optimizer.zero_grad()
@@ -126,49 +135,49 @@ def make_baseline_step(student, teacher, loss_fn, optimizer, scaler, amp_dtype, 
 
 
 # ------------------------------ building both --------------------------------
-def dino_args(a, **overrides):
-    """dino.py's train flags for this benchmark, the unset ones from its paper recipe (nothing duplicated here)."""
-    overrides = {"last_layer_autocast": a.last_layer_autocast, **overrides}
+def dino_args(a, *flags, compile=True):
+    """dino.py's train flags for this benchmark, then `flags` (more dino.py flags, the last one wins), the unset ones
+    from its paper recipe (nothing duplicated here). --warmup_epochs 0: the schedules start at their base values
+    (the lr scaled by dino.py)."""
     argv = ["train", "--data_path", a.data_dir or "unused", "--arch", a.arch, "--patch_size", str(a.patch_size),
             "--out_dim", str(a.out_dim), "--batch_size_per_gpu", str(a.batch_size), "--precision", a.precision,
             "--global_crops_size", str(a.global_crops_size), "--local_crops_size", str(a.local_crops_size),
-            "--local_crops_number", str(a.local_crops_number), "--freeze_last_layer", "0", "--epochs", "1"]
-    args = dino.parse_args(argv + (["--compile"] if a.compile else []))
-    vars(args).update(overrides)
+            "--local_crops_number", str(a.local_crops_number), "--freeze_last_layer", "0", "--epochs", "1",
+            "--warmup_epochs", "0", "--num_workers", str(a.workers)]
+    if a.compile and compile:
+        argv.append("--compile")
+    args = dino.parse_args(argv + list(flags))
+    args.last_layer_autocast = a.last_layer_autocast  # bench's own
     return args
 
 
-def build(args, device, amp_dtype, baseline):
-    """(step, the objects it owns); the same seed, so the baseline and ours start from the same weights.
-    The lr, weight decay and teacher momentum are constants (the recipe's base values), the same for both."""
+def build(args, device, amp_dtype, baseline, n_iter=1):
+    """(step, the TrainState it runs on); the same seed, so the baseline and ours start from the same weights.
+    Ours: exactly what dino.train builds (dino.build_train_state, schedules of n_iter steps); its step runs the
+    schedules' first values. The baseline: the same networks with the published parts swapped in, at those values."""
     torch.manual_seed(0)
-    lr = args.lr * args.batch_size_per_gpu / 256
-    if not baseline:  # exactly what dino.train builds and runs
-        s = dino.build_train_state(args, 1, 1, device)
+    s = dino.build_train_state(args, n_iter, 1, device)
+    if not baseline:
         if args.last_layer_autocast:  # what the fp32 last layer costs: ours with the published one
             for m in (s.student.head.last_layer, s.teacher.head.last_layer):
                 m.__class__ = PlainWeightNormLinear
-        s.schedules = {"lr": [lr], "wd": [args.weight_decay], "momentum": [args.momentum_teacher]}
         if args.compile:
             s.student.compile()
             s.teacher.compile()
         def step(crops, epoch):  # the batch as --accum_iter micro-batches
             return dino.train_step(s, list(zip(*(c.chunk(args.accum_iter) for c in crops))), epoch, 0)
-        return step, (s.student, s.teacher, s.optimizer)
-    networks = dino.build_dino_networks(args.arch, args.patch_size, args.out_dim, args.use_bn_in_head,
-                                        args.norm_last_layer, args.drop_path_rate, args.grad_checkpointing)
-    student, teacher = (m.to(device) for m in networks)
+        return step, s
     swap = {vits.Attention: ExplicitAttention, vits.WeightNormLinear: PlainWeightNormLinear}
-    for m in [*student.modules(), *teacher.modules()]:
+    for m in [*s.student.modules(), *s.teacher.modules()]:
         m.__class__ = swap.get(type(m), type(m))
-    optimizer = torch.optim.AdamW(dino.get_params_groups(student), foreach=False, fused=False)
-    loss = PairwiseDINOLoss(args.out_dim, 2 + args.local_crops_number, args.teacher_temp).to(device)
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    optimizer.param_groups[0]["weight_decay"] = args.weight_decay
-    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
-    step = make_baseline_step(student, teacher, loss, optimizer, scaler, amp_dtype, args)
-    return step, (student, teacher, optimizer)
+    # group 1 (biases, norms) keeps its weight decay 0
+    s.optimizer = torch.optim.AdamW(dino.get_params_groups(s.student), lr=s.schedules["lr"][0],
+                                    weight_decay=s.schedules["wd"][0], foreach=False, fused=False)
+    s.dino_loss = PairwiseDINOLoss(args.out_dim, 2 + args.local_crops_number, args.teacher_temp).to(device)
+    s.scaler = None
+    if amp_dtype == torch.float16:
+        s.scaler = torch.amp.GradScaler(device.type)
+    return make_baseline_step(s, amp_dtype, args), s
 
 
 def synthetic_crops(args, batch, device):
@@ -220,7 +229,7 @@ def sync(device):
 
 def check_same_loss(a, device, res):
     """Guard: same init, same inputs, fp32, eager: both steps give the same loss (step 1 also checks the update)."""
-    check = dino_args(a, compile=False, precision="fp32")  # ours takes its precision from these flags
+    check = dino_args(a, "--precision", "fp32", compile=False)  # ours takes its precision from these flags
     crops = synthetic_crops(check, min(a.batch_size, 4), device)
     steps = {name: build(check, device, None, name == "baseline")[0] for name in ("baseline", "ours")}
     losses = {name: [] for name in steps}
@@ -234,7 +243,7 @@ def check_same_loss(a, device, res):
 
 def bench_step(a, device, runners, res):
     crops = synthetic_crops(dino_args(a), a.batch_size, device)
-    model = runners["ours"][1][0]
+    model = runners["ours"][1].student
     flops = flops_per_image(model.backbone, a.patch_size, a.global_crops_size, a.local_crops_size,
                             a.local_crops_number, model.head)
     res["gflop_per_image"] = flops / 1e9
@@ -246,7 +255,7 @@ def bench_step(a, device, runners, res):
     ms, peak = {n: [] for n in runners}, {n: 0 for n in runners}
     for r in range(rounds):
         n_steps = a.steps // rounds + (r < a.steps % rounds)
-        for name, (step, owned) in runners.items():
+        for name, (step, s) in runners.items():
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
                 rest = torch.cuda.memory_allocated(device)
@@ -257,7 +266,7 @@ def bench_step(a, device, runners, res):
             ms[name].append((time.perf_counter() - t0) * 1000 / n_steps)
             if device.type == "cuda":  # this run's peak, less what the other one holds between its steps
                 peak[name] = max(peak[name], torch.cuda.max_memory_allocated(device) - rest
-                                 + resident_bytes([*owned, *crops]))
+                                 + resident_bytes([s.student, s.teacher, s.optimizer, *crops]))
     for name in runners:
         r = res[name]
         r["ms_per_step"] = min(ms[name])
@@ -285,74 +294,128 @@ def make_jpeg(path, seed):
     Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(path, quality=90)
 
 
-def transforms(args):
-    crop_args = (args.global_crops_scale, args.local_crops_scale, args.local_crops_number,
-                 args.global_crops_size, args.local_crops_size)
-    return (dino.DataAugmentationDINO(*crop_args), dino.MultiCropGeometry(*crop_args),
-            dino.MultiCropPhotometry(args.local_crops_number))
+def e2e_batches(a):
+    """(warm-up, timed) batches of the end-to-end epoch: at least 3 per worker timed, every image at least once."""
+    prefetched = 2 * a.workers  # the DataLoader's prefetch_factor (2) batches per worker
+    warmup = max(a.warmup, 2 * prefetched)
+    return warmup, max(a.steps, 3 * a.workers, math.ceil(a.images / a.batch_size) - warmup)
 
 
-def bench_data(a, data_dir, res):
-    """What one loader worker does per batch (decode, transform, collate), here in this process on one thread.
-    Ours is the GPU path's worker (crops only); without a GPU, ours runs the baseline's DataAugmentationDINO."""
-    plain, geometry, _ = transforms(dino_args(a))
-    variants = {"baseline": dino.ImageDataset(data_dir, plain), "ours": dino.ImageDataset(data_dir, geometry)}
+def image_folder(a, tmp):
+    """A folder for dino.train_loader whose epoch is the end-to-end one: a.images images (generated JPEGs, or the
+    first of --data_dir's, whose own epoch may take hours), linked over and over, each once in the first links."""
+    source = a.data_dir
+    if source is None:
+        source = os.path.join(tmp, "jpeg")
+        os.mkdir(source)
+        with multiprocessing.Pool() as pool:
+            pool.starmap(make_jpeg, [(os.path.join(source, f"{i:05d}.jpg"), i) for i in range(a.images)])
+    images = dino.list_images(source)[:a.images]
+    folder = os.path.join(tmp, "images")
+    os.mkdir(folder)
+    for k in range(sum(e2e_batches(a)) * a.batch_size):
+        image = images[k % len(images)].absolute()
+        os.symlink(image, os.path.join(folder, f"{k:07d}{image.suffix}"))
+    return folder
+
+
+def bench_data(a, args, device, res):
+    """What one loader worker of dino.train_loader does per batch (decode, transform, collate), here in this process
+    on one thread. Ours is the GPU path's worker (crops only); without a GPU, ours runs the baseline's
+    DataAugmentationDINO."""
+    loaders = {"baseline": dino.train_loader(args, 0, 1, device, False),
+               "ours": dino.train_loader(args, 0, 1, device, device.type == "cuda")}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    n, b = min(len(variants["baseline"]), a.images), a.batch_size
-    seconds = {k: 0.0 for k in variants}
+    n = min(len(loaders["baseline"].dataset), a.images)
+    b = a.batch_size
+    seconds = {k: 0.0 for k in loaders}
     for start in range(-b, n - b + 1, b):  # the first batch warms up; batches interleave across the variants
-        for name, ds in variants.items():
+        for name, loader in loaders.items():
             t0 = time.perf_counter()
-            torch.utils.data.default_collate([ds[i % n] for i in range(start, start + b)])
+            # as the sampler indexes it: (index, epoch), which seeds the sample's crops
+            loader.collate_fn([loader.dataset[i % n, 0] for i in range(start, start + b)])
             seconds[name] += (time.perf_counter() - t0) * (start >= 0)
     torch.set_num_threads(threads)
-    for name in variants:
+    for name in loaders:
         res[name]["data_img_s"] = n // b * b / seconds[name]
 
 
+class Clocked:
+    """A loader whose images/s is timed from its batch `warmup` on: the clock starts (the device synchronized) just
+    before that batch is fetched, and images_per_s() after the last step stops it. The warm-up must outlast the
+    workers' start-up burst (each delivers its prefetched batches at once), so that a loader-bound run is not
+    credited with batches made before the clock started. Has the len and batch_size that train_one_epoch reads."""
+
+    def __init__(self, loader, warmup, device):
+        self.loader = loader
+        self.batch_size = getattr(loader, "batch_size", None)
+        self.warmup = warmup
+        self.device = device
+        self.images = 0
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        batches = iter(self.loader)
+        for k in itertools.count():
+            if k == self.warmup:
+                sync(self.device)
+                self.start = time.perf_counter()
+            batch = next(batches, None)
+            if batch is None:
+                return
+            if k >= self.warmup:
+                self.images += len(batch[0])
+            yield batch
+
+    def images_per_s(self):
+        sync(self.device)
+        return self.images / (time.perf_counter() - self.start)
+
+
 def timed_images_per_s(batches, step, warmup, steps, device):
-    """Images/s of `steps` batches fetched and stepped after `warmup` of them: the clock starts before the first
-    timed fetch. The warm-up must outlast the workers' start-up burst (each delivers its prefetched batches at
-    once), so that a loader-bound run is not credited with batches made before the clock started."""
-    batches = iter(batches)
-    for _ in range(warmup):
-        step(next(batches))
-    sync(device)
-    t0, images = time.perf_counter(), 0
-    for _ in range(steps):
-        crops = next(batches)
+    """Images/s of `steps` batches fetched and stepped after `warmup` of them (the clock of Clocked)."""
+    clocked = Clocked(batches, warmup, device)
+    for crops in itertools.islice(clocked, warmup + steps):
         step(crops)
-        images += len(crops[0])
-    sync(device)
-    return images / (time.perf_counter() - t0)
+    return clocked.images_per_s()
 
 
-def bench_e2e(a, data_dir, device, runners, res):
-    plain, geometry, photometry = transforms(dino_args(a))
-    on_device = device.type == "cuda"
-    prefetched = 2 * a.workers  # the DataLoader's prefetch_factor (2) batches per worker
-    warmup, steps = max(a.warmup, 2 * prefetched), max(a.steps, 3 * a.workers)
+def bench_e2e(a, args, device, runners, res):
+    """One epoch of dino.train_loader's loader (its images linked to e2e_batches' count), timed after the warm-up
+    batches. The baseline: its step in bench.py's loop, the published augmentation in the workers. Ours:
+    dino.train_one_epoch itself on what dino.train gives it (on a GPU the crops-only workers and
+    MultiCropPhotometry)."""
+    warmup, steps = e2e_batches(a)
     res["e2e_steps"] = steps
-    for name, (step, _) in runners.items():
-        ours_on_gpu = on_device and name == "ours"
-        ds = dino.ImageDataset(data_dir, geometry if ours_on_gpu else plain)
-        loader = torch.utils.data.DataLoader(  # as dino.train, cycling over the images
-            ds, batch_size=a.batch_size, sampler=[i % len(ds) for i in range((warmup + steps) * a.batch_size)],
-            num_workers=a.workers, pin_memory=on_device, drop_last=True)
+    res["e2e_warmup"] = warmup
+    baseline_step = runners["baseline"][0]
 
-        def run(crops):
-            crops = [c.to(device, non_blocking=True) for c in crops]
-            step(photometry(crops) if ours_on_gpu else crops, 0)  # as dino.train_one_epoch
+    def run(crops):
+        baseline_step([c.to(device, non_blocking=True) for c in crops], 0)
 
-        res[name]["e2e_img_s"] = timed_images_per_s(loader, run, warmup, steps, device)
+    loader = dino.train_loader(args, 0, 1, device, False)
+    res["baseline"]["e2e_img_s"] = timed_images_per_s(loader, run, warmup, steps, device)
+    on_device = device.type == "cuda"
+    photometry = None
+    if on_device:
+        photometry = dino.MultiCropPhotometry(args.local_crops_number)
+    clocked = Clocked(dino.train_loader(args, 0, 1, device, on_device), warmup, device)
+    stats = dino.train_one_epoch(runners["ours"][1], clocked, 0, 1, log_every=args.log_every,
+                                 photometry=photometry)
+    res["ours"]["e2e_img_s"] = clocked.images_per_s()
+    # dino.py's own figure: the whole epoch, the workers' start-up included
+    res["ours"]["e2e_epoch_img_s"] = stats["images_per_s"]
 
 
 def memory_child(a, device, amp):
-    """In a fresh process (its peak memory is its own): ours with the dino.py flags a.variant (JSON) changes, one
-    warm-up step and the best of a.steps timed ones; prints one JSON line. Peak memory: on a GPU the peak allocated during the
-    steps; on the CPU the process's peak resident set and its growth over what it held with the networks built."""
-    args = dino_args(a, **json.loads(a.variant))
+    """In a fresh process (its peak memory is its own): ours with the dino.py flags a.variant (a JSON list) adds, one
+    warm-up step and the best of a.steps timed ones; prints one JSON line. Peak memory: on a GPU the peak allocated
+    during the steps; on the CPU the process's peak resident set and its growth over what it held with the networks
+    built."""
+    args = dino_args(a, *json.loads(a.variant))
     step, _ = build(args, device, amp, False)
     crops = synthetic_crops(args, a.batch_size, device)
     built = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
@@ -375,11 +438,13 @@ def memory_child(a, device, amp):
 def bench_memory(a, device):
     """Ours on the same batch as one, as --accum_iter micro-batches, and with --grad_checkpointing (those asked
     for), each in its own subprocess: (results, the table)."""
-    variants = {f"batch {a.batch_size}": {}}
-    if a.accum_iter > 1:
-        variants[f"{a.accum_iter} x {a.batch_size // a.accum_iter} accumulated"] = {"accum_iter": a.accum_iter}
+    variants = {f"batch {a.batch_size}": []}
+    if a.accum_iter > 1:  # dino.py's flags for the same batch (and lr) as micro-batches
+        micro = a.batch_size // a.accum_iter
+        variants[f"{a.accum_iter} x {micro} accumulated"] = ["--batch_size_per_gpu", str(micro),
+                                                             "--accum_iter", str(a.accum_iter)]
     if a.grad_checkpointing:
-        variants["--grad_checkpointing"] = {"grad_checkpointing": True}
+        variants["--grad_checkpointing"] = ["--grad_checkpointing"]
     res = {}
     for name, flags in variants.items():
         child = subprocess.run([sys.executable, os.path.abspath(__file__), *sys.argv[1:], "--variant",
@@ -407,19 +472,18 @@ def side_by_side(a, device, amp, amp_base, precisions):
         check_same_loss(a, device, res)
     if a.only in (None, "step", "e2e"):
         args = dino_args(a)
-        runners = {"baseline": build(args, device, amp_base, True), "ours": build(args, device, amp, False)}
+        n_iter = sum(e2e_batches(a))  # ours' schedules: the end-to-end epoch's
+        runners = {"baseline": build(args, device, amp_base, True), "ours": build(args, device, amp, False, n_iter)}
     if a.only in (None, "step"):
         bench_step(a, device, runners, res)
+    if a.only == "step":
+        return res, table(a, res, device, precisions)
     with tempfile.TemporaryDirectory() as tmp:
-        data_dir = a.data_dir
-        if a.only != "step" and data_dir is None:
-            data_dir = tmp
-            with multiprocessing.Pool() as pool:
-                pool.starmap(make_jpeg, [(os.path.join(tmp, f"{i:05d}.jpg"), i) for i in range(a.images)])
+        args = dino_args(a, "--data_path", image_folder(a, tmp))
         if a.only in (None, "data"):
-            bench_data(a, data_dir, res)
+            bench_data(a, args, device, res)
         if a.only in (None, "e2e"):
-            bench_e2e(a, data_dir, device, runners, res)
+            bench_e2e(a, args, device, runners, res)
     return res, table(a, res, device, precisions)
 
 
@@ -465,7 +529,8 @@ def table(a, res, device, precisions):
     row("peak memory GiB (allocated, each run's own)", "peak_mem_gib", ".2f")
     row("data images/s per worker (1 thread: decode + augment + collate; ours: the GPU path's crops only)",
         "data_img_s", ".1f")
-    row(f"end-to-end images/s ({a.workers} workers, {res.get('e2e_steps')} steps)", "e2e_img_s", ".1f")
+    row(f"end-to-end images/s ({a.workers} workers, {res.get('e2e_steps')} steps after {res.get('e2e_warmup')}; "
+        f"ours: dino.train_one_epoch)", "e2e_img_s", ".1f")
     return "\n".join(rows)
 
 

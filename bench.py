@@ -26,6 +26,7 @@ With --accum_iter N and/or --grad_checkpointing it measures instead ours alone o
 (dino.py --accum_iter), with activation checkpointing; each in a fresh process, so that each peak memory is its own.
 """
 import argparse
+import contextlib
 import datetime
 import itertools
 import json
@@ -42,6 +43,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from PIL import Image, ImageDraw, ImageFilter
 
 import dino
@@ -162,10 +164,12 @@ def build(args, device, amp_dtype, baseline, n_iter=1):
             for m in (s.student.head.last_layer, s.teacher.head.last_layer):
                 m.__class__ = PlainWeightNormLinear
         if args.compile:
-            s.student.compile()
-            s.teacher.compile()
+            dino.compile_step(s)  # as dino.train does with --compile
+
         def step(crops, epoch):  # the batch as --accum_iter micro-batches
-            return dino.train_step(s, list(zip(*(c.chunk(args.accum_iter) for c in crops))), epoch, 0)
+            pieces = [c.chunk(args.accum_iter) for c in crops]
+            micro_batches = [[p[k] for p in pieces] for k in range(args.accum_iter)]
+            return dino.train_step(s, micro_batches, epoch, 0)
         return step, s
     swap = {vits.Attention: ExplicitAttention, vits.WeightNormLinear: PlainWeightNormLinear}
     for m in [*s.student.modules(), *s.teacher.modules()]:
@@ -487,6 +491,211 @@ def side_by_side(a, device, amp, amp_base, precisions):
     return res, table(a, res, device, precisions)
 
 
+# ------------------------------ --ablate: one speed lever at a time ---------------------------
+# Each row is ours (dino.build_train_state + dino.train_step, fed by dino.MultiCropPhotometry as on a GPU) with one
+# lever changed, then the best combination; all in this process, from the same initial weights and crops.
+ABLATION_LEVERS = [  # (row name, settings that differ from today's default); exact: the same maths
+    ("default (eager)", {}),
+    ("compile the whole step", {"compile": "default"}),
+    ("compile + CUDA graphs", {"compile": "reduce-overhead"}),
+    ("batch x2", {"batch": 2}),
+    ("batch x4", {"batch": 4}),
+    ("last layer TF32", {"tf32": True}),
+    ("chunked head cross-entropy (4 chunks)", {"chunks": 4}),
+    ("photometry compiled, emitting the autocast dtype", {"photometry": "compiled"}),
+    ("SDPA flash", {"sdpa": "FLASH_ATTENTION"}),
+    ("SDPA memory-efficient", {"sdpa": "EFFICIENT_ATTENTION"}),
+    ("SDPA cuDNN", {"sdpa": "CUDNN_ATTENTION"}),
+    ("SDPA math", {"sdpa": "MATH"}),
+]
+# levers that change no number on the CPU (TF32 and the SDPA kernels act on GPUs; compile is exact up to rounding)
+EXACT_ON_CPU = ("compile", "tf32", "chunks", "photometry")
+
+
+def ablation_config(a, cuda):
+    """The step the ablation times: ViT-S/16's paper recipe on a GPU; --dry: vit_tiny on small crops (a CPU)."""
+    if a.dry:
+        return dict(arch="vit_tiny", gsize=32, lsize=16, nlocal=2, out_dim=256, batch=4, warmup=0, steps=1,
+                    backend="aot_eager")
+    return dict(arch=a.arch, gsize=224, lsize=96, nlocal=8, out_dim=65536, batch=a.batch_size, warmup=5,
+                steps=a.steps, backend="inductor")
+
+
+def ablation_run(cfg, lever, device):
+    """One row: (results, step function); results has ms/step, images/s, compile seconds, peak GiB, and the loss
+    after one step from the same start."""
+    batch = cfg["batch"] * lever.get("batch", 1)
+    if lever.get("compile") == "reduce-overhead" and device.type != "cuda":
+        raise RuntimeError("CUDA graphs need a CUDA GPU")
+    args = dino.parse_args(["train", "--data_path", "unused", "--arch", cfg["arch"], "--patch_size", "16",
+                            "--out_dim", str(cfg["out_dim"]), "--batch_size_per_gpu", str(batch),
+                            "--global_crops_size", str(cfg["gsize"]), "--local_crops_size", str(cfg["lsize"]),
+                            "--local_crops_number", str(cfg["nlocal"]), "--warmup_epochs", "0",
+                            "--freeze_last_layer", "0", "--epochs", "1"])
+    before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    torch.manual_seed(0)
+    s = dino.build_train_state(args, 1, 1, device)
+    s.dino_loss.chunks = lever.get("chunks", 1)
+    if "compile" in lever:
+        mode = None if lever["compile"] == "default" else lever["compile"]
+        dino.compile_step(s, backend=cfg["backend"], fullgraph=True, mode=mode)
+    photometry = dino.MultiCropPhotometry(cfg["nlocal"], s.amp_dtype or torch.float32)
+    if lever.get("photometry") == "compiled":
+        photometry.apply = torch.compile(dino.apply_photometric, backend=cfg["backend"], fullgraph=True)
+    g = torch.Generator().manual_seed(1)
+    sizes = [cfg["gsize"]] * 2 + [cfg["lsize"]] * cfg["nlocal"]
+    crops = [torch.randint(0, 256, (batch, 3, n, n), generator=g, dtype=torch.uint8).to(device) for n in sizes]
+
+    def step():
+        return dino.train_step(s, [photometry(crops)], 0, 0)
+
+    with ablation_switches(lever):
+        torch.manual_seed(2)  # the same photometry and drop path in every row
+        t0 = time.perf_counter()
+        step()
+        loss = step().item()  # after one step from the same start
+        first_two_s = time.perf_counter() - t0
+        for _ in range(cfg["warmup"]):
+            step()
+        sync(device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        for _ in range(cfg["steps"]):
+            step()
+        sync(device)
+        ms = (time.perf_counter() - t0) * 1000 / cfg["steps"]
+    peak = None
+    if device.type == "cuda":  # this row's own: less what was allocated before it was built
+        peak = (torch.cuda.max_memory_allocated(device) - before) / 2 ** 30
+    compile_s = max(first_two_s - 2 * ms / 1000, 0.0)  # the first two steps' time beyond two steps'
+    return dict(batch=batch, ms_per_step=ms, img_s=batch * 1000 / ms, compile_s=compile_s, peak_gib=peak,
+                loss_after_one_step=loss), step
+
+
+@contextlib.contextmanager
+def ablation_switches(lever):
+    """The global switches a lever sets (TF32 for fp32 matmuls, the SDPA kernel), restored afterwards."""
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = lever.get("tf32", False)
+    try:
+        if "sdpa" in lever:
+            with sdpa_kernel(getattr(SDPBackend, lever["sdpa"])):
+                yield
+        else:
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+PROFILE_KINDS = (("matrix multiplies", ("mm", "gemm", "linear", "matmul", "conv", "cutlass", "sm90", "wgmma")),
+                 ("attention", ("attention", "sdpa", "flash", "fmha")),
+                 ("loss", ("log_softmax", "logsumexp", "cross")),
+                 ("optimizer", ("adam", "foreach", "lerp", "_fused")),
+                 ("copies", ("copy", "memcpy", "to_copy", "cat")))
+
+
+def profile_shares(step, device, steps):
+    """Share of one step's wall time per kind of work (by kernel or op name), and idle (wall time no kernel
+    ran; on the CPU the ops' time spent outside the ones profiled)."""
+    cuda = device.type == "cuda"
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if cuda:
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    sync(device)
+    with torch.profiler.profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step()
+        sync(device)
+        wall = (time.perf_counter() - t0) * 1e6  # microseconds
+    busy = {name: 0.0 for name, _ in PROFILE_KINDS}
+    busy["element-wise and other"] = 0.0
+    for e in prof.key_averages():
+        t = e.self_device_time_total if cuda else e.self_cpu_time_total
+        kind = next((name for name, keys in PROFILE_KINDS if any(k in e.key.lower() for k in keys)),
+                    "element-wise and other")
+        busy[kind] += t
+    busy["idle"] = max(wall - sum(busy.values()), 0.0)
+    return {k: v / wall for k, v in busy.items()}
+
+
+def ablate(a, device):
+    """The --ablate table: each lever alone, then the best combination; profiles of the default and the best."""
+    cuda = device.type == "cuda"
+    cfg = ablation_config(a, cuda)
+    model = vits.vit_tiny() if a.dry else getattr(vits, a.arch)()
+    head = vits.DINOHead(model.embed_dim, cfg["out_dim"])
+    flops = flops_per_image(model, 16, cfg["gsize"], cfg["lsize"], cfg["nlocal"], head)
+    rows, steps = {}, {}
+    for name, lever in ABLATION_LEVERS:
+        try:
+            rows[name], step = ablation_run(cfg, lever, device)
+        except Exception as e:  # a kernel this device lacks (flash attention on an old GPU, CUDA graphs on a CPU)
+            rows[name] = dict(error=f"{type(e).__name__}: {str(e).strip().splitlines()[0][:80]}")
+            step = None
+        if not lever:
+            steps[name] = step  # the default's, profiled below; the others' memory goes
+        rows[name]["lever"] = lever
+        print(f"ablate: {name}: {rows[name]}", flush=True)
+        del step
+        if cuda:
+            torch.cuda.empty_cache()
+    default = rows[ABLATION_LEVERS[0][0]]
+    # the best combination: the fastest compile mode, batch and SDPA kernel, and each other lever that paid 5 %
+    best = {}
+    for group in ("compile", "batch", "sdpa"):
+        candidates = [(r["img_s"], r["lever"]) for r in rows.values()
+                      if group in r["lever"] and "img_s" in r and r["img_s"] >= 1.05 * default["img_s"]]
+        if candidates:
+            best.update(max(candidates, key=lambda c: c[0])[1])
+    for name, lever in ABLATION_LEVERS:
+        r = rows[name]
+        if set(lever) & {"tf32", "chunks", "photometry"} and r.get("img_s", 0) >= 1.05 * default["img_s"]:
+            best.update(lever)
+    name = "best combination: " + (", ".join(f"{k}={v}" for k, v in best.items()) or "the default")
+    try:
+        rows[name], steps[name] = ablation_run(cfg, best, device)
+    except Exception as e:
+        rows[name] = dict(error=f"{type(e).__name__}: {str(e).strip().splitlines()[0][:80]}")
+    rows[name]["lever"] = best
+    for r in rows.values():
+        if "img_s" in r:
+            r["speedup"] = r["img_s"] / default["img_s"]
+            r["mfu"] = r["img_s"] * flops / (a.peak_tflops * 1e12) if a.peak_tflops else None
+            same_data = r["lever"].get("batch", 1) == 1
+            r["loss_diff"] = abs(r["loss_after_one_step"] - default["loss_after_one_step"]) if same_data else None
+    profiles = {label: profile_shares(steps[label], device, 1 if a.dry else 3)
+                for label in (ABLATION_LEVERS[0][0], name) if steps.get(label)}
+    return dict(config=cfg, gflop_per_image=flops / 1e9, rows=rows, profiles=profiles)
+
+
+def ablation_table(a, res, device):
+    cfg = res["config"]
+    out = [f"device: {device_name(device)}; torch {torch.__version__}; {datetime.datetime.now():%Y-%m-%d %H:%M}",
+           f"command: python {' '.join(sys.argv)}",
+           f"step: {cfg['arch']}/16, 2x{cfg['gsize']} + {cfg['nlocal']}x{cfg['lsize']} crops, out_dim "
+           f"{cfg['out_dim']}, {res['gflop_per_image']:.1f} GFLOP/image; autocast "
+           f"{dino.autocast_dtype('auto', device)}; compile backend {cfg['backend']}; mean of {cfg['steps']} "
+           f"steps after {cfg['warmup']}; loss diff: after one step from the same start, vs the default", "",
+           "| lever | batch | ms/step | images/s | % of peak | speed-up | peak GiB | compile s | loss diff |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in res["rows"].items():
+        if "error" in r:
+            out.append(f"| {name} | | n/a: {r['error']} | | | | | | |")
+            continue
+        cells = [str(r["batch"]), f"{r['ms_per_step']:.1f}", f"{r['img_s']:.1f}",
+                 "n/a" if r["mfu"] is None else f"{r['mfu']:.1%}", f"{r['speedup']:.2f}x",
+                 "n/a" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}", f"{r['compile_s']:.1f}",
+                 "n/a (other data)" if r["loss_diff"] is None else f"{r['loss_diff']:.1e}"]
+        out.append(f"| {name} | " + " | ".join(cells) + " |")
+    for label, shares in res["profiles"].items():
+        out += ["", f"profile of one step, {label}:",
+                "| " + " | ".join(shares) + " |", "|" + "---|" * len(shares),
+                "| " + " | ".join(f"{v:.0%}" for v in shares.values()) + " |"]
+    return "\n".join(out)
+
+
 # ------------------------------ report ---------------------------------------
 # Dense bf16 tensor-core peaks in TFLOP/s from NVIDIA's datasheets (whose headline figures, with 2:4 sparsity, are
 # twice these), by device name; the first match counts. Cards not listed here (H100 NVL, ...) need --peak_tflops.
@@ -564,6 +773,10 @@ def main():
                    "as one and as this many accumulated micro-batches, each in a fresh process")
     p.add_argument("--grad_checkpointing", action="store_true", help="instead: the same, and with activation "
                    "checkpointing of the student's blocks")
+    p.add_argument("--ablate", action="store_true", help="instead: ours with one speed lever at a time, then the "
+                   "best combination, and profiles of the default and the best (one process, ~5 min on an H100)")
+    p.add_argument("--dry", action="store_true", help="with --ablate: vit_tiny on small crops, compile on the "
+                   "aot_eager backend (fullgraph: a graph break fails): every row on a CPU in a minute or two")
     p.add_argument("--variant", help=argparse.SUPPRESS)  # internal: one of the runs of the above, as JSON flags
     a = p.parse_args()
     if a.threads:
@@ -578,6 +791,14 @@ def main():
         precisions[1] += " (last layer too)" if a.last_layer_autocast else " (head's last layer fp32)"
     if a.variant:
         return memory_child(a, device, amp)
+    if a.ablate:
+        res = ablate(a, device)
+        print(ablation_table(a, res, device))
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(dict(vars(a), device=device_name(device), torch=torch.__version__, results=res), f,
+                          indent=1, default=str)
+        return
     res, report = bench_memory(a, device) if a.accum_iter > 1 or a.grad_checkpointing else \
         side_by_side(a, device, amp, amp_base, precisions)
     print(report)

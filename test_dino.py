@@ -2203,6 +2203,56 @@ def test_bench_end_to_end_rate_is_the_loaders_rate():
     assert 3 * batch / (time.perf_counter() - start) > 3 * batch / period
 
 
+def test_bench_train_one_epoch_is_timed_at_the_loaders_rate(monkeypatch):
+    # ours end to end: dino.train_one_epoch itself over bench.Clocked, a step faster than the loader
+    batch, period, burst, warmup, steps = 8, 0.05, 4, 8, 6
+
+    class Loader:  # loader_bound with the len and batch_size that train_one_epoch reads
+        batch_size = batch
+
+        def __len__(self):
+            return warmup + steps
+
+        def __iter__(self):
+            return itertools.islice(loader_bound(burst, period, batch), warmup + steps)
+
+    def train_step(s, micro_batches, epoch, i):
+        time.sleep(0.005)
+        return torch.tensor(1.0)
+
+    monkeypatch.setattr(dino, "train_step", train_step)
+    loss = argparse.Namespace(center=torch.zeros(1), stats={})
+    schedules = {name: [0.0] * (warmup + steps) for name in ("lr", "wd", "momentum")}
+    s = argparse.Namespace(dino_loss=loss, schedules=schedules, checkpoint_path="unused")
+    clocked = bench.Clocked(Loader(), warmup, torch.device("cpu"))
+    stats = dino.train_one_epoch(s, clocked, 0, 1)
+    assert clocked.images_per_s() == pytest.approx(batch / period, rel=0.15)  # 160 images/s
+    # the epoch's own figure counts the workers' start-up burst, made before its clock's images
+    assert stats["images_per_s"] > 1.2 * batch / period
+
+
+def test_bench_ablation_dry_run_has_every_row_and_exact_levers(tmp_path):
+    """bench.py --ablate --dry on the CPU: a row for each lever and the best combination; the levers that keep the
+    maths (compile on aot_eager with fullgraph, chunked cross-entropy, photometry compiled, TF32 on a CPU) change
+    the loss after one step from the same start by less than 1e-5; CUDA graphs and the GPU-only SDPA kernels are
+    rows that say n/a."""
+    out = tmp_path / "ablate.json"
+    p = subprocess.run([sys.executable, os.path.join(HERE, "bench.py"), "--ablate", "--dry", "--threads", "1",
+                        "--json", str(out)],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = json.loads(out.read_text())["results"]["rows"]
+    for name, _ in bench.ABLATION_LEVERS:
+        assert name in rows and f"| {name} |" in p.stdout, name
+    best = [name for name in rows if name.startswith("best combination")]
+    assert len(best) == 1 and "img_s" in rows[best[0]]
+    assert "CUDA graphs need a CUDA GPU" in rows["compile + CUDA graphs"]["error"]
+    for name, lever in bench.ABLATION_LEVERS:
+        if set(lever) & set(bench.EXACT_ON_CPU) and lever.get("compile") != "reduce-overhead":
+            assert rows[name]["loss_diff"] < 1e-5, name
+    assert "profile of one step, default" in p.stdout and "| idle |" in p.stdout
+
+
 def test_bench_peak_flops_from_the_device_name():
     # dense bf16 tensor-core TFLOP/s from NVIDIA's datasheets; unknown cards get none (FLOP utilization n/a)
     for name, peak in [("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756), ("NVIDIA H200", 989),

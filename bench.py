@@ -503,13 +503,15 @@ ABLATION_LEVERS = [  # (row name, settings that differ from today's default); ex
     ("last layer TF32", {"tf32": True}),
     ("chunked head cross-entropy (4 chunks)", {"chunks": 4}),
     ("photometry compiled, emitting the autocast dtype", {"photometry": "compiled"}),
+    ("host-to-device copy in the step (as train_one_epoch)", {"copy": "same stream"}),
+    ("host-to-device copy on a side stream, a step ahead", {"copy": "side stream"}),
     ("SDPA flash", {"sdpa": "FLASH_ATTENTION"}),
     ("SDPA memory-efficient", {"sdpa": "EFFICIENT_ATTENTION"}),
     ("SDPA cuDNN", {"sdpa": "CUDNN_ATTENTION"}),
     ("SDPA math", {"sdpa": "MATH"}),
 ]
 # levers that change no number on the CPU (TF32 and the SDPA kernels act on GPUs; compile is exact up to rounding)
-EXACT_ON_CPU = ("compile", "tf32", "chunks", "photometry")
+EXACT_ON_CPU = ("compile", "tf32", "chunks", "photometry", "copy")
 
 
 def ablation_config(a, cuda):
@@ -527,6 +529,8 @@ def ablation_run(cfg, lever, device):
     batch = cfg["batch"] * lever.get("batch", 1)
     if lever.get("compile") == "reduce-overhead" and device.type != "cuda":
         raise RuntimeError("CUDA graphs need a CUDA GPU")
+    if lever.get("copy") == "side stream" and device.type != "cuda":
+        raise RuntimeError("a side stream needs a CUDA GPU")
     args = dino.parse_args(["train", "--data_path", "unused", "--arch", cfg["arch"], "--patch_size", "16",
                             "--out_dim", str(cfg["out_dim"]), "--batch_size_per_gpu", str(batch),
                             "--global_crops_size", str(cfg["gsize"]), "--local_crops_size", str(cfg["lsize"]),
@@ -544,10 +548,32 @@ def ablation_run(cfg, lever, device):
         photometry.apply = torch.compile(dino.apply_photometric, backend=cfg["backend"], fullgraph=True)
     g = torch.Generator().manual_seed(1)
     sizes = [cfg["gsize"]] * 2 + [cfg["lsize"]] * cfg["nlocal"]
-    crops = [torch.randint(0, 256, (batch, 3, n, n), generator=g, dtype=torch.uint8).to(device) for n in sizes]
+    crops = [torch.randint(0, 256, (batch, 3, n, n), generator=g, dtype=torch.uint8) for n in sizes]
+    if device.type == "cuda":
+        crops = [c.pin_memory() for c in crops]  # as the loader's
+    copy = lever.get("copy")
+    on_device = [c.to(device) for c in crops]
 
     def step():
-        return dino.train_step(s, [photometry(crops)], 0, 0)
+        views = on_device
+        if copy == "same stream":
+            views = [c.to(device, non_blocking=True) for c in crops]
+        if copy == "side stream":  # this batch was copied during the last step; the next one copies now
+            main = torch.cuda.current_stream(device)
+            main.wait_stream(side)
+            views = ahead.pop()
+            for v in views:
+                v.record_stream(main)  # its memory is not reused before the step is done with it
+            ahead.append(copy_ahead())
+        return dino.train_step(s, [photometry(views)], 0, 0)
+
+    def copy_ahead():
+        with torch.cuda.stream(side):
+            return [c.to(device, non_blocking=True) for c in crops]
+
+    if copy == "side stream":
+        side = torch.cuda.Stream(device)
+        ahead = [copy_ahead()]
 
     with ablation_switches(lever):
         torch.manual_seed(2)  # the same photometry and drop path in every row
@@ -677,7 +703,9 @@ def ablation_table(a, res, device):
            f"step: {cfg['arch']}/16, 2x{cfg['gsize']} + {cfg['nlocal']}x{cfg['lsize']} crops, out_dim "
            f"{cfg['out_dim']}, {res['gflop_per_image']:.1f} GFLOP/image; autocast "
            f"{dino.autocast_dtype('auto', device)}; compile backend {cfg['backend']}; mean of {cfg['steps']} "
-           f"steps after {cfg['warmup']}; loss diff: after one step from the same start, vs the default", "",
+           f"steps after {cfg['warmup']}; loss diff: after one step from the same start, vs the default; "
+           f"the rows without a copy feed crops already on the device, the two copy rows compare with each "
+           f"other (the best combination leaves them out)", "",
            "| lever | batch | ms/step | images/s | % of peak | speed-up | peak GiB | compile s | loss diff |",
            "|---|---|---|---|---|---|---|---|---|"]
     for name, r in res["rows"].items():

@@ -255,7 +255,7 @@ def sample_photometric_params(n, blur_p, solarize_p, device=None):
                 solarize=coin(solarize_p))
 
 
-def apply_photometric(img, params):
+def apply_photometric(img, params, dtype=torch.float32):
     """Color jitter, grayscale, blur, solarize with the sampled params, then normalize:
     [B, 3, H, W] in [0, 1]."""
     img = _color_jitter(img, params["jitter"], params["order"], params["factors"])
@@ -263,22 +263,22 @@ def apply_photometric(img, params):
     img = torch.where(_per_sample(params["blur"]),
                       _gaussian_blur(img, params["sigma"], BLUR_KERNEL_SIZE), img)
     img = torch.where(_per_sample(params["solarize"]), _solarize(img), img)
-    return _normalize(img)
+    return _normalize(img).to(dtype)
 
 
 class MultiCropPhotometry:
     """DataAugmentationDINO's photometric half, batched on the device: uint8 crops -> normalized
     crops of dtype, no sync. Under autocast, the dtype the patch embedding casts its input to
-    (bf16, fp16) gives the same step with half the bytes. compile: torch.compile the ops."""
+    (bf16, fp16) gives the same step with half the bytes. compiled: torch.compile the ops."""
 
     # (blur p, solarize p) of global view 1, global view 2, and the local views
     PROBS = ((1.0, 0.0), (0.1, 0.2), (0.5, 0.0))
 
-    def __init__(self, local_crops_number, dtype=torch.float32, compile=False):
+    def __init__(self, local_crops_number, dtype=torch.float32, compiled=False):
         self.local_crops_number = local_crops_number
         self.dtype = dtype
         self.apply = apply_photometric
-        if compile:
+        if compiled:
             self.apply = torch.compile(apply_photometric)
 
     def __call__(self, views):
@@ -288,7 +288,7 @@ class MultiCropPhotometry:
             if group:  # the views sharing the same probabilities, as one batch
                 img = torch.cat(group).float().div(255)
                 params = sample_photometric_params(len(img), *probs, device=img.device)
-                img = self.apply(img, params).to(self.dtype)
+                img = self.apply(img, params, self.dtype)
                 out += img.split(len(group[0]))
         return out
 
@@ -448,8 +448,7 @@ def cross_term(student_logits, q):
 
 class DINOLoss(nn.Module):
     """Cross-entropy between the sharpened, centered teacher and the student, over all pairs of
-    different views. Each softmax is computed once: the sum over pairs (teacher view t, student
-    view s != t) is sum_t q_t . (sum_s log p_s - log p_t)."""
+    different views (cross_term), averaged; then the center moves (update_center)."""
 
     def __init__(self, out_dim, ncrops, warmup_teacher_temp, teacher_temp,
                  warmup_teacher_temp_epochs, nepochs, student_temp=0.1, center_momentum=0.9,
@@ -624,8 +623,10 @@ def forward_and_loss(student, teacher, dino_loss, crops, temp):
 
 
 def compile_step(s, **options):
-    """torch.compile the step's forward (teacher, student and loss as one region); options are
-    torch.compile's: mode="reduce-overhead" adds CUDA graphs, fullgraph=True fails on a break."""
+    """torch.compile the step's forward (teacher, student and loss as one region; with DDP it splits
+    where DDP's hooks are); options are torch.compile's: fullgraph=True fails on a graph break,
+    mode="reduce-overhead" adds CUDA graphs, for one micro-batch per step only (a micro-batch's
+    gradients would live in the graph's memory, which its next run overwrites)."""
     s.compiled_forward = torch.compile(forward_and_loss, **options)
 
 
@@ -787,7 +788,7 @@ def shard_loader(dataset, batch_size, num_workers, device):
     indices = range(n * rank // world_size, n * (rank + 1) // world_size)
     shard = Subset(dataset, indices)
     return DataLoader(shard, batch_size=batch_size, num_workers=num_workers,
-                                       pin_memory=torch.device(device).type == "cuda")
+                      pin_memory=torch.device(device).type == "cuda")
 
 
 @torch.no_grad()
@@ -1129,16 +1130,16 @@ def save_checkpoint(state, path, write=torch.save):
 
 
 STRUCTURAL_FLAGS = ("arch", "patch_size", "out_dim", "norm_last_layer", "use_bn_in_head")
-# What a training checkpoint holds besides "epoch" and "args": save_epoch writes these parts of the
-# TrainState, resume restores them. The published code's checkpoints name their scaler fp16_scaler:
-# resume needs no scaler.
-TRAINING_STATE = ("student", "teacher", "optimizer", "dino_loss", "scaler")
+# What a training checkpoint holds besides "epoch", "args" and "scaler": save_epoch writes these
+# parts of the TrainState, resume restores them. The scaler is optional: the published code names
+# its fp16_scaler.
+TRAINING_STATE = ("student", "teacher", "optimizer", "dino_loss")
 
 
 def save_epoch(s, args, epoch, stats):
     """Checkpoint atomically, then log the stats (a crash loses a log line, never a checkpoint);
     warn of collapse."""
-    state = {k: getattr(s, k).state_dict() for k in TRAINING_STATE}
+    state = {k: getattr(s, k).state_dict() for k in (*TRAINING_STATE, "scaler")}
     state.update(epoch=epoch + 1, args=plain_args(args))
     if args.saveckp_freq and epoch % args.saveckp_freq == 0:
         save_checkpoint(state, os.path.join(args.output_dir, f"checkpoint{epoch:04d}.pth"))
@@ -1165,7 +1166,7 @@ def resume(path, s, args):
         ckpt = load_checkpoint_file(path)
     except DinoError as e:
         raise DinoError(f"cannot resume: {e}; {fresh}") from None
-    required = ["epoch", *TRAINING_STATE[:-1]]
+    required = (*TRAINING_STATE, "epoch")
     missing = [k for k in required if not isinstance(ckpt, dict) or k not in ckpt]
     if missing:
         raise DinoError(f"cannot resume: {path} is not a training checkpoint "
@@ -1179,10 +1180,11 @@ def resume(path, s, args):
     changed = [f"{k} {old[k]} -> {v}" for k, v in vars(args).items()
                if k in old and old[k] != v]
     for name in TRAINING_STATE:
-        if ckpt.get(name):
-            # the published code saves its student as DDP wraps it: module.backbone...
-            state = {k.removeprefix("module."): v for k, v in ckpt[name].items()}
-            getattr(s, name).load_state_dict(state)
+        # the published code saves its student as DDP wraps it: module.backbone...
+        state = {k.removeprefix("module."): v for k, v in ckpt[name].items()}
+        getattr(s, name).load_state_dict(state)
+    if ckpt.get("scaler"):
+        s.scaler.load_state_dict(ckpt["scaler"])
     if get_rank() == 0:
         if changed:
             print(f"resuming with changed flags: {', '.join(changed)}")
@@ -1492,8 +1494,9 @@ def build_train_state(args, n_iter, world_size, device):
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     checkpoint_path = os.path.join(args.output_dir, "checkpoint.pth")
     return TrainState(student, teacher, dino_loss, optimizer, scaler, schedules,
-                      args.clip_grad, args.freeze_last_layer, args.freeze_backbone_epochs,
-                      checkpoint_path, amp_dtype)
+                      clip_grad=args.clip_grad, freeze_last_layer=args.freeze_last_layer,
+                      freeze_backbone_epochs=args.freeze_backbone_epochs,
+                      checkpoint_path=checkpoint_path, amp_dtype=amp_dtype)
 
 
 def train_loader(args, rank, world_size, device, on_device):
@@ -1508,10 +1511,9 @@ def train_loader(args, rank, world_size, device, on_device):
                            seed=args.seed)
     # its own generator: worker seeds from the global one would shift drop path on resume
     return DataLoader(dataset, sampler=sampler, batch_size=args.batch_size_per_gpu,
-                                       num_workers=args.num_workers,
-                                       pin_memory=device.type == "cuda", drop_last=True,
-                                       persistent_workers=args.num_workers > 0,
-                                       generator=torch.Generator())
+                      num_workers=args.num_workers, pin_memory=device.type == "cuda",
+                      drop_last=True, persistent_workers=args.num_workers > 0,
+                      generator=torch.Generator())
 
 
 def train(args, device_photometry=None):
@@ -1561,7 +1563,8 @@ def train(args, device_photometry=None):
         print(f"training {args.arch}/{args.patch_size} on {len(dataset)} images, {world_size} "
               f"process(es) on {device.type}, batch "
               f"{args.batch_size_per_gpu * args.accum_iter * world_size}, {n_iter} it/epoch, "
-              f"precision {args.precision}, compiled step {args.compile}", flush=True)
+              f"precision {args.precision}, compile {args.compile}, colour and blur "
+              f"{'on the device' if photometry else 'in the loader workers'}", flush=True)
     for epoch in range(start_epoch, args.epochs):
         loader.sampler.set_epoch(epoch)
         # drop path and device photometry: replayed on resume
@@ -1842,13 +1845,10 @@ def linear_main(args):
     lr = args.lr * args.batch_size_per_gpu * world_size / 256
     optimizer = torch.optim.SGD(ddp.parameters(), lr, momentum=0.9, weight_decay=0)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.epochs, eta_min=0)
-    sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank,
-                                                  seed=args.seed)
-    loader = DataLoader(train_set, sampler=sampler,
-                                         batch_size=args.batch_size_per_gpu,
-                                         num_workers=args.num_workers,
-                                         pin_memory=device.type == "cuda",
-                                         persistent_workers=args.num_workers > 0)
+    sampler = DistributedSampler(train_set, num_replicas=world_size, rank=rank, seed=args.seed)
+    loader = DataLoader(train_set, sampler=sampler, batch_size=args.batch_size_per_gpu,
+                        num_workers=args.num_workers, pin_memory=device.type == "cuda",
+                        persistent_workers=args.num_workers > 0)
     val_loader = shard_loader(val_set, args.batch_size_per_gpu, args.num_workers, device)
     if rank == 0:
         print(f"linear probe of {args.pretrained_weights} ({args.arch}/{args.patch_size}, {dim} "

@@ -210,11 +210,11 @@ def checkpoint_file(path, kind="ours", out_dim=None, seed=0, module=False, new_w
                 "dino_loss": {"center": torch.randn(1, out_dim)},
                 "fp16_scaler": torch.amp.GradScaler("cpu").state_dict()}
         assert isinstance(ckpt["optimizer"]["param_groups"][0]["lr"], np.float64)
-        if numpy1:
+        if numpy1:  # numpy 1's module names for the scalars, whichever numpy runs the test (numpy 2 writes _core)
             torch.save(ckpt, path, _use_new_zipfile_serialization=False)
-            raw = path.read_bytes()
-            assert raw.count(b"numpy._core.multiarray\nscalar") >= 1
-            path.write_bytes(raw.replace(b"numpy._core.multiarray\nscalar", b"numpy.core.multiarray\nscalar"))
+            raw = path.read_bytes().replace(b"numpy._core.multiarray\nscalar", b"numpy.core.multiarray\nscalar")
+            assert raw.count(b"numpy.core.multiarray\nscalar") >= 1
+            path.write_bytes(raw)
         else:
             torch.save(ckpt, path)
         return student, teacher

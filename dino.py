@@ -1151,11 +1151,36 @@ def save_epoch(s, args, epoch, stats):
           f"teacher entropy {stats['teacher_entropy']:.3f}, KL {stats['kl']:.3f}, "
           f"batch-mean entropy {stats['batch_mean_entropy']:.3f} (max {max_entropy:.3f}), "
           f"{stats['skipped_images']} unreadable images skipped", flush=True)
-    if stats["kl"] < 1e-3 or abs(stats["loss"] - max_entropy) < 1e-3 * max_entropy:
-        print(f"warning: the outputs look collapsed (KL(teacher||student) {stats['kl']:.2e}, "
-              f"loss {stats['loss']:.3f} vs ln(out_dim) {max_entropy:.3f}); "
-              f"try a lower --teacher_temp, a higher --momentum_teacher (e.g. "
-              f"0.9995 with small batches), or a larger batch", flush=True)
+    alarm = collapse_alarm(stats, args)
+    if alarm:
+        print(alarm, flush=True)
+
+
+def collapse_alarm(stats, args):
+    """One line naming the collapse an epoch's means show, with the flags most likely to end it in
+    this run (their values derived from this run's), or None. The paper's two collapses: uniform
+    (centering without enough sharpening: every teacher output flat, its entropy near ln(out_dim),
+    the student matching it, KL near 0) and one dimension (sharpening without enough centering:
+    every image's teacher output peaks on the same dimension, the batch-mean entropy near 0)."""
+    max_entropy = math.log(args.out_dim)
+    # "near": within a tenth of ln(out_dim), the scale of all three
+    if stats["teacher_entropy"] > 0.9 * max_entropy and stats["kl"] < 0.1 * max_entropy:
+        kind = "uniform outputs (teacher entropy near ln(out_dim), KL near 0)"
+        # BatchNorm in the head, then a sharper and a slower teacher
+        fixes = [f"--teacher_temp {args.teacher_temp / 2:g}",
+                 f"--momentum_teacher {1 - (1 - args.momentum_teacher) / 2:g}"]
+        if not args.use_bn_in_head:
+            fixes.insert(0, "--use_bn_in_head true")
+    elif stats["batch_mean_entropy"] < 0.1 * max_entropy:
+        kind = "one dimension (batch-mean entropy near 0)"
+        # a softer and a slower teacher, a smaller student step
+        fixes = [f"--teacher_temp {args.teacher_temp * 2:g}",
+                 f"--momentum_teacher {1 - (1 - args.momentum_teacher) / 2:g}",
+                 f"--lr {args.lr / 2:g}"]
+    else:
+        return None
+    return (f"warning: collapse to {kind} in epoch {stats['epoch']}; the run goes on; "
+            f"for this run try {', '.join(fixes[:3])}")
 
 
 def resume(path, s, args):

@@ -1372,12 +1372,13 @@ DEMO_NOISE = 50
 def demo_image(cls, rng, size=64, supersample=3):
     """A demo image and its object's mask [size, size]: the class is the shape of the one dark
     object on a grey background, under strong pixel noise. Crops of one image share the shape and
-    never the noise (each resamples it anew), so DINO learns to see through the noise that drowns
-    the shape in a random network's features. Nothing else is shared that separates images: the
-    background is the same grey everywhere (a brightness, tint or clutter per image is what the
-    crops of one image share, and the network learns that instead of the shape); place, size and
-    tilt vary as the crops vary them. The object is near black in every image: with a colour of
-    its own, colour, not shape, is what crops of one image share. Supersampled: antialiased."""
+    hardly the noise (fixed per image, but each crop resamples it at its own scale and place), so
+    DINO learns to see through the noise that drowns the shape in a random network's features.
+    Nothing else is shared that separates images: the background is the same grey everywhere (a
+    brightness, tint or clutter per image is what the crops of one image share, and the network
+    learns that instead of the shape); place, size and tilt vary as the crops vary them. The object
+    is near black in every image: with a colour of its own, colour, not shape, is what crops of one
+    image share. Supersampled: antialiased."""
     n = size * supersample
     img = Image.new("RGB", (n, n), (DEMO_GREY,) * 3)
     shape = DEMO_SHAPES[cls]
@@ -1430,16 +1431,18 @@ def make_demo_dataset(root, n_train=300, n_val=200, seed=0):
 # data (README); the paper's stays the default with --data_path
 SMALL_WHY = ("BatchNorm in the head (without it the teacher's outputs go uniform in a few "
              "hundred steps), a fast teacher (momentum 0.97: the paper's 0.996 barely leaves "
-             "random init in so few steps), a high lr and a sharp teacher temperature (0.02)")
+             "random init in so few steps), a high lr and a sharp teacher temperature (0.0175)")
+# teacher temperature 0.0175: better than 0.02 in the mean over 3 demo seeds of k-NN, attention
+# and entropy; 0.015 sharpens k-NN but loses the attention (seed 0)
 SMALL = dict(use_bn_in_head=True, momentum_teacher=0.97, lr=0.01, warmup_epochs=1, out_dim=256,
-             teacher_temp=0.02, warmup_teacher_temp=0.02)
+             teacher_temp=0.0175, warmup_teacher_temp=0.0175)
 # The demo configuration (--preset demo, the default without --data_path): the small recipe with
 # the demo's data and sizes
 DEMO_WHY = "sized to train in minutes on a CPU; " + SMALL_WHY
 DEMO = {"train": dict(SMALL, arch="vit_tiny", patch_size=8, epochs=4, batch_size_per_gpu=32,
                       global_crops_size=32, local_crops_size=16, local_crops_number=4,
                       local_crops_scale=[0.1, 0.4], num_workers=2, saveckp_freq=4,
-                      drop_path_rate=0.0, knn_every=4),
+                      drop_path_rate=0.0, knn_every=1),
         # a few hundred images give a few dozen steps: they need a larger lr than ImageNet's 100
         # epochs
         "linear": dict(epochs=10, lr=0.1, batch_size_per_gpu=32, num_workers=2),

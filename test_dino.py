@@ -1889,12 +1889,12 @@ def test_demo_data_appears_whole_or_not_at_all(tmp_path, monkeypatch):
 
 
 def test_knn_every_defaults(tmp_path, monkeypatch, capsys):
-    """The demo evaluates its own labelled data after its 4 epochs; other data need --knn_data_path for it."""
+    """The demo evaluates its own labelled data after each epoch; other data need --knn_data_path for it."""
     launched = []
     monkeypatch.setattr(dino, "launch", lambda fn, args: launched.append(args))
     monkeypatch.setattr(dino, "make_demo_dataset", lambda root: image_folder(root, **LABELLED))
     dino.main(["train", "--output_dir", str(tmp_path)])
-    assert launched[0].knn_every == 4 and launched[0].knn_data_path == str(tmp_path / "demo_data")
+    assert launched[0].knn_every == 1 and launched[0].knn_data_path == str(tmp_path / "demo_data")
     assert parse_args(["train", "--preset", "demo", "--data_path", str(tmp_path)]).knn_every == 0  # unlabelled
     assert "--knn_every needs --knn_data_path" in main_error(["train", "--data_path", str(tmp_path), "--knn_every",
                                                               "2", "--output_dir", str(tmp_path)], capsys)
@@ -1904,7 +1904,7 @@ def test_preset_small_takes_the_small_data_recipe_for_unset_flags(tmp_path):
     """--preset small on the user's data: the small-data recipe for the unset flags, the paper's sizes, a given flag
     wins; the demo preset is that recipe with the demo's sizes; a --data_path run keeps the paper's recipe."""
     recipe = dict(use_bn_in_head=True, momentum_teacher=0.97, lr=0.01, warmup_epochs=1, out_dim=256,
-                  teacher_temp=0.02, warmup_teacher_temp=0.02)
+                  teacher_temp=0.0175, warmup_teacher_temp=0.0175)
     small = parse_args(["train", "--preset", "small", "--data_path", str(tmp_path), "--teacher_temp", "0.03"])
     assert small.preset == "small" and small.teacher_temp == 0.03
     assert {k: getattr(small, k) for k in recipe if k != "teacher_temp"} == {

@@ -1376,9 +1376,9 @@ def demo_image(cls, rng, size=64, supersample=3):
     DINO learns to see through the noise that drowns the shape in a random network's features.
     Nothing else is shared that separates images: the background is the same grey everywhere (a
     brightness, tint or clutter per image is what the crops of one image share, and the network
-    learns that instead of the shape); place, size and tilt vary as the crops vary them. The object
-    is near black in every image: with a colour of its own, colour, not shape, is what crops of one
-    image share. Supersampled: antialiased."""
+    learns that instead of the shape); place and size vary as the crops vary them, the tilt is
+    small. The object is near black in every image: with a colour of its own, colour, not shape, is
+    what crops of one image share. Supersampled: antialiased."""
     n = size * supersample
     img = Image.new("RGB", (n, n), (DEMO_GREY,) * 3)
     shape = DEMO_SHAPES[cls]
@@ -1443,8 +1443,8 @@ DEMO = {"train": dict(SMALL, arch="vit_tiny", patch_size=8, epochs=4, batch_size
                       global_crops_size=32, local_crops_size=16, local_crops_number=4,
                       local_crops_scale=[0.1, 0.4], num_workers=2, saveckp_freq=4,
                       drop_path_rate=0.0, knn_every=1),
-        # a few hundred images give a few dozen steps: they need a larger lr than ImageNet's 100
-        # epochs
+        # under two thousand images give a few dozen steps an epoch: they need a larger lr than
+        # ImageNet's 100 epochs
         "linear": dict(epochs=10, lr=0.1, batch_size_per_gpu=32, num_workers=2),
         "knn": dict(num_workers=2, random_init=True, nb_knn=[10, 20])}  # the README table's k
 PRESETS = {"paper": {}, "small": {"train": SMALL}, "demo": DEMO}

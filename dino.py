@@ -1163,8 +1163,14 @@ def collapse_alarm(stats, args):
     the student matching it, KL near 0) and one dimension (sharpening without enough centering:
     every image's teacher output peaks on the same dimension, the batch-mean entropy near 0)."""
     max_entropy = math.log(args.out_dim)
+    # At the end of the momentum schedule the teacher is frozen (its EMA step under a tenth of the
+    # first) and the center catches up with its outputs, which flattens them: uniform outputs
+    # there are no collapse, the features keep what they learned (demo runs with their best
+    # k-NN end so). A collapse happens while the teacher still moves.
+    teacher_moves = 1 - stats["momentum"] > 0.1 * (1 - args.momentum_teacher)
     # "near": within a tenth of ln(out_dim), the scale of all three
-    if stats["teacher_entropy"] > 0.9 * max_entropy and stats["kl"] < 0.1 * max_entropy:
+    flat = stats["teacher_entropy"] > 0.9 * max_entropy and stats["kl"] < 0.1 * max_entropy
+    if flat and teacher_moves:
         kind = "uniform outputs (teacher entropy near ln(out_dim), KL near 0)"
         # BatchNorm in the head, then a sharper and a slower teacher
         fixes = [f"--teacher_temp {args.teacher_temp / 2:g}",
@@ -1427,6 +1433,12 @@ def make_demo_dataset(root, n_train=300, n_val=200, seed=0):
     return str(root)
 
 
+def demo_data(output_dir, seed):
+    """The demo data of a run with --seed seed: its own folder per seed, so a run or an evaluation
+    never reads another seed's images."""
+    return make_demo_dataset(os.path.join(output_dir, f"demo_data_seed{seed}"), seed=seed)
+
+
 # --preset small: the recipe for a few thousand images and a few hundred steps, measured on the demo
 # data (README); the paper's stays the default with --data_path
 SMALL_WHY = ("BatchNorm in the head (without it the teacher's outputs go uniform in a few "
@@ -1636,7 +1648,7 @@ def fill_eval_flags(args, train_args):
     args.arch = args.arch or train_args.get("arch", "vit_small")
     args.patch_size = args.patch_size or train_args.get("patch_size", 16)
     if args.command in ("knn", "linear") and args.data_path is None:
-        args.data_path = make_demo_dataset(os.path.join(args.output_dir, "demo_data"))
+        args.data_path = demo_data(args.output_dir, train_args.get("seed", 0))
         demo_size = DEMO["train"]["global_crops_size"]
         args.crop_size = args.crop_size or train_args.get("global_crops_size", demo_size)
         args.resize_size = args.resize_size or args.crop_size
@@ -1759,7 +1771,7 @@ def attn_main(args):
     ckpt, train_args = open_weights(args, args.output_dir)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.image_path is None:
-        demo = make_demo_dataset(os.path.join(args.output_dir, "demo_data"))
+        demo = demo_data(args.output_dir, train_args.get("seed", 0))
         size = train_args.get("global_crops_size", DEMO["train"]["global_crops_size"])
         demo_jaccard(args, ckpt, demo, size, device)
         args.image_path = str(list_images(os.path.join(demo, "val"))[0])
@@ -2180,7 +2192,7 @@ def main(argv=None):
             # before the demo data is written there, or any image is listed
             prepare_output_dir(args.output_dir)
             if args.data_path is None:  # written here, once, before the processes start
-                demo = make_demo_dataset(os.path.join(args.output_dir, "demo_data"))
+                demo = demo_data(args.output_dir, args.seed)
                 args.data_path = os.path.join(demo, "train")
                 args.knn_data_path = args.knn_data_path or demo
                 print(f"no --data_path: the demo dataset in {args.data_path}")

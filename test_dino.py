@@ -1892,12 +1892,41 @@ def test_knn_every_defaults(tmp_path, monkeypatch, capsys):
     """The demo evaluates its own labelled data after each epoch; other data need --knn_data_path for it."""
     launched = []
     monkeypatch.setattr(dino, "launch", lambda fn, args: launched.append(args))
-    monkeypatch.setattr(dino, "make_demo_dataset", lambda root: image_folder(root, **LABELLED))
+    monkeypatch.setattr(dino, "make_demo_dataset", lambda root, seed: image_folder(root, **LABELLED))
     dino.main(["train", "--output_dir", str(tmp_path)])
-    assert launched[0].knn_every == 1 and launched[0].knn_data_path == str(tmp_path / "demo_data")
+    assert launched[0].knn_every == 1 and launched[0].knn_data_path == str(tmp_path / "demo_data_seed0")
     assert parse_args(["train", "--preset", "demo", "--data_path", str(tmp_path)]).knn_every == 0  # unlabelled
     assert "--knn_every needs --knn_data_path" in main_error(["train", "--data_path", str(tmp_path), "--knn_every",
                                                               "2", "--output_dir", str(tmp_path)], capsys)
+
+
+def test_demo_data_follows_the_seed(tmp_path, monkeypatch):
+    """`train --seed S` trains on the demo data of seed S, in a folder of its own; knn and attn with no data path
+    evaluate on the data of the checkpoint's seed; the folder of another seed is never read."""
+    made, make_demo_dataset = [], dino.make_demo_dataset
+
+    def demo(root, seed):
+        made.append((os.path.basename(root), seed))
+        return make_demo_dataset(root, n_train=1, n_val=2, seed=seed)
+
+    launched = []
+    monkeypatch.setattr(dino, "launch", lambda fn, args: launched.append(args))
+    monkeypatch.setattr(dino, "make_demo_dataset", demo)
+    dino.main(["train", "--output_dir", str(tmp_path), "--seed", "3"])
+    assert made == [("demo_data_seed3", 3)]
+    assert launched[0].data_path == str(tmp_path / "demo_data_seed3" / "train")
+    assert launched[0].knn_data_path == str(tmp_path / "demo_data_seed3")
+    checkpoint_file(tmp_path / "checkpoint.pth", extra={"args": {"arch": "vit_tiny", "patch_size": 16,
+                                                                 "global_crops_size": 32, "seed": 3}})
+    for command in ("knn", "attn"):
+        made.clear()
+        args = parse(command, ["--output_dir", str(tmp_path), "--num_workers", "0"] if command == "knn" else
+                     ["--output_dir", str(tmp_path)])
+        {"knn": knn_main, "attn": attn_main}[command](args)
+        assert made == [("demo_data_seed3", 3)], command
+    # the real data: seed 3's images are not seed 0's
+    images = {s: Path(make_demo_dataset(tmp_path / f"s{s}", 1, 1, s)) / "val" / "disk" / "0000.png" for s in (0, 3)}
+    assert images[0].read_bytes() != images[3].read_bytes()
 
 
 def test_preset_small_takes_the_small_data_recipe_for_unset_flags(tmp_path):
@@ -2035,7 +2064,7 @@ def test_knn_main_demo_run_with_random_init(tmp_path, checkpoint, monkeypatch, c
         knn_main(parse("knn", ["--output_dir", str(out)]))
     os.makedirs(out)
     shutil.copy(checkpoint, out / "checkpoint.pth")
-    monkeypatch.setattr(dino, "make_demo_dataset", lambda root: image_folder(root, **LABELLED))  # a tiny stand-in
+    monkeypatch.setattr(dino, "make_demo_dataset", lambda root, seed: image_folder(root, **LABELLED))  # a stand-in
     args = parse("knn", ["--output_dir", str(out), "--num_workers", "0"])
     knn_main(args)
     assert (args.arch, args.patch_size, args.crop_size, args.resize_size) == ("vit_tiny", 16, 32, 32)
@@ -2071,14 +2100,15 @@ def test_attn_demo_defaults_and_jaccard(tmp_path, checkpoint, monkeypatch, capsy
     trained teacher and of random init over its val images, at the training resolution (32: the checkpoint's)."""
     shutil.copy(checkpoint, tmp_path / "checkpoint.pth")
     make_demo_dataset = dino.make_demo_dataset
-    monkeypatch.setattr(dino, "make_demo_dataset", lambda root: make_demo_dataset(root, n_train=1, n_val=2))
+    monkeypatch.setattr(dino, "make_demo_dataset",
+                        lambda root, seed: make_demo_dataset(root, n_train=1, n_val=2, seed=seed))
     args = parse("attn", ["--output_dir", str(tmp_path)])
     attn_main(args)
-    assert args.image_path == str(tmp_path / "demo_data" / "val" / "cross" / "0000.png")  # the first, sorted
+    assert args.image_path == str(tmp_path / "demo_data_seed0" / "val" / "cross" / "0000.png")  # the first, sorted
     assert args.image_size == [128, 128]
     scores = json.loads((tmp_path / "attn" / "demo_jaccard.json").read_text())
     masks = [np.asarray(Image.open(p).resize((32, 32), Image.BOX)) >= 128
-             for p in sorted((tmp_path / "demo_data" / "masks" / "val").rglob("*.png"))]
+             for p in sorted((tmp_path / "demo_data_seed0" / "masks" / "val").rglob("*.png"))]
     assert scores["images"] == 12 and scores["chance"] == pytest.approx(np.mean(masks))
     for name in ("trained", "random"):
         assert 0 < scores[name] <= scores[f"{name}_best_head"] <= 1
@@ -2206,15 +2236,22 @@ def test_collapse_alarm_names_each_collapse_and_flags_for_the_run(tmp_path, caps
     """The paper's two collapses, driven on tiny data by flags alone. Centering without sharpening (teacher
     temperature 10): the teacher's outputs are flat, entropy ln(out_dim), and the student follows, KL near 0:
     uniform. A sharp teacher (0.01) that follows a fast student (momentum 0.2, lr 0.05, the last layer free) in
-    steps too few for the center to catch up: every image peaks on one dimension. Each epoch in that state prints
-    one line naming it, with flags derived from this run's values; the run goes on to its last epoch."""
+    steps too few for the center to catch up: every image peaks on one dimension. Each epoch in that state while
+    the teacher still moves prints one line naming it, with flags derived from this run's values; the run goes on
+    to its last epoch. The last epoch ends the schedules (lr and the EMA step near 0: the teacher frozen) with the
+    outputs still flat and the teacher's features still telling the classes apart (k-NN): no alarm there."""
     data = image_folder(tmp_path / "data")
     dino.main(train_argv(data, tmp_path / "healthy"))
     assert collapse_lines(capsys.readouterr().out) == []
-    dino.main(train_argv(data, tmp_path / "uniform", "--teacher_temp", "10", "--warmup_teacher_temp", "10"))
+    labelled = image_folder(tmp_path / "labelled", **LABELLED)
+    dino.main(train_argv(os.path.join(labelled, "train"), tmp_path / "uniform", "--teacher_temp", "10",
+                         "--warmup_teacher_temp", "10", "--epochs", "3", "--knn_every", "1",
+                         "--knn_data_path", labelled))
     uniform = read_log(tmp_path / "uniform")
-    assert [e["epoch"] for e in uniform] == [0, 1]
+    assert [e["epoch"] for e in uniform] == [0, 1, 2]
     assert all(e["teacher_entropy"] > 0.9 * math.log(32) and e["kl"] < 0.1 * math.log(32) for e in uniform)
+    frozen = uniform[-1]
+    assert frozen["momentum"] > 0.9995 and frozen["lr"] < 1e-5 and frozen["knn_top1"] == 100.0
     assert collapse_lines(capsys.readouterr().out) == [
         f"warning: collapse to uniform outputs (teacher entropy near ln(out_dim), KL near 0) in epoch {epoch}; the "
         f"run goes on; for this run try --use_bn_in_head true, --teacher_temp 5, --momentum_teacher 0.998"

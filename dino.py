@@ -24,6 +24,7 @@ this file has no side effects.
 """
 import argparse
 import contextlib
+import copy
 import dataclasses
 import datetime
 import itertools
@@ -401,6 +402,25 @@ class EpochSampler(DistributedSampler):
 ARCHS = {"vit_tiny": vits.vit_tiny, "vit_small": vits.vit_small, "vit_base": vits.vit_base,
          # the published code's names for the same
          "deit_tiny": vits.vit_tiny, "deit_small": vits.vit_small}
+# torchvision's classification models, as the published code takes them, but those that cannot be
+# backbones here: no Linear classifier (squeezenet), auxiliary outputs in training (googlenet,
+# inception_v3), a fixed input size (torchvision's vit_*, maxvit_t: the local crops differ)
+TORCHVISION_ARCHS = [
+    name for name in torchvision.models.list_models(module=torchvision.models)
+    if not name.startswith(("squeezenet", "googlenet", "inception", "vit_", "maxvit"))]
+
+
+def build_backbone(arch, patch_size=16, **vit_options):
+    """A ViT of ARCHS (vit_options: drop_path_rate, grad_checkpointing), or torchvision's
+    classification model arch (TORCHVISION_ARCHS) with its classifier, the last Linear layer,
+    replaced by an identity (as the published code replaces `fc`); embed_dim is the feature size."""
+    if arch in ARCHS:
+        return ARCHS[arch](patch_size=patch_size, **vit_options)
+    model = torchvision.models.get_model(arch)
+    classifier = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+    model.embed_dim = model.get_submodule(classifier).in_features
+    model.set_submodule(classifier, nn.Identity())
+    return model
 
 
 class MultiCropWrapper(nn.Module):
@@ -420,13 +440,20 @@ class MultiCropWrapper(nn.Module):
 
 
 def build_dino_networks(arch="vit_small", patch_size=16, out_dim=65536, use_bn_in_head=False,
-                        norm_last_layer=True, drop_path_rate=0.1, grad_checkpointing=False):
-    """Student (with drop path, and activation checkpointing if asked) and teacher (a copy without
-    either, it needs no gradients), each backbone + DINO head."""
-    student_backbone = ARCHS[arch](patch_size=patch_size, drop_path_rate=drop_path_rate,
-                                   grad_checkpointing=grad_checkpointing)
-    teacher_backbone = ARCHS[arch](patch_size=patch_size)
-    dim = student_backbone.embed_dim
+                        norm_last_layer=True, drop_path_rate=0.1, grad_checkpointing=False,
+                        embed_dim=None):
+    """Student and teacher, each backbone + DINO head, the teacher equal to the student and without
+    gradients. arch: a name for build_backbone (a ViT's student gets drop path and, if asked,
+    activation checkpointing; the teacher neither), or your own nn.Module, mapping images
+    [B, 3, H, W] at every crop size to features [B, D] (the teacher gets a copy of it), with D given
+    as embed_dim or its embed_dim attribute."""
+    if isinstance(arch, nn.Module):
+        student_backbone, teacher_backbone = arch, copy.deepcopy(arch)
+    else:
+        student_backbone = build_backbone(arch, patch_size, drop_path_rate=drop_path_rate,
+                                          grad_checkpointing=grad_checkpointing)
+        teacher_backbone = build_backbone(arch, patch_size)
+    dim = embed_dim or student_backbone.embed_dim
     student_head = vits.DINOHead(dim, out_dim, use_bn_in_head, norm_last_layer)
     teacher_head = vits.DINOHead(dim, out_dim, use_bn_in_head)
     student = MultiCropWrapper(student_backbone, student_head)
@@ -913,8 +940,10 @@ def save_attention_images(img, maps, masks, patch_size, out_dir):
 # linear probe
 
 def linear_features(model, images, n_last_blocks, avgpool_patchtokens):
-    """Frozen features for the probe: CLS tokens of the last n blocks [+ the last block's mean
-    patch token]."""
+    """Frozen features for the probe: a ViT's CLS tokens of the last n blocks [+ the last block's
+    mean patch token]; any other backbone's output (a convnet's pooled features, as published)."""
+    if not isinstance(model, vits.VisionTransformer):
+        return model(images).float()
     blocks = model.get_intermediate_layers(images, n_last_blocks)
     features = [x[:, 0] for x in blocks]
     if avgpool_patchtokens:
@@ -962,17 +991,17 @@ def evaluate_linear(features, classifier, loader, device):
 @torch.no_grad()
 def embed_folder(model, folder, resize_size=None, crop_size=224, patch_tokens=False,
                  n_last_blocks=0, batch_size=64, num_workers=0, device="cpu"):
-    """Embeddings of every readable image under folder (recursively) by a ViT in eval mode,
+    """Embeddings of every readable image under folder (recursively) by a backbone in eval mode,
     preprocessed as for k-NN, on process 0 (None elsewhere): float32 CPU tensors 'cls' [N, D]
-    (= model(x)), with patch_tokens 'patch_tokens' [N, h, w, D], with n_last_blocks n
-    'last_blocks' [N, n, D], and 'paths' relative to folder, in order."""
+    (= model(x), a ViT's CLS token), for a ViT with patch_tokens 'patch_tokens' [N, h, w, D], with
+    n_last_blocks n 'last_blocks' [N, n, D], and 'paths' relative to folder, in order."""
     device = torch.device(device)
-    h = crop_size // model.patch_size  # patches per side
     dim = model.embed_dim
     dataset = ImageFiles(folder, eval_transform(resize_size, crop_size))
     loader = shard_loader(dataset, batch_size, num_workers, device)
     shapes = {"cls": (dim,), "readable": ()}
     if patch_tokens:
+        h = crop_size // model.patch_size  # patches per side
         shapes["patch_tokens"] = (h, h, dim)
     if n_last_blocks:
         shapes["last_blocks"] = (n_last_blocks, dim)
@@ -981,12 +1010,16 @@ def embed_folder(model, folder, resize_size=None, crop_size=224, patch_tokens=Fa
     start = time.time()
     done = 0
     for b, (images, readable) in enumerate(loader, 1):
-        blocks = model.get_intermediate_layers(images.to(device, non_blocking=True),
-                                               max(n_last_blocks, 1))
+        images = images.to(device, non_blocking=True)
+        if isinstance(model, vits.VisionTransformer):
+            blocks = model.get_intermediate_layers(images, max(n_last_blocks, 1))
+        else:  # another backbone's features, in the place of the last block's CLS token
+            blocks = [model(images)[:, None]]
         batch = {"cls": blocks[-1][:, 0],
                  "readable": readable.to(device, torch.float32),  # gloo gathers no bool
-                 "patch_tokens": blocks[-1][:, 1:].unflatten(1, (h, h)),
                  "last_blocks": torch.stack([x[:, 0] for x in blocks], 1)}
+        if patch_tokens:
+            batch["patch_tokens"] = blocks[-1][:, 1:].unflatten(1, (h, h))
         for k in rows:
             rows[k].append(batch[k])
         done += len(images)
@@ -1068,9 +1101,9 @@ def _guess_flags(state):
 
 def load_pretrained_weights(model, path, checkpoint_key=None, checkpoint=None):
     """Published weights, a state dict or a training checkpoint (ours or the published code's;
-    checkpoint_key picks its network, default teacher) into a VisionTransformer, DINOHead or
-    MultiCropWrapper; prints what was taken. checkpoint: the file's content, when the caller has
-    read it already."""
+    checkpoint_key picks its network, default teacher) into a backbone (a ViT, a torchvision model),
+    a DINOHead or a MultiCropWrapper, strictly; prints what was taken. checkpoint: the file's
+    content, when the caller has read it already."""
     ckpt = load_checkpoint_file(path) if checkpoint is None else checkpoint
     key = checkpoint_key or ("teacher" if isinstance(ckpt, dict) and "teacher" in ckpt else None)
     if key is not None:
@@ -1086,8 +1119,8 @@ def load_pretrained_weights(model, path, checkpoint_key=None, checkpoint=None):
             or not all(isinstance(v, torch.Tensor) for v in ckpt.values()):
         raise DinoError(f"{path} is not a state dict of tensors; pass --checkpoint_key to pick one")
     state = {k.removeprefix("module."): v for k, v in ckpt.items()}
-    part = {vits.VisionTransformer: "backbone",
-            vits.DINOHead: "head"}.get(type(model), "backbone and head")
+    part = {MultiCropWrapper: "backbone and head",
+            vits.DINOHead: "head"}.get(type(model), "backbone")
     prefix = f"{part}." if any(k.startswith(f"{part}.") for k in state) else ""
     taken = {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
     expected = model.state_dict()
@@ -1503,8 +1536,10 @@ def build_train_state(args, n_iter, world_size, device):
     student, teacher = build_dino_networks(args.arch, args.patch_size, args.out_dim,
                                            args.use_bn_in_head, args.norm_last_layer,
                                            args.drop_path_rate, args.grad_checkpointing)
-    # SyncBatchNorm runs on CUDA only
-    if args.use_bn_in_head and world_size > 1 and device.type == "cuda":
+    # BatchNorm (in the head, in a convnet) over the whole batch, as published; SyncBatchNorm runs
+    # on CUDA only. The teacher's too: its statistics come from its own forward passes (train mode),
+    # the EMA moves its parameters only.
+    if world_size > 1 and device.type == "cuda":
         student, teacher = (nn.SyncBatchNorm.convert_sync_batchnorm(m) for m in (student, teacher))
     student, teacher = student.to(device), teacher.to(device)
     groups = get_params_groups(student)
@@ -1644,8 +1679,10 @@ def training_flags(ckpt):
 
 def fill_eval_flags(args, train_args):
     """Unset --arch and --patch_size from the training flags; without --data_path (knn, linear), the
-    demo data at its training resolution; the crop size checked against the patch size."""
+    demo data at its training resolution; the crop size checked against a ViT's patch size."""
     args.arch = args.arch or train_args.get("arch", "vit_small")
+    # the ViT-only flags of these commands default to None, False or 0: set, they were given
+    refuse_vit_flags(args.arch, args)
     args.patch_size = args.patch_size or train_args.get("patch_size", 16)
     if args.command in ("knn", "linear") and args.data_path is None:
         args.data_path = demo_data(args.output_dir, train_args.get("seed", 0))
@@ -1657,9 +1694,21 @@ def fill_eval_flags(args, train_args):
               f"{args.crop_size} pixels")
     if args.command != "attn":  # the default resize_size: see eval_transform
         args.crop_size = args.crop_size or 224
-        if args.crop_size % args.patch_size:
+        if args.arch in ARCHS and args.crop_size % args.patch_size:
             raise DinoError(f"--crop_size {args.crop_size} is not a multiple of --patch_size "
                             f"{args.patch_size}")
+
+
+# flags that only a ViT has: with another backbone an error where given, ignored at their defaults
+VIT_FLAGS = ("patch_size", "drop_path_rate", "grad_checkpointing", "patch_tokens", "n_last_blocks",
+             "avgpool_patchtokens")
+
+
+def refuse_vit_flags(arch, given):
+    """One line if arch is no ViT and the flags given (a namespace) set ViT-only ones."""
+    flags = [f"--{flag}" for flag in VIT_FLAGS if getattr(given, flag, None)]
+    if flags and arch not in ARCHS:
+        raise DinoError(f"{' '.join(flags)}: for ViTs only, not --arch {arch}; leave them out")
 
 
 def open_weights(args, out_dir):
@@ -1679,7 +1728,7 @@ def load_backbone(args, device, checkpoint=None):
     torch.backends.cuda.matmul.allow_tf32 = True
     if checkpoint is None:
         torch.manual_seed(0)
-    model = ARCHS[args.arch](patch_size=args.patch_size)
+    model = build_backbone(args.arch, args.patch_size)
     if checkpoint is not None:
         load_pretrained_weights(model, args.pretrained_weights, args.checkpoint_key, checkpoint)
     return model.eval().requires_grad_(False).to(device)
@@ -1769,6 +1818,8 @@ def attn_main(args):
     """Last-block attention maps of an image, or of each image in a folder (an output folder each);
     one process."""
     ckpt, train_args = open_weights(args, args.output_dir)
+    if args.arch not in ARCHS:
+        raise DinoError(f"attention maps need a ViT, not --arch {args.arch}; pass a ViT's weights")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.image_path is None:
         demo = demo_data(args.output_dir, train_args.get("seed", 0))
@@ -1827,7 +1878,7 @@ def embed_main(args):
     _, _, device = init_distributed()
     ckpt, _ = open_weights(args, os.path.dirname(os.path.abspath(args.output)))
     model = load_backbone(args, device, ckpt)
-    if args.n_last_blocks > len(model.blocks):
+    if args.n_last_blocks and args.n_last_blocks > len(model.blocks):
         raise DinoError(f"--n_last_blocks {args.n_last_blocks}: {args.arch} has only "
                         f"{len(model.blocks)} blocks")
     out = embed_folder(model, args.data_path, args.resize_size, args.crop_size, args.patch_tokens,
@@ -1853,9 +1904,10 @@ def linear_main(args):
     """A linear classifier on frozen features (SGD, cosine lr); the last epoch's is saved to
     linear.pth with scores."""
     ckpt, _ = open_weights(args, args.output_dir)
-    # as published: the 4 last CLS tokens, for ViT-B the last one + the patch mean
+    # as published: the 4 last CLS tokens, for ViT-B the last one + the patch mean; other backbones:
+    # their output, as one block
     base = args.arch == "vit_base"
-    args.n_last_blocks = args.n_last_blocks or (1 if base else 4)
+    args.n_last_blocks = args.n_last_blocks or (4 if args.arch in ARCHS and not base else 1)
     if args.avgpool_patchtokens is None:
         args.avgpool_patchtokens = base
     rank, world_size, device = init_distributed()
@@ -1969,7 +2021,8 @@ def add_model_args(p):
     add("--pretrained_weights",
         help="DINO weights or checkpoint; default: <output_dir>/checkpoint.pth")
     add("--checkpoint_key", help="network of a training checkpoint (default: teacher)")
-    add("--arch", choices=list(ARCHS), help="default: the checkpoint's, else vit_small")
+    add("--arch", choices=[*ARCHS, *TORCHVISION_ARCHS], metavar="ARCH",
+        help="a ViT or torchvision model (resnet50...); default: the checkpoint's, else vit_small")
     add("--patch_size", type=POSITIVE_INT, help="default: the checkpoint's, else 16")
     add("--output_dir", default="output",
         help="the run to evaluate; knn, attn, linear write results here")
@@ -2006,7 +2059,8 @@ def add_train_args(p):
     add("--freeze_backbone_epochs", type=COUNT, default=0,
         help="epochs in which only the head trains")
     # model
-    add("--arch", default="vit_small", choices=list(ARCHS), help="the ViT (paper: vit_small)")
+    add("--arch", default="vit_small", choices=[*ARCHS, *TORCHVISION_ARCHS], metavar="ARCH",
+        help="vit_tiny|small|base, or a torchvision model such as resnet50 (paper: vit_small)")
     add("--patch_size", type=POSITIVE_INT, default=16, help="patch side in pixels (paper: 16)")
     add("--out_dim", type=number(int, 2), default=65536, help="dimension of the DINO head output")
     add("--norm_last_layer", type=bool_flag, default=True,
@@ -2142,15 +2196,15 @@ COMMANDS = {"train": ("self-supervised pre-training", add_train_args),
                       add_embed_args)}
 
 
-def build_parser(preset="paper"):
+def build_parser(preset="paper", unset=()):
     """The CLI; with preset 'small' or 'demo', the unset flags take its values (PRESETS) instead of
-    the paper's."""
+    the paper's; the flags named in unset default to None."""
     parser = Parser(description="DINO: self-supervised ViT training and evaluation")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (description, add_args) in COMMANDS.items():
         p = sub.add_parser(name, help=description, description=description)
         add_args(p)
-        p.set_defaults(**PRESETS[preset].get(name, {}))
+        p.set_defaults(**PRESETS[preset].get(name, {}) | dict.fromkeys(unset))
     return parser
 
 
@@ -2174,8 +2228,10 @@ def parse_args(argv=None):
         args.knn_every = 0
     if args.command != "train":
         return args
+    # the flags the command line gives: parsed again with the ViT-only flags' defaults None
+    refuse_vit_flags(args.arch, build_parser(preset, VIT_FLAGS).parse_args(argv))
     for flag in ("global_crops_size", "local_crops_size"):  # what no flag's type can check
-        if getattr(args, flag) % args.patch_size:
+        if args.arch in ARCHS and getattr(args, flag) % args.patch_size:
             raise DinoError(f"--{flag} {getattr(args, flag)} is not a multiple of "
                             f"--patch_size {args.patch_size}")
     for flag in ("global_crops_scale", "local_crops_scale"):

@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 import torchvision.transforms as T
 import torchvision.transforms.functional as TF
@@ -772,6 +774,35 @@ def test_teacher_starts_as_student_copy_without_drop_path():
     assert all(b.drop_path.drop_prob == 0 for b in teacher.backbone.blocks)
 
 
+@pytest.mark.parametrize("arch, classifier, dim", [("resnet18", "fc", 512), ("mobilenet_v3_small", "classifier.3", 1024)])
+def test_torchvision_backbones_are_the_models_without_their_classifier(arch, classifier, dim):
+    """A torchvision model as the published code takes it: its classifier (`fc`, or the last Linear of `classifier`)
+    an identity, the head's input size the classifier's."""
+    torch.manual_seed(0)
+    model = dino.build_backbone(arch).eval()
+    expected = torchvision.models.get_model(arch).eval()
+    expected.set_submodule(classifier, nn.Identity())
+    expected.load_state_dict(model.state_dict())  # strict: every other parameter and buffer, under its name
+    x = torch.randn(2, 3, 64, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected(x), rtol=0, atol=0)
+    assert model(x).shape == (2, dim) and model.embed_dim == dim
+    student, teacher = dino.build_dino_networks(arch, out_dim=16)
+    assert student.head.mlp[0].in_features == dim and teacher.training  # the teacher runs in train mode
+    assert {"resnet50", "resnext50_32x4d", "wide_resnet50_2", "convnext_tiny"} <= set(dino.TORCHVISION_ARCHS)
+
+
+def test_own_backbone_gets_a_head_and_a_teacher_copy():
+    backbone = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    student, teacher = dino.build_dino_networks(backbone, out_dim=16, embed_dim=8)
+    assert student.backbone is backbone and teacher.backbone is not backbone
+    for (n, s), t in zip(student.state_dict().items(), teacher.state_dict().values()):
+        assert torch.equal(s, t), n
+    assert not any(p.requires_grad for p in teacher.parameters())
+    crops = [torch.randn(4, 3, size, size) for size in (32, 32, 16)]
+    assert student(crops).shape == (12, 16) and teacher(crops[:2]).shape == (8, 16)
+
+
 # -----------------------------------------------------------------------------
 # loss
 
@@ -1343,6 +1374,55 @@ def test_load_pretrained_weights_formats_round_trip(tmp_path):
         assert not torch.allclose(student(x), expected_features)  # the student entry (another network) was picked
 
 
+def test_published_resnet50_weights_load_strictly_and_give_torchvisions_features(tmp_path, capsys):
+    """dino_resnet50_pretrain.pth's layout (torchvision's resnet50 keys without fc.; it cannot be downloaded here), and
+    a full checkpoint's networks: loaded strictly, they give torchvision's resnet50 with fc = Identity()."""
+    torch.manual_seed(0)
+    resnet = torchvision.models.resnet50()
+    for m in resnet.modules():  # BatchNorm statistics of a trained network, not the initial 0 and 1
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.1), m.running_var.uniform_(0.5, 1.5)
+    with_fc = resnet.state_dict()
+    published = {k: v for k, v in with_fc.items() if not k.startswith("fc.")}
+    torch.save(published, tmp_path / "published.pth")
+    full = {"teacher": {f"backbone.{k}": v for k, v in published.items()} | {"head.mlp.0.weight": torch.zeros(1)},
+            "student": {f"module.backbone.{k}": v for k, v in published.items()}}
+    torch.save(full, tmp_path / "full.pth")
+    resnet.fc = nn.Identity()
+    resnet.eval()
+    x = torch.randn(2, 3, 64, 64)
+    model = dino.build_backbone("resnet50").eval()
+    with torch.no_grad():
+        expected = resnet(x)
+        assert expected.shape == (2, 2048)
+        for name, key in (("published", None), ("full", "teacher"), ("full", "student")):
+            model.apply(lambda m: m.reset_parameters() if hasattr(m, "reset_parameters") else None)  # no leftovers
+            dino.load_pretrained_weights(model, tmp_path / f"{name}.pth", key)
+            torch.testing.assert_close(model(x), expected, rtol=0, atol=0)
+            entry = f"{key} " if key else ""
+            ignored = "; head ignored" if key == "teacher" else ""
+            # torchvision's resnet50 has 320 tensors, less fc.weight and fc.bias
+            assert capsys.readouterr().out == f"loaded {tmp_path / name}.pth: {entry}backbone, 318 tensors{ignored}\n"
+    # strictly: a missing tensor, or torchvision's classifier, is an error
+    torch.save({k: v for k, v in published.items() if k != "layer4.2.bn3.running_var"}, tmp_path / "missing.pth")
+    torch.save(with_fc, tmp_path / "with_fc.pth")
+    for name, expected_error in (("missing", "1 missing keys (e.g. layer4.2.bn3.running_var)"),
+                                 ("with_fc", "2 unexpected keys (e.g. fc.weight)")):
+        one_line_error(lambda: dino.load_pretrained_weights(model, tmp_path / f"{name}.pth"), re.escape(expected_error))
+    # embed: the pooled 2048-d features under cls, on the k-NN preprocessing (crop 32: resize 37, center crop 32)
+    folder = image_folder(tmp_path / "images", n=3, classes=None)
+    dino.main(["embed", "--data_path", folder, "--arch", "resnet50", "--pretrained_weights",
+               str(tmp_path / "published.pth"), "--crop_size", "32", "--num_workers", "0", "--output",
+               str(tmp_path / "e.pt")])
+    preprocess = T.Compose([T.Resize(37, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(32), T.ToTensor(),
+                            T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    images = torch.stack([preprocess(Image.open(os.path.join(folder, f"{i}.png")).convert("RGB")) for i in range(3)])
+    saved = torch.load(tmp_path / "e.pt", weights_only=True)
+    assert saved["paths"] == ["0.png", "1.png", "2.png"] and set(saved) == {"paths", "cls"}
+    with torch.no_grad():
+        torch.testing.assert_close(saved["cls"], resnet(images), rtol=1e-5, atol=1e-5)
+
+
 def test_weights_of_another_arch_are_one_line(tmp_path, checkpoint):
     full = tmp_path / "full.pth"
     checkpoint_file(full, out_dim=64, module=True)
@@ -1474,6 +1554,56 @@ def test_short_training_run_writes_checkpoint_and_json_log(tmp_path, capsys):
     assert not list((tmp_path / "out").glob("*.tmp*"))
     printed = capsys.readouterr().out
     assert "it 2/2 loss" in printed and "img/s" in printed and "eta" in printed
+
+
+# the published ResNet-50 recipe's flags (its README), at test sizes
+RESNET_RECIPE = ["--optimizer", "sgd", "--lr", "0.03", "--weight_decay", "1e-4", "--weight_decay_end", "1e-4",
+                 "--global_crops_scale", "0.14", "1", "--local_crops_scale", "0.05", "0.14"]
+
+
+def test_torchvision_resnet18_trains_resumes_and_evaluates_without_arch(tmp_path, capsys):
+    """A convnet run on the CPU with the published ResNet-50 recipe, then k-NN, linear and embed read its arch from the
+    checkpoint. The teacher keeps BatchNorm statistics of its own forward passes: in train mode, once per step on the
+    global crops (the student twice, global and local), never moved by the EMA."""
+    data = image_folder(tmp_path / "data", **LABELLED)
+    out = tmp_path / "out"
+    argv = ["train", "--data_path", os.path.join(data, "train"), "--output_dir", str(out), "--arch", "resnet18",
+            *RESNET_RECIPE, "--out_dim", "32", "--epochs", "1", "--batch_size_per_gpu", "6", "--global_crops_size", "32",
+            "--local_crops_size", "16", "--local_crops_number", "2", "--num_workers", "0", "--warmup_epochs", "0"]
+    dino.main(argv)
+    dino.main([*argv, "--epochs", "2"])  # the same command, one epoch more: resumes
+    assert "resumed from" in capsys.readouterr().out
+    log = read_log(out)
+    assert [entry["epoch"] for entry in log] == [0, 1] and all(math.isfinite(entry["loss"]) for entry in log)
+    assert all(entry["wd"] == pytest.approx(1e-4) for entry in log)
+    ckpt = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert ckpt["args"]["arch"] == "resnet18" and ckpt["epoch"] == 2
+    steps = 2 * 2  # 12 train images in batches of 6, 2 epochs
+    assert ckpt["teacher"]["backbone.bn1.num_batches_tracked"] == steps
+    assert ckpt["student"]["backbone.bn1.num_batches_tracked"] == 2 * steps
+    assert not torch.equal(ckpt["teacher"]["backbone.bn1.running_mean"], ckpt["student"]["backbone.bn1.running_mean"])
+    # embed without --arch: the teacher's pooled 512-d features, as torchvision's resnet18 with fc = Identity() gives
+    # them on the k-NN preprocessing (crop 32: resize 37, center crop 32)
+    resnet = torchvision.models.resnet18()
+    resnet.fc = nn.Identity()
+    resnet.load_state_dict({k.removeprefix("backbone."): v for k, v in ckpt["teacher"].items()
+                            if k.startswith("backbone.")})
+    val = os.path.join(data, "val")
+    dino.main(["embed", "--data_path", val, "--pretrained_weights", str(out / "checkpoint.pth"), "--crop_size", "32",
+               "--num_workers", "0", "--output", str(tmp_path / "e.pt")])
+    saved = torch.load(tmp_path / "e.pt", weights_only=True)
+    preprocess = T.Compose([T.Resize(37, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(32), T.ToTensor(),
+                            T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+    images = torch.stack([preprocess(Image.open(os.path.join(val, p)).convert("RGB")) for p in saved["paths"]])
+    with torch.no_grad():
+        torch.testing.assert_close(saved["cls"], resnet.eval()(images), rtol=1e-5, atol=1e-5)
+    # k-NN and a linear probe on the backbone's output (no concatenation of blocks)
+    evaluation = ["--data_path", data, "--output_dir", str(out), "--crop_size", "32", "--num_workers", "0"]
+    dino.main(["knn", *evaluation])
+    dino.main(["linear", *evaluation, "--epochs", "1"])
+    assert json.loads((out / "knn_results.json").read_text())["results"][0]["model"].endswith("checkpoint.pth")
+    linear = torch.load(out / "linear.pth", weights_only=True)
+    assert linear["state_dict"]["weight"].shape == (3, 512)
 
 
 # A training run killed anywhere (slow): what is on disk is always usable, and rerunning the same command

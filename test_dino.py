@@ -1310,14 +1310,20 @@ def test_embed_folder_features_and_files(tmp_path, checkpoint, capsys):
 # -----------------------------------------------------------------------------
 # part 1 on its own
 
-def test_part_1_alone_trains():
-    """dino.py above its `# Part 2: the tool` banner, run alone (as a copy in another project would be): it builds a
-    run from its own names and trains two steps (2 global crops of 32 pixels, 2 local of 16, batch 4); no CLI."""
+def part_1_alone():
+    """dino.py above its `# Part 2: the tool` banner, run alone (as a copy in another project would be): its names."""
     lines = open(os.path.join(HERE, "dino.py")).read().split("\n")
     banner = lines.index("# Part 2: the tool")
     assert lines[banner - 1].startswith("# ====")
     part1 = {"__name__": "dino_part1"}
     exec(compile("\n".join(lines[:banner - 1]), "dino.py part 1", "exec"), part1)
+    return part1
+
+
+def test_part_1_alone_trains():
+    """Part 1 alone builds a run from its own names and trains two steps (2 global crops of 32 pixels, 2 local of 16,
+    batch 4); no CLI."""
+    part1 = part_1_alone()
     assert not {"build_parser", "parse_args", "main"} & set(part1)
     assert not any(isinstance(v, type) and issubclass(v, argparse.ArgumentParser) for v in part1.values())
     assert part1["train_step"].__module__ == "dino_part1"  # not dino's, imported
@@ -1345,6 +1351,27 @@ def test_part_1_alone_trains():
     assert moved == trainable - {"head.last_layer.weight_v"} and "backbone.blocks.0.attn.qkv.weight" in moved
     assert not all(torch.equal(t, t0) for t, t0 in zip(teacher.parameters(), teacher_start))
     assert not all(torch.equal(t, p) for t, p in zip(teacher.parameters(), student.parameters()))
+
+
+def test_readme_own_backbone_example_trains_with_part_1_alone(monkeypatch, capsys):
+    """README's "Any backbone" example, exactly as written, with `import dino` giving part 1 alone: a user's CNN trains
+    two steps. Its BatchNorm statistics: the student's from 2 forward passes a step (global crops, local crops), the
+    teacher's from 1 (the global crops), never copied from the student by the EMA."""
+    readme = open(os.path.join(HERE, "README.md")).read()
+    example = readme.split("## Any backbone")[1].split("```python\n")[1].split("```")[0]
+    module = types.ModuleType("dino")
+    module.__dict__.update(part_1_alone())
+    monkeypatch.setitem(sys.modules, "dino", module)
+    names = {}
+    exec(compile(example, "README.md", "exec"), names)
+    losses = [float(line.split("loss ")[1]) for line in capsys.readouterr().out.splitlines()]
+    assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
+    student, teacher = names["student"], names["teacher"]
+    assert student.backbone is names["backbone"] and teacher.backbone is not names["backbone"]
+    assert student.backbone[1].num_batches_tracked == 4 and teacher.backbone[1].num_batches_tracked == 2
+    assert not torch.equal(student.backbone[1].running_mean, teacher.backbone[1].running_mean)
+    # the EMA moved the teacher toward a student that moved on
+    assert not any(torch.equal(t, p) for t, p in zip(teacher.backbone.parameters(), student.backbone.parameters()))
 
 
 # =============================================================================
@@ -2353,6 +2380,46 @@ def test_official_command_line_parses_and_acts(tmp_path):
     s = dino.build_train_state(args, 1, 1, torch.device("cpu"))
     assert isinstance(s.optimizer, torch.optim.SGD) and s.optimizer.defaults["momentum"] == 0.9
     assert s.student.backbone.embed_dim == 192 and s.amp_dtype is None and not s.scaler.is_enabled()
+
+
+def test_published_resnet50_command_line_builds_its_recipe(tmp_path):
+    """The published README's ResNet-50 command with `dino.py train` in place of its script: SGD, lr 0.03 x total batch
+    / 256, weight decay 1e-4 throughout, its crop scales (the training step: test_torchvision_resnet18_trains_...)."""
+    data = image_folder(tmp_path / "data", n=2, classes=None)
+    args = parse_args(["train", "--arch", "resnet50", *RESNET_RECIPE, "--data_path", data, "--num_workers", "0"])
+    args.out_dim = 256  # the default 65536 builds slowly on a CPU
+    s = dino.build_train_state(args, 2, 2, torch.device("cpu"))  # 2 iterations an epoch, 2 processes
+    assert isinstance(s.optimizer, torch.optim.SGD) and s.optimizer.defaults["momentum"] == 0.9
+    assert max(s.schedules["lr"]) == pytest.approx(0.03 * 64 * 2 / 256)  # after the 10 warm-up epochs
+    assert s.schedules["wd"] == pytest.approx([1e-4] * 200)
+    assert isinstance(s.student.backbone, torchvision.models.ResNet) and s.student.head.mlp[0].in_features == 2048
+    crops = dino.train_loader(args, 0, 1, torch.device("cpu"), on_device=True).dataset.transform.crops
+    assert crops == [(224, [0.14, 1.0])] * 2 + [(96, [0.05, 0.14])] * 8
+
+
+def test_vit_only_flags_and_attn_with_a_convnet_are_one_line_errors(tmp_path, checkpoint, capsys):
+    data = image_folder(tmp_path / "data", n=4)
+    out = tmp_path / "out"
+    train = ["train", "--data_path", data, "--output_dir", str(out), "--arch", "resnet18"]
+    for flags, expected in [(["--patch_size", "16"], "--patch_size: for ViTs only, not --arch resnet18"),
+                            (["--drop_path_rate=0.1", "--grad_checkpointing"], "--drop_path_rate --grad_checkpointing:"),
+                            (["--patch", "8"], "--patch_size:")]:  # at a preset's value, abbreviated: given all the same
+        assert expected in main_error(train + flags, capsys), flags
+    for arch in ("resnet", "squeezenet1_0", "vit_b_16"):  # no such name; no Linear classifier; a fixed input size
+        error = main_error(train + ["--arch", arch], capsys)
+        assert f"invalid choice: '{arch}'" in error and "vit_small" in error and "resnext50_32x4d" in error
+    # left at their defaults, the paper's or a preset's (demo: patch size 8, no drop path), they are ignored; the
+    # crops need not be multiples of a patch size
+    assert parse_args(train + ["--global_crops_size", "100"]).arch == "resnet18"
+    assert parse_args(["train", "--arch", "resnet18", "--output_dir", str(out)]).preset == "demo"
+    evaluation = ["--pretrained_weights", checkpoint, "--arch", "resnet18", "--output_dir", str(out)]
+    for command, flags in [("knn", ["--patch_size", "16"]), ("linear", ["--n_last_blocks", "2"]),
+                           ("linear", ["--avgpool_patchtokens", "true"]), ("embed", ["--patch_tokens"]),
+                           ("embed", ["--n_last_blocks", "1"])]:
+        if command == "embed":
+            flags += ["--data_path", data, "--output", str(tmp_path / "e.pt")]
+        assert f"{flags[0]}: for ViTs only, not --arch resnet18" in main_error([command, *evaluation, *flags], capsys)
+    assert "attention maps need a ViT, not --arch resnet18" in main_error(["attn", *evaluation], capsys)
 
 
 # -----------------------------------------------------------------------------

@@ -1888,11 +1888,15 @@ def test_processes_that_resume_different_epochs_stop(tmp_path, monkeypatch):
 
 
 def test_batchnorm_head_with_several_cpu_processes_is_not_synced(tmp_path):
-    """SyncBatchNorm runs on CUDA only: several CPU processes keep plain BatchNorm (statistics per process)."""
+    """SyncBatchNorm runs on CUDA only: several CPU processes keep plain BatchNorm (statistics per process), in the head
+    and in a convnet."""
     args = parse_args(train_argv(tmp_path, tmp_path / "out", "--use_bn_in_head", "true"))
     s = dino.build_train_state(args, 1, 2, torch.device("cpu"))
     kinds = {type(m) for m in [*s.student.head.modules(), *s.teacher.head.modules()]}
     assert nn.BatchNorm1d in kinds and nn.SyncBatchNorm not in kinds
+    convnet = parse_args(["train", "--data_path", str(tmp_path), "--arch", "resnet18", "--out_dim", "32"])
+    kinds = {type(m) for m in dino.build_train_state(convnet, 1, 2, torch.device("cpu")).teacher.modules()}
+    assert nn.BatchNorm2d in kinds and nn.SyncBatchNorm not in kinds
     crops = [torch.randn(4, 3, size, size) for size in (32, 32, 16, 16)]
     assert math.isfinite(dino.train_step(s, [crops], 0, 0).item())
 
@@ -2577,6 +2581,20 @@ def test_gpu_attention_runs_on_flash_or_memory_efficient_kernels():
             for size in (224, 96):  # global and local crops, forward and backward
                 model(torch.randn(8, 3, size, size, device="cuda")).float().sum().backward()
     assert model.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.gpu
+def test_gpu_several_processes_sync_every_batchnorm(tmp_path):
+    """Several processes on CUDA: every BatchNorm, a convnet's and the head's, in the student and in the teacher,
+    computes its statistics over the whole batch (SyncBatchNorm); one process keeps plain BatchNorm."""
+    args = parse_args(["train", "--data_path", str(tmp_path), "--arch", "resnet18", "--out_dim", "32",
+                       "--use_bn_in_head", "true"])
+    for world_size, kind in ((2, nn.SyncBatchNorm), (1, nn.BatchNorm2d)):
+        s = dino.build_train_state(args, 1, world_size, torch.device("cuda"))
+        for network in (s.student, s.teacher):
+            norms = [type(m) for m in network.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+            assert len(norms) == 20 + 2 and kind in norms, (world_size, norms)  # resnet18's 20, the head's 2
+            assert (nn.SyncBatchNorm in norms) == (world_size > 1)
 
 
 @pytest.mark.gpu

@@ -774,7 +774,8 @@ def test_teacher_starts_as_student_copy_without_drop_path():
     assert all(b.drop_path.drop_prob == 0 for b in teacher.backbone.blocks)
 
 
-@pytest.mark.parametrize("arch, classifier, dim", [("resnet18", "fc", 512), ("mobilenet_v3_small", "classifier.3", 1024)])
+@pytest.mark.parametrize("arch, classifier, dim",
+                         [("resnet18", "fc", 512), ("mobilenet_v3_small", "classifier.3", 1024)])
 def test_torchvision_backbones_are_the_models_without_their_classifier(arch, classifier, dim):
     """A torchvision model as the published code takes it: its classifier (`fc`, or the last Linear of `classifier`)
     an identity, the head's input size the classifier's."""
@@ -1595,8 +1596,8 @@ def test_torchvision_resnet18_trains_resumes_and_evaluates_without_arch(tmp_path
     data = image_folder(tmp_path / "data", **LABELLED)
     out = tmp_path / "out"
     argv = ["train", "--data_path", os.path.join(data, "train"), "--output_dir", str(out), "--arch", "resnet18",
-            *RESNET_RECIPE, "--out_dim", "32", "--epochs", "1", "--batch_size_per_gpu", "6", "--global_crops_size", "32",
-            "--local_crops_size", "16", "--local_crops_number", "2", "--num_workers", "0", "--warmup_epochs", "0"]
+            *RESNET_RECIPE, "--out_dim", "32", "--epochs", "1", "--batch_size_per_gpu", "6", "--global_crops_size",
+            "32", "--local_crops_size", "16", "--local_crops_number", "2", "--num_workers", "0", "--warmup_epochs", "0"]
     dino.main(argv)
     dino.main([*argv, "--epochs", "2"])  # the same command, one epoch more: resumes
     assert "resumed from" in capsys.readouterr().out
@@ -2405,9 +2406,10 @@ def test_vit_only_flags_and_attn_with_a_convnet_are_one_line_errors(tmp_path, ch
     data = image_folder(tmp_path / "data", n=4)
     out = tmp_path / "out"
     train = ["train", "--data_path", data, "--output_dir", str(out), "--arch", "resnet18"]
+    # given at a preset's value, or abbreviated, a flag is given all the same
     for flags, expected in [(["--patch_size", "16"], "--patch_size: for ViTs only, not --arch resnet18"),
-                            (["--drop_path_rate=0.1", "--grad_checkpointing"], "--drop_path_rate --grad_checkpointing:"),
-                            (["--patch", "8"], "--patch_size:")]:  # at a preset's value, abbreviated: given all the same
+                            (["--drop_path_rate=0.1", "--grad_checkpointing"], "--drop_path_rate --grad_checkpointing"),
+                            (["--patch", "8"], "--patch_size:")]:
         assert expected in main_error(train + flags, capsys), flags
     for arch in ("resnet", "squeezenet1_0", "vit_b_16"):  # no such name; no Linear classifier; a fixed input size
         error = main_error(train + ["--arch", arch], capsys)

@@ -2094,7 +2094,7 @@ def test_demo_data_follows_the_seed(tmp_path, monkeypatch):
 def test_preset_small_takes_the_small_data_recipe_for_unset_flags(tmp_path):
     """--preset small on the user's data: the small-data recipe for the unset flags, the paper's sizes, a given flag
     wins; the demo preset is that recipe with the demo's sizes; a --data_path run keeps the paper's recipe."""
-    recipe = dict(use_bn_in_head=True, momentum_teacher=0.97, lr=0.01, warmup_epochs=1, out_dim=256,
+    recipe = dict(use_bn_in_head=True, momentum_teacher=0.97, lr=0.005, warmup_epochs=1, out_dim=256,
                   teacher_temp=0.0175, warmup_teacher_temp=0.0175)
     small = parse_args(["train", "--preset", "small", "--data_path", str(tmp_path), "--teacher_temp", "0.03"])
     assert small.preset == "small" and small.teacher_temp == 0.03

@@ -776,7 +776,10 @@ def train_one_epoch(s, loader, epoch, epochs, accum_iter=1, log_every=10, photom
     elapsed = time.time() - start
     # the means, then the epoch's last schedule values and its speed
     schedules = {name: values[i] for name, values in s.schedules.items()}  # lr, wd, momentum
+    # the teacher's mean EMA step 1 - momentum this epoch: how far it still moves
+    momentum = s.schedules["momentum"][epoch * n_iter:i + 1]
     stats = dict(zip(sums, means.tolist()), epoch=epoch, **schedules,
+                 teacher_step=1 - sum(momentum) / n_iter,
                  epoch_time_s=elapsed, images_per_s=n_iter * batch / elapsed)
     return stats
 
@@ -1196,11 +1199,11 @@ def collapse_alarm(stats, args):
     the student matching it, KL near 0) and one dimension (sharpening without enough centering:
     every image's teacher output peaks on the same dimension, the batch-mean entropy near 0)."""
     max_entropy = math.log(args.out_dim)
-    # At the end of the momentum schedule the teacher is frozen (its EMA step under a tenth of the
-    # first) and the center catches up with its outputs, which flattens them: uniform outputs
-    # there are no collapse, the features keep what they learned (demo runs with their best
-    # k-NN end so). A collapse happens while the teacher still moves.
-    teacher_moves = 1 - stats["momentum"] > 0.1 * (1 - args.momentum_teacher)
+    # At the end of the momentum schedule the teacher is frozen (this epoch's mean EMA step under a
+    # tenth of the first) and the center catches up with its outputs, which flattens them: uniform
+    # outputs there are no collapse, the features keep what they learned (demo runs with their
+    # best k-NN end so). A collapse happens while the teacher still moves.
+    teacher_moves = stats["teacher_step"] > 0.1 * (1 - args.momentum_teacher)
     # "near": within a tenth of ln(out_dim), the scale of all three
     flat = stats["teacher_entropy"] > 0.9 * max_entropy and stats["kl"] < 0.1 * max_entropy
     if flat and teacher_moves:

@@ -1165,6 +1165,12 @@ def save_checkpoint(state, path, write=torch.save):
             os.remove(tmp)
 
 
+def checkpoint_path(output_dir):
+    """A run's checkpoint: what train writes every epoch and resumes from, what the evaluation
+    commands evaluate by default."""
+    return os.path.join(output_dir, "checkpoint.pth")
+
+
 STRUCTURAL_FLAGS = ("arch", "patch_size", "out_dim", "norm_last_layer", "use_bn_in_head")
 # What a training checkpoint holds besides "epoch", "args" and "scaler": save_epoch writes these
 # parts of the TrainState, resume restores them. The scaler is optional: the published code names
@@ -1173,13 +1179,12 @@ TRAINING_STATE = ("student", "teacher", "optimizer", "dino_loss")
 
 
 def save_epoch(s, args, epoch, stats):
-    """Checkpoint atomically, then log the stats (a crash loses a log line, never a checkpoint);
-    warn of collapse."""
+    """Checkpoint atomically, then log the stats (a crash loses a log line, never a checkpoint)."""
     state = {k: getattr(s, k).state_dict() for k in (*TRAINING_STATE, "scaler")}
     state.update(epoch=epoch + 1, args=plain_args(args))
     if args.saveckp_freq and epoch % args.saveckp_freq == 0:
         save_checkpoint(state, os.path.join(args.output_dir, f"checkpoint{epoch:04d}.pth"))
-    save_checkpoint(state, os.path.join(args.output_dir, "checkpoint.pth"))
+    save_checkpoint(state, s.checkpoint_path)
     with open(os.path.join(args.output_dir, "log.txt"), "a") as f:
         f.write(json.dumps(stats) + "\n")
     max_entropy = math.log(args.out_dim)
@@ -1187,42 +1192,6 @@ def save_epoch(s, args, epoch, stats):
           f"teacher entropy {stats['teacher_entropy']:.3f}, KL {stats['kl']:.3f}, "
           f"batch-mean entropy {stats['batch_mean_entropy']:.3f} (max {max_entropy:.3f}), "
           f"{stats['skipped_images']} unreadable images skipped", flush=True)
-    alarm = collapse_alarm(stats, args)
-    if alarm:
-        print(alarm, flush=True)
-
-
-def collapse_alarm(stats, args):
-    """One line naming the collapse an epoch's means show, with the flags most likely to end it in
-    this run (their values derived from this run's), or None. The paper's two collapses: uniform
-    (centering without enough sharpening: every teacher output flat, its entropy near ln(out_dim),
-    the student matching it, KL near 0) and one dimension (sharpening without enough centering:
-    every image's teacher output peaks on the same dimension, the batch-mean entropy near 0)."""
-    max_entropy = math.log(args.out_dim)
-    # At the end of the momentum schedule the teacher is frozen (this epoch's mean EMA step under a
-    # tenth of the first) and the center catches up with its outputs, which flattens them: uniform
-    # outputs there are no collapse, the features keep what they learned (demo runs with their
-    # best k-NN end so). A collapse happens while the teacher still moves.
-    teacher_moves = stats["teacher_step"] > 0.1 * (1 - args.momentum_teacher)
-    # "near": within a tenth of ln(out_dim), the scale of all three
-    flat = stats["teacher_entropy"] > 0.9 * max_entropy and stats["kl"] < 0.1 * max_entropy
-    if flat and teacher_moves:
-        kind = "uniform outputs (teacher entropy near ln(out_dim), KL near 0)"
-        # BatchNorm in the head, then a sharper and a slower teacher
-        fixes = [f"--teacher_temp {args.teacher_temp / 2:g}",
-                 f"--momentum_teacher {1 - (1 - args.momentum_teacher) / 2:g}"]
-        if not args.use_bn_in_head:
-            fixes.insert(0, "--use_bn_in_head true")
-    elif stats["batch_mean_entropy"] < 0.1 * max_entropy:
-        kind = "one dimension (batch-mean entropy near 0)"
-        # a softer and a slower teacher, a smaller student step
-        fixes = [f"--teacher_temp {args.teacher_temp * 2:g}",
-                 f"--momentum_teacher {1 - (1 - args.momentum_teacher) / 2:g}",
-                 f"--lr {args.lr / 2:g}"]
-    else:
-        return None
-    return (f"warning: collapse to {kind} in epoch {stats['epoch']}; the run goes on; "
-            f"for this run try {', '.join(fixes[:3])}")
 
 
 def resume(path, s, args):
@@ -1469,36 +1438,38 @@ def make_demo_dataset(root, n_train=300, n_val=200, seed=0):
     return str(root)
 
 
-def demo_data(output_dir, seed):
-    """The demo data of a run with --seed seed: its own folder per seed, so a run or an evaluation
-    never reads another seed's images."""
-    return make_demo_dataset(os.path.join(output_dir, f"demo_data_seed{seed}"), seed=seed)
+def demo_path(output_dir, seed):
+    """Where the demo data of a run with --seed seed lie: a folder per seed, so a run or an
+    evaluation never reads another seed's images."""
+    return str(Path(output_dir, f"demo_data_seed{seed}"))
 
 
+# --preset P: PRESETS[P] holds its reason and, per command, the values of its unset flags
+PRESETS = {"paper": {}}  # the parser's defaults
 # --preset small: the recipe for a few thousand images and a few hundred steps, measured on the demo
 # data (README); the paper's stays the default with --data_path
-SMALL_WHY = ("BatchNorm in the head (without it the teacher's outputs go uniform in a few "
-             "hundred steps), a fast teacher (momentum 0.97: the paper's 0.996 barely leaves "
-             "random init in so few steps), a high lr and a sharp teacher temperature (0.0175)")
-# teacher temperature 0.0175: better than 0.02 in the mean over 5 demo seeds of k-NN, attention
-# and entropy; 0.015 sharpens k-NN but loses the attention (seed 0). lr 0.005: the teacher's k-NN
-# beats random init by 12 points or more on each of 5 demo seeds (at 0.01 it fell below random
-# init on some); the attention then finds the object on one seed in five (README).
-SMALL = dict(use_bn_in_head=True, momentum_teacher=0.97, lr=0.005, warmup_epochs=1, out_dim=256,
-             teacher_temp=0.0175, warmup_teacher_temp=0.0175)
+PRESETS["small"] = dict(
+    why=("BatchNorm in the head (without it the teacher's outputs go uniform in a few hundred "
+         "steps), a fast teacher (momentum 0.97: the paper's 0.996 barely leaves random init in so "
+         "few steps), a high lr and a sharp teacher temperature (0.0175)"),
+    # teacher temperature 0.0175: better than 0.02 in the mean over 5 demo seeds of k-NN, attention
+    # and entropy; 0.015 sharpens k-NN but loses the attention (seed 0). lr 0.005: the teacher's
+    # k-NN beats random init by 12 points or more on each of 5 demo seeds (at 0.01 it fell below
+    # random init on some); the attention then finds the object on one seed in five (README).
+    train=dict(use_bn_in_head=True, momentum_teacher=0.97, lr=0.005, warmup_epochs=1, out_dim=256,
+               teacher_temp=0.0175, warmup_teacher_temp=0.0175))
 # The demo configuration (--preset demo, the default without --data_path): the small recipe with
 # the demo's data and sizes
-DEMO_WHY = "sized to train in minutes on a CPU; " + SMALL_WHY
-DEMO = {"train": dict(SMALL, arch="vit_tiny", patch_size=8, epochs=4, batch_size_per_gpu=32,
-                      global_crops_size=32, local_crops_size=16, local_crops_number=4,
-                      local_crops_scale=[0.1, 0.4], num_workers=2, saveckp_freq=4,
-                      drop_path_rate=0.0, knn_every=1),
-        # under two thousand images give a few dozen steps an epoch: they need a larger lr than
-        # ImageNet's 100 epochs
-        "linear": dict(epochs=10, lr=0.1, batch_size_per_gpu=32, num_workers=2),
-        "knn": dict(num_workers=2, random_init=True, nb_knn=[10, 20])}  # the README table's k
-PRESETS = {"paper": {}, "small": {"train": SMALL}, "demo": DEMO}
-PRESETS_WHY = {"small": SMALL_WHY, "demo": DEMO_WHY}
+PRESETS["demo"] = dict(
+    why="sized to train in minutes on a CPU; " + PRESETS["small"]["why"],
+    train=dict(PRESETS["small"]["train"], arch="vit_tiny", patch_size=8, epochs=4,
+               batch_size_per_gpu=32, global_crops_size=32, local_crops_size=16,
+               local_crops_number=4, local_crops_scale=[0.1, 0.4], num_workers=2, saveckp_freq=4,
+               drop_path_rate=0.0, knn_every=1),
+    # under two thousand images give a few dozen steps an epoch: they need a larger lr than
+    # ImageNet's 100 epochs
+    linear=dict(epochs=10, lr=0.1, batch_size_per_gpu=32, num_workers=2),
+    knn=dict(num_workers=2, random_init=True, nb_knn=[10, 20]))  # the README table's k
 
 
 # -----------------------------------------------------------------------------
@@ -1566,11 +1537,10 @@ def build_train_state(args, n_iter, world_size, device):
         "momentum": cosine_scheduler(args.momentum_teacher, 1.0, args.epochs, n_iter).tolist(),
     }
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-    checkpoint_path = os.path.join(args.output_dir, "checkpoint.pth")
     return TrainState(student, teacher, dino_loss, optimizer, scaler, schedules,
                       clip_grad=args.clip_grad, freeze_last_layer=args.freeze_last_layer,
                       freeze_backbone_epochs=args.freeze_backbone_epochs,
-                      checkpoint_path=checkpoint_path, amp_dtype=amp_dtype)
+                      checkpoint_path=checkpoint_path(args.output_dir), amp_dtype=amp_dtype)
 
 
 def train_loader(args, rank, world_size, device, on_device):
@@ -1588,6 +1558,39 @@ def train_loader(args, rank, world_size, device, on_device):
                       num_workers=args.num_workers, pin_memory=device.type == "cuda",
                       drop_last=True, persistent_workers=args.num_workers > 0,
                       generator=torch.Generator())
+
+
+def collapse_alarm(stats, args):
+    """One line naming the collapse an epoch's means show, with the flags most likely to end it in
+    this run (their values derived from this run's), or None. The paper's two collapses: uniform
+    (centering without enough sharpening: every teacher output flat, its entropy near ln(out_dim),
+    the student matching it, KL near 0) and one dimension (sharpening without enough centering:
+    every image's teacher output peaks on the same dimension, the batch-mean entropy near 0)."""
+    max_entropy = math.log(args.out_dim)
+    # At the end of the momentum schedule the teacher is frozen (this epoch's mean EMA step under a
+    # tenth of the first) and the center catches up with its outputs, which flattens them: uniform
+    # outputs there are no collapse, the features keep what they learned (demo runs with their
+    # best k-NN end so). A collapse happens while the teacher still moves.
+    teacher_moves = stats["teacher_step"] > 0.1 * (1 - args.momentum_teacher)
+    # "near": within a tenth of ln(out_dim), the scale of all three
+    flat = stats["teacher_entropy"] > 0.9 * max_entropy and stats["kl"] < 0.1 * max_entropy
+    if flat and teacher_moves:
+        kind = "uniform outputs (teacher entropy near ln(out_dim), KL near 0)"
+        # BatchNorm in the head, then a sharper and a slower teacher
+        fixes = [f"--teacher_temp {args.teacher_temp / 2:g}",
+                 f"--momentum_teacher {1 - (1 - args.momentum_teacher) / 2:g}"]
+        if not args.use_bn_in_head:
+            fixes.insert(0, "--use_bn_in_head true")
+    elif stats["batch_mean_entropy"] < 0.1 * max_entropy:
+        kind = "one dimension (batch-mean entropy near 0)"
+        # a softer and a slower teacher, a smaller student step
+        fixes = [f"--teacher_temp {args.teacher_temp * 2:g}",
+                 f"--momentum_teacher {1 - (1 - args.momentum_teacher) / 2:g}",
+                 f"--lr {args.lr / 2:g}"]
+    else:
+        return None
+    return (f"warning: collapse to {kind} in epoch {stats['epoch']}; the run goes on; "
+            f"for this run try {', '.join(fixes[:3])}")
 
 
 def train(args, device_photometry=None):
@@ -1659,71 +1662,12 @@ def train(args, device_photometry=None):
                       f"{args.knn_data_path}")
         if rank == 0:
             save_epoch(s, args, epoch, stats)
+            alarm = collapse_alarm(stats, args)
+            if alarm:
+                print(alarm, flush=True)
     if world_size > 1:
         dist.barrier()
     return s
-
-
-def weights_path(args):
-    """--pretrained_weights, by default the run in --output_dir (set in args), which must exist."""
-    if args.pretrained_weights is None:
-        args.pretrained_weights = os.path.join(args.output_dir, "checkpoint.pth")
-        if not os.path.isfile(args.pretrained_weights):
-            raise DinoError(f"no --pretrained_weights given and no trained run at "
-                            f"{args.pretrained_weights}; run `python dino.py train` first, or pass "
-                            f"--pretrained_weights")
-    return args.pretrained_weights
-
-
-def training_flags(ckpt):
-    """The flags a checkpoint was trained with, as a dict (empty for weights without them)."""
-    if isinstance(ckpt, dict):
-        return plain_args(ckpt.get("args"))
-    return {}
-
-
-def fill_eval_flags(args, train_args):
-    """Unset --arch and --patch_size from the training flags; without --data_path (knn, linear), the
-    demo data at its training resolution; the crop size checked against a ViT's patch size."""
-    args.arch = args.arch or train_args.get("arch", "vit_small")
-    # the ViT-only flags of these commands default to None, False or 0: set, they were given
-    refuse_vit_flags(args.arch, args)
-    args.patch_size = args.patch_size or train_args.get("patch_size", 16)
-    if args.command in ("knn", "linear") and args.data_path is None:
-        args.data_path = demo_data(args.output_dir, train_args.get("seed", 0))
-        demo_size = DEMO["train"]["global_crops_size"]
-        args.crop_size = args.crop_size or train_args.get("global_crops_size", demo_size)
-        args.resize_size = args.resize_size or args.crop_size
-        print(f"no --data_path: evaluating {args.pretrained_weights} "
-              f"({args.arch}/{args.patch_size}) on the demo data in {args.data_path} at "
-              f"{args.crop_size} pixels")
-    if args.command != "attn":  # the default resize_size: see eval_transform
-        args.crop_size = args.crop_size or 224
-        if args.arch in ARCHS and args.crop_size % args.patch_size:
-            raise DinoError(f"--crop_size {args.crop_size} is not a multiple of --patch_size "
-                            f"{args.patch_size}")
-
-
-# flags that only a ViT has: with another backbone an error where given, ignored at their defaults
-VIT_FLAGS = ("patch_size", "drop_path_rate", "grad_checkpointing", "patch_tokens", "n_last_blocks",
-             "avgpool_patchtokens")
-
-
-def refuse_vit_flags(arch, given):
-    """One line if arch is no ViT and the flags given (a namespace) set ViT-only ones."""
-    flags = [f"--{flag}" for flag in VIT_FLAGS if getattr(given, flag, None)]
-    if flags and arch not in ARCHS:
-        raise DinoError(f"{' '.join(flags)}: for ViTs only, not --arch {arch}; leave them out")
-
-
-def open_weights(args, out_dir):
-    """(content, training flags) of the weights to evaluate, read once; unset flags filled from
-    them. out_dir is where the command writes: it must be writable before any work starts."""
-    ckpt = load_checkpoint_file(weights_path(args))
-    train_args = training_flags(ckpt)
-    prepare_output_dir(out_dir)
-    fill_eval_flags(args, train_args)
-    return ckpt, train_args
 
 
 def load_backbone(args, device, checkpoint=None):
@@ -1765,7 +1709,7 @@ def knn_main(args):
     """Weighted k-NN accuracy for every k in --nb_knn (and of a --random_init), printed and in
     knn_results.json."""
     _, _, device = init_distributed()
-    ckpt, _ = open_weights(args, args.output_dir)
+    ckpt = load_checkpoint_file(args.pretrained_weights)
     transform = eval_transform(args.resize_size, args.crop_size)
     train_set, val_set = image_folders(args.data_path, transform, transform)
     models = [(args.pretrained_weights, ckpt)]  # (name, checkpoint content; None: random init)
@@ -1822,22 +1766,10 @@ def demo_jaccard(args, checkpoint, demo, size, device):
 def attn_main(args):
     """Last-block attention maps of an image, or of each image in a folder (an output folder each);
     one process."""
-    ckpt, train_args = open_weights(args, args.output_dir)
-    if args.arch not in ARCHS:
-        raise DinoError(f"attention maps need a ViT, not --arch {args.arch}; pass a ViT's weights")
+    ckpt = load_checkpoint_file(args.pretrained_weights)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if args.image_path is None:
-        demo = demo_data(args.output_dir, train_args.get("seed", 0))
-        size = train_args.get("global_crops_size", DEMO["train"]["global_crops_size"])
-        demo_jaccard(args, ckpt, demo, size, device)
-        args.image_path = str(list_images(os.path.join(demo, "val"))[0])
-        # bigger than the demo's training crops, as the paper draws 224-trained maps at 480:
-        # finer maps
-        args.image_size = args.image_size or [4 * size, 4 * size]
-    args.image_size = args.image_size or [480, 480]
-    if min(args.image_size) < args.patch_size:
-        raise DinoError(f"--image_size {args.image_size[0]} {args.image_size[1]} is smaller than "
-                        f"one {args.patch_size}-pixel patch")
+    if args.demo:
+        demo_jaccard(args, ckpt, args.demo["root"], args.crop_size, device)
     out_dir = os.path.join(args.output_dir, "attn")
     folder = os.path.isdir(args.image_path)
     if folder:  # (image, its output folder) for each image under the folder, in the same tree
@@ -1881,8 +1813,7 @@ def embed_main(args):
     """embed_folder on --data_path with --pretrained_weights, written by process 0 to --output (.npz
     or .pt)."""
     _, _, device = init_distributed()
-    ckpt, _ = open_weights(args, os.path.dirname(os.path.abspath(args.output)))
-    model = load_backbone(args, device, ckpt)
+    model = load_backbone(args, device, load_checkpoint_file(args.pretrained_weights))
     if args.n_last_blocks and args.n_last_blocks > len(model.blocks):
         raise DinoError(f"--n_last_blocks {args.n_last_blocks}: {args.arch} has only "
                         f"{len(model.blocks)} blocks")
@@ -1908,13 +1839,7 @@ def embed_main(args):
 def linear_main(args):
     """A linear classifier on frozen features (SGD, cosine lr); the last epoch's is saved to
     linear.pth with scores."""
-    ckpt, _ = open_weights(args, args.output_dir)
-    # as published: the 4 last CLS tokens, for ViT-B the last one + the patch mean; other backbones:
-    # their output, as one block
-    base = args.arch == "vit_base"
-    args.n_last_blocks = args.n_last_blocks or (4 if args.arch in ARCHS and not base else 1)
-    if args.avgpool_patchtokens is None:
-        args.avgpool_patchtokens = base
+    ckpt = load_checkpoint_file(args.pretrained_weights)
     rank, world_size, device = init_distributed()
     seed_everything(args.seed)
     train_transform = T.Compose([
@@ -2201,74 +2126,147 @@ COMMANDS = {"train": ("self-supervised pre-training", add_train_args),
                       add_embed_args)}
 
 
-def build_parser(preset="paper", unset=()):
-    """The CLI; with preset 'small' or 'demo', the unset flags take its values (PRESETS) instead of
-    the paper's; the flags named in unset default to None."""
+def build_parser():
+    """The CLI. A flag left out parses to None, so that what the command line gives shows;
+    parser.defaults holds each command's defaults (the paper's recipe), filled in by parse_args."""
     parser = Parser(description="DINO: self-supervised ViT training and evaluation")
+    parser.defaults = {}
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (description, add_args) in COMMANDS.items():
         p = sub.add_parser(name, help=description, description=description)
         add_args(p)
-        p.set_defaults(**PRESETS[preset].get(name, {}) | dict.fromkeys(unset))
+        # (--use_fp16 has none: it sets --precision)
+        defaults = {a.dest: a.default for a in p._actions if a.default is not argparse.SUPPRESS}
+        parser.defaults[name] = defaults
+        p.set_defaults(**dict.fromkeys(defaults))
     return parser
 
 
+# flags that only a ViT has: with another backbone an error where given, ignored at their defaults
+VIT_FLAGS = ("patch_size", "drop_path_rate", "grad_checkpointing", "patch_tokens", "n_last_blocks",
+             "avgpool_patchtokens")
+
+
 def parse_args(argv=None):
-    """The command line, unset flags taken from the preset; a bad flag is one line before any
-    work."""
-    args = build_parser().parse_args(argv)
-    no_knn_data = (args.command == "train" and args.knn_data_path is None
-                   and args.data_path is not None)
-    if no_knn_data and args.knn_every:  # the paper preset's knn_every is 0: this one was given
-        raise DinoError(
-            "--knn_every needs --knn_data_path, a folder holding train/<class>/ and val/<class>/")
-    default_preset = "demo" if args.command != "attn" and args.data_path is None else "paper"
-    args.preset = getattr(args, "preset", None) or default_preset
-    preset = args.preset
-    if preset != "paper":
-        args = build_parser(preset).parse_args(argv)
-        args.preset = preset
-    if no_knn_data:
-        # the demo preset's k-NN needs labelled data: the demo's, or --knn_data_path
-        args.knn_every = 0
-    if args.command != "train":
-        return args
-    # the flags the command line gives: parsed again with the ViT-only flags' defaults None
-    refuse_vit_flags(args.arch, build_parser(preset, VIT_FLAGS).parse_args(argv))
-    for flag in ("global_crops_size", "local_crops_size"):  # what no flag's type can check
-        if args.arch in ARCHS and getattr(args, flag) % args.patch_size:
-            raise DinoError(f"--{flag} {getattr(args, flag)} is not a multiple of "
-                            f"--patch_size {args.patch_size}")
-    for flag in ("global_crops_scale", "local_crops_scale"):
-        low, high = getattr(args, flag)
-        if low > high:
-            raise DinoError(f"--{flag} {low} {high}: the smaller scale comes first")
+    """The values a command uses, settled in this one step: the flags the command line gives, the
+    preset's values (else the paper's) for the others, for the evaluation commands the arch, patch
+    size, seed and resolution of the checkpoint they evaluate; without data, the demo data
+    (args.demo, which main writes). A bad flag is one line before any work. Reads the checkpoint,
+    writes nothing."""
+    parser = build_parser()
+    given = parser.parse_args(argv)
+    args = copy.copy(given)
+    command = args.command
+    no_data = getattr(args, "data_path", "") is None  # train, knn, linear without --data_path
+    # (train's flag; the other commands' is saved with their results too)
+    args.preset = getattr(args, "preset", None) or ("demo" if no_data else "paper")
+    for flag, value in (parser.defaults[command] | PRESETS[args.preset].get(command, {})).items():
+        if getattr(args, flag) is None:
+            setattr(args, flag, value)
+    trained = {}  # the flags the evaluated run was trained with
+    if command != "train":
+        if args.pretrained_weights is None:
+            args.pretrained_weights = checkpoint_path(args.output_dir)
+            if not os.path.isfile(args.pretrained_weights):
+                raise DinoError(f"no --pretrained_weights given and no trained run at "
+                                f"{args.pretrained_weights}; run `python dino.py train` first, or "
+                                f"pass --pretrained_weights")
+        ckpt = load_checkpoint_file(args.pretrained_weights)
+        trained = plain_args(ckpt.get("args")) if isinstance(ckpt, dict) else {}
+        args.arch = args.arch or trained.get("arch", "vit_small")
+        args.patch_size = args.patch_size or trained.get("patch_size", 16)
+    vit = args.arch in ARCHS
+    # the ViT-only flags given (their defaults are None, False or 0)
+    vit_only = [f"--{flag}" for flag in VIT_FLAGS if getattr(given, flag, None)]
+    if vit_only and not vit:
+        raise DinoError(f"{' '.join(vit_only)}: for ViTs only, not --arch {args.arch}; leave them "
+                        f"out")
+    # the demo data, where no data is given; for an evaluation, of the run's seed
+    args.demo = {}  # (a dict: plain_args leaves it out of the flags saved with a run's results)
+    if no_data or getattr(args, "image_path", "") is None:
+        seed = args.seed if command == "train" else trained.get("seed", 0)
+        args.demo = dict(root=demo_path(args.output_dir, seed), seed=seed)
+    # an evaluation's resolution on the demo data: the run's training resolution
+    size = trained.get("global_crops_size", PRESETS["demo"]["train"]["global_crops_size"])
+    if command == "train":
+        if no_data:
+            args.data_path = os.path.join(args.demo["root"], "train")
+            args.knn_data_path = args.knn_data_path or args.demo["root"]
+        elif args.knn_data_path is None:
+            # the demo preset's k-NN needs labelled data: the demo's, or --knn_data_path
+            if given.knn_every:
+                raise DinoError("--knn_every needs --knn_data_path, a folder holding "
+                                "train/<class>/ and val/<class>/")
+            args.knn_every = 0
+        for flag in ("global_crops_size", "local_crops_size"):  # what no flag's type can check
+            if vit and getattr(args, flag) % args.patch_size:
+                raise DinoError(f"--{flag} {getattr(args, flag)} is not a multiple of "
+                                f"--patch_size {args.patch_size}")
+        for flag in ("global_crops_scale", "local_crops_scale"):
+            low, high = getattr(args, flag)
+            if low > high:
+                raise DinoError(f"--{flag} {low} {high}: the smaller scale comes first")
+    elif command == "attn":
+        if not vit:
+            raise DinoError(f"attention maps need a ViT, not --arch {args.arch}; pass a ViT's "
+                            f"weights")
+        if args.demo:  # the first val image, as list_images orders them
+            args.image_path = os.path.join(args.demo["root"], "val", min(DEMO_CLASSES), "0000.png")
+            args.crop_size = size  # of the attention's Jaccard with the objects' masks
+            # bigger than the demo's training crops, as the paper draws 224-trained maps at 480:
+            # finer maps
+            args.image_size = args.image_size or [4 * size, 4 * size]
+        args.image_size = args.image_size or [480, 480]
+        if min(args.image_size) < args.patch_size:
+            raise DinoError(f"--image_size {args.image_size[0]} {args.image_size[1]} is smaller "
+                            f"than one {args.patch_size}-pixel patch")
+    else:
+        if no_data:  # at its training resolution
+            args.data_path = args.demo["root"]
+            args.crop_size = args.crop_size or size
+            args.resize_size = args.resize_size or args.crop_size
+        args.crop_size = args.crop_size or 224  # the default resize_size: see eval_transform
+        if vit and args.crop_size % args.patch_size:
+            raise DinoError(f"--crop_size {args.crop_size} is not a multiple of --patch_size "
+                            f"{args.patch_size}")
+    if command == "linear":
+        # as published: the 4 last CLS tokens, for ViT-B the last one + the patch mean; other
+        # backbones: their output, as one block
+        base = args.arch == "vit_base"
+        args.n_last_blocks = args.n_last_blocks or (4 if vit and not base else 1)
+        if args.avgpool_patchtokens is None:
+            args.avgpool_patchtokens = base
     return args
 
 
 def main(argv=None):
     try:
         args = parse_args(argv)
+        out_dir = args.output_dir
+        if args.command == "embed":
+            out_dir = os.path.dirname(os.path.abspath(args.output))
+        # before the demo data is written there, or any work starts
+        prepare_output_dir(out_dir)
+        if args.demo:  # written here, once, before the processes start
+            make_demo_dataset(**args.demo)
         if args.command == "train":
-            # before the demo data is written there, or any image is listed
-            prepare_output_dir(args.output_dir)
-            if args.data_path is None:  # written here, once, before the processes start
-                demo = demo_data(args.output_dir, args.seed)
-                args.data_path = os.path.join(demo, "train")
-                args.knn_data_path = args.knn_data_path or demo
+            if args.demo:
                 print(f"no --data_path: the demo dataset in {args.data_path}")
             line = (f"--preset {args.preset}: {args.arch}/{args.patch_size}, "
                     f"crops {args.global_crops_size}/{args.local_crops_size}, "
                     f"out_dim {args.out_dim}, {args.epochs} epochs (unset flags take these)")
-            if args.preset in PRESETS_WHY:
-                line += f"; {PRESETS_WHY[args.preset]}"
+            if args.preset != "paper":
+                line += f"; {PRESETS[args.preset]['why']}"
             print(line)
-            launch(train, args)
-        elif args.command == "attn":
+        elif args.demo and args.command != "attn":
+            print(f"no --data_path: evaluating {args.pretrained_weights} "
+                  f"({args.arch}/{args.patch_size}) on the demo data in {args.data_path} at "
+                  f"{args.crop_size} pixels")
+        if args.command == "attn":  # one process
             attn_main(args)
         else:
-            command = {"knn": knn_main, "linear": linear_main, "embed": embed_main}[args.command]
-            launch(command, args)
+            launch({"train": train, "knn": knn_main, "linear": linear_main,
+                    "embed": embed_main}[args.command], args)
     except DinoError as e:
         if get_rank() == 0 or isinstance(e, LostContactError):
             print(f"error: {e}", file=sys.stderr)

@@ -2082,9 +2082,7 @@ def test_demo_data_follows_the_seed(tmp_path, monkeypatch):
                                                                  "global_crops_size": 32, "seed": 3}})
     for command in ("knn", "attn"):
         made.clear()
-        args = parse(command, ["--output_dir", str(tmp_path), "--num_workers", "0"] if command == "knn" else
-                     ["--output_dir", str(tmp_path)])
-        {"knn": knn_main, "attn": attn_main}[command](args)
+        dino.main([command, "--output_dir", str(tmp_path), *(["--num_workers", "0"] if command == "knn" else [])])
         assert made == [("demo_data_seed3", 3)], command
     # the real data: seed 3's images are not seed 0's
     images = {s: Path(make_demo_dataset(tmp_path / f"s{s}", 1, 1, s)) / "val" / "disk" / "0000.png" for s in (0, 3)}
@@ -2222,14 +2220,16 @@ def test_evaluation_allows_tf32_on_gpus():
 
 def test_knn_main_demo_run_with_random_init(tmp_path, checkpoint, monkeypatch, capsys):
     out = tmp_path / "run"
+    argv = ["knn", "--output_dir", str(out), "--num_workers", "0"]
     with pytest.raises(DinoError, match="python dino.py train"):
-        knn_main(parse("knn", ["--output_dir", str(out)]))
+        parse_args(argv)
     os.makedirs(out)
     shutil.copy(checkpoint, out / "checkpoint.pth")
     monkeypatch.setattr(dino, "make_demo_dataset", lambda root, seed: image_folder(root, **LABELLED))  # a stand-in
-    args = parse("knn", ["--output_dir", str(out), "--num_workers", "0"])
-    knn_main(args)
+    args = parse_args(argv)  # the checkpoint's arch, patch size and training resolution (its args: see checkpoint)
     assert (args.arch, args.patch_size, args.crop_size, args.resize_size) == ("vit_tiny", 16, 32, 32)
+    assert args.data_path == str(out / "demo_data_seed0")
+    dino.main(argv)
     results = json.loads((out / "knn_results.json").read_text())["results"]
     ks = [10, 12]  # 20, 100 and 200 are capped at the 12 train images
     assert [(r["model"], r["k"]) for r in results] == [(str(out / "checkpoint.pth"), k) for k in ks] + \
@@ -2264,10 +2264,15 @@ def test_attn_demo_defaults_and_jaccard(tmp_path, checkpoint, monkeypatch, capsy
     make_demo_dataset = dino.make_demo_dataset
     monkeypatch.setattr(dino, "make_demo_dataset",
                         lambda root, seed: make_demo_dataset(root, n_train=1, n_val=2, seed=seed))
-    args = parse("attn", ["--output_dir", str(tmp_path)])
-    attn_main(args)
+    argv = ["attn", "--output_dir", str(tmp_path)]
+    args = parse_args(argv)
     assert args.image_path == str(tmp_path / "demo_data_seed0" / "val" / "cross" / "0000.png")  # the first, sorted
     assert args.image_size == [128, 128]
+    dino.main(argv)
+    assert sorted(os.listdir(tmp_path / "attn")) == sorted(
+        ["demo_jaccard.json", "img.png", "attn-mean.png", "attn-overlay.png"] + [f"attn-head{i}.png" for i in range(3)])
+    with Image.open(tmp_path / "attn" / "img.png") as img:
+        assert img.size == (128, 128)
     scores = json.loads((tmp_path / "attn" / "demo_jaccard.json").read_text())
     masks = [np.asarray(Image.open(p).resize((32, 32), Image.BOX)) >= 128
              for p in sorted((tmp_path / "demo_data_seed0" / "masks" / "val").rglob("*.png"))]

@@ -1561,8 +1561,8 @@ def train_loader(args, rank, world_size, device, on_device):
 
 
 def collapse_alarm(stats, args):
-    """One line naming the collapse an epoch's means show, with the flags most likely to end it in
-    this run (their values derived from this run's), or None. The paper's two collapses: uniform
+    """Prints one line naming the collapse an epoch's means show, if any, with the flags most likely
+    to end it in this run (their values derived from this run's). The paper's two collapses: uniform
     (centering without enough sharpening: every teacher output flat, its entropy near ln(out_dim),
     the student matching it, KL near 0) and one dimension (sharpening without enough centering:
     every image's teacher output peaks on the same dimension, the batch-mean entropy near 0)."""
@@ -1588,9 +1588,9 @@ def collapse_alarm(stats, args):
                  f"--momentum_teacher {1 - (1 - args.momentum_teacher) / 2:g}",
                  f"--lr {args.lr / 2:g}"]
     else:
-        return None
-    return (f"warning: collapse to {kind} in epoch {stats['epoch']}; the run goes on; "
-            f"for this run try {', '.join(fixes[:3])}")
+        return
+    print(f"warning: collapse to {kind} in epoch {stats['epoch']}; the run goes on; "
+          f"for this run try {', '.join(fixes[:3])}", flush=True)
 
 
 def train(args, device_photometry=None):
@@ -1662,24 +1662,21 @@ def train(args, device_photometry=None):
                       f"{args.knn_data_path}")
         if rank == 0:
             save_epoch(s, args, epoch, stats)
-            alarm = collapse_alarm(stats, args)
-            if alarm:
-                print(alarm, flush=True)
+            collapse_alarm(stats, args)
     if world_size > 1:
         dist.barrier()
     return s
 
 
-def load_backbone(args, device, checkpoint=None):
-    """The frozen backbone in eval mode: --pretrained_weights (checkpoint: the content) or if None
-    random (seed 0)."""
+def load_backbone(args, device, pretrained=False):
+    """The frozen backbone in eval mode: with --pretrained_weights, or random (seed 0)."""
     # frozen features: TF32 on GPUs, PyTorch's default before 1.12
     torch.backends.cuda.matmul.allow_tf32 = True
-    if checkpoint is None:
+    if not pretrained:
         torch.manual_seed(0)
     model = build_backbone(args.arch, args.patch_size)
-    if checkpoint is not None:
-        load_pretrained_weights(model, args.pretrained_weights, args.checkpoint_key, checkpoint)
+    if pretrained:
+        load_pretrained_weights(model, args.pretrained_weights, args.checkpoint_key)
     return model.eval().requires_grad_(False).to(device)
 
 
@@ -1709,15 +1706,14 @@ def knn_main(args):
     """Weighted k-NN accuracy for every k in --nb_knn (and of a --random_init), printed and in
     knn_results.json."""
     _, _, device = init_distributed()
-    ckpt = load_checkpoint_file(args.pretrained_weights)
     transform = eval_transform(args.resize_size, args.crop_size)
     train_set, val_set = image_folders(args.data_path, transform, transform)
-    models = [(args.pretrained_weights, ckpt)]  # (name, checkpoint content; None: random init)
+    models = [(args.pretrained_weights, True)]  # (name, pretrained)
     if args.random_init:
-        models.append(("random init (seed 0)", None))
+        models.append(("random init (seed 0)", False))
     rows = []
-    for name, checkpoint in models:
-        model = load_backbone(args, device, checkpoint)
+    for name, pretrained in models:
+        model = load_backbone(args, device, pretrained)
         results = knn_accuracy(model, train_set, val_set, args.batch_size_per_gpu, args.num_workers,
                                device, args.nb_knn, args.temperature)
         # results is None on the processes other than 0
@@ -1735,10 +1731,11 @@ def knn_main(args):
     print(f"wrote {path}")
 
 
-def demo_jaccard(args, checkpoint, demo, size, device):
+def demo_jaccard(args, device):
     """Does attention find the object? Jaccard of the patches holding 60 % of the CLS attention with
     the object's mask on the demo's val images at the training resolution, trained and at random
     init; chance: the object's share."""
+    demo, size = args.demo["root"], args.crop_size
     files = list_images(os.path.join(demo, "val"))
     images = torch.stack([eval_transform(size, size)(load_rgb(f)) for f in files])
     masks = []
@@ -1747,8 +1744,8 @@ def demo_jaccard(args, checkpoint, demo, size, device):
         masks.append(torch.from_numpy(np.asarray(mask) >= 128))
     masks = torch.stack(masks)
     scores = {"chance": masks.float().mean().item(), "images": len(files), "size": size}
-    for name, weights in (("trained", checkpoint), ("random", None)):
-        model = load_backbone(args, device, weights)
+    for name, pretrained in (("trained", True), ("random", False)):
+        model = load_backbone(args, device, pretrained)
         maps = torch.cat([attention_maps(model, x.to(device)).float().cpu()
                           for x in images.split(64)])
         scores[name] = attention_jaccard(maps.mean(1), masks, args.patch_size).mean().item()
@@ -1766,10 +1763,9 @@ def demo_jaccard(args, checkpoint, demo, size, device):
 def attn_main(args):
     """Last-block attention maps of an image, or of each image in a folder (an output folder each);
     one process."""
-    ckpt = load_checkpoint_file(args.pretrained_weights)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.demo:
-        demo_jaccard(args, ckpt, args.demo["root"], args.crop_size, device)
+        demo_jaccard(args, device)
     out_dir = os.path.join(args.output_dir, "attn")
     folder = os.path.isdir(args.image_path)
     if folder:  # (image, its output folder) for each image under the folder, in the same tree
@@ -1792,7 +1788,7 @@ def attn_main(args):
             continue
         # after the first readable image: an unreadable file is reported before the weights
         if model is None:
-            model = load_backbone(args, device, ckpt)
+            model = load_backbone(args, device, pretrained=True)
         # resized, then cropped to whole patches
         h, w = args.image_size
         p = args.patch_size
@@ -1813,7 +1809,7 @@ def embed_main(args):
     """embed_folder on --data_path with --pretrained_weights, written by process 0 to --output (.npz
     or .pt)."""
     _, _, device = init_distributed()
-    model = load_backbone(args, device, load_checkpoint_file(args.pretrained_weights))
+    model = load_backbone(args, device, pretrained=True)
     if args.n_last_blocks and args.n_last_blocks > len(model.blocks):
         raise DinoError(f"--n_last_blocks {args.n_last_blocks}: {args.arch} has only "
                         f"{len(model.blocks)} blocks")
@@ -1839,7 +1835,6 @@ def embed_main(args):
 def linear_main(args):
     """A linear classifier on frozen features (SGD, cosine lr); the last epoch's is saved to
     linear.pth with scores."""
-    ckpt = load_checkpoint_file(args.pretrained_weights)
     rank, world_size, device = init_distributed()
     seed_everything(args.seed)
     train_transform = T.Compose([
@@ -1847,7 +1842,7 @@ def linear_main(args):
         T.RandomHorizontalFlip(), NORMALIZE])
     val_transform = eval_transform(args.resize_size, args.crop_size)
     train_set, val_set = image_folders(args.data_path, train_transform, val_transform)
-    model = load_backbone(args, device, ckpt)
+    model = load_backbone(args, device, pretrained=True)
 
     def features(images):
         return linear_features(model, images, args.n_last_blocks, args.avgpool_patchtokens)
@@ -1951,9 +1946,10 @@ def add_model_args(p):
     add("--pretrained_weights",
         help="DINO weights or checkpoint; default: <output_dir>/checkpoint.pth")
     add("--checkpoint_key", help="network of a training checkpoint (default: teacher)")
-    add("--arch", choices=[*ARCHS, *TORCHVISION_ARCHS], metavar="ARCH",
+    add("--arch", default="vit_small", choices=[*ARCHS, *TORCHVISION_ARCHS], metavar="ARCH",
         help="a ViT or torchvision model (resnet50...); default: the checkpoint's, else vit_small")
-    add("--patch_size", type=POSITIVE_INT, help="default: the checkpoint's, else 16")
+    add("--patch_size", type=POSITIVE_INT, default=16,
+        help="default: the checkpoint's, else 16")
     add("--output_dir", default="output",
         help="the run to evaluate; knn, attn, linear write results here")
 
@@ -1965,7 +1961,8 @@ def add_eval_data_args(
     add("--data_path", required=required, help=data_path_help)
     add("--resize_size", type=POSITIVE_INT,
         help="default: crop_size * 256 / 224 (the demo data: crop_size)")
-    add("--crop_size", type=POSITIVE_INT, help="default: 224 (the demo data: its global crop size)")
+    add("--crop_size", type=POSITIVE_INT, default=224,
+        help="default: 224 (the demo data: its global crop size)")
     add("--batch_size_per_gpu", type=POSITIVE_INT, default=128, help="images per GPU per batch")
     add("--num_workers", type=COUNT, default=10, help="data loader processes per GPU")
 
@@ -2078,7 +2075,7 @@ def add_attn_args(p):
     add = p.add_argument
     add_model_args(p)
     add("--image_path", help="any image PIL reads; default: the first demo val image")
-    add("--image_size", type=POSITIVE_INT, nargs=2, metavar=("H", "W"),
+    add("--image_size", type=POSITIVE_INT, nargs=2, metavar=("H", "W"), default=[480, 480],
         help="resize to this first (default 480 480; the demo: 4x its global crop size)")
     add("--threshold", type=FRACTION,
         help="also write per-head masks of this fraction of the attention")
@@ -2118,12 +2115,13 @@ def add_linear_args(p):
     add("--seed", type=int, default=0, help="random seed (classifier init, data order)")
 
 
-COMMANDS = {"train": ("self-supervised pre-training", add_train_args),
-            "knn": ("weighted k-NN accuracy of frozen features", add_knn_args),
-            "attn": ("last-block attention maps of an image", add_attn_args),
-            "linear": ("linear classifier on frozen features", add_linear_args),
+# name: (description, flags, the command)
+COMMANDS = {"train": ("self-supervised pre-training", add_train_args, train),
+            "knn": ("weighted k-NN accuracy of frozen features", add_knn_args, knn_main),
+            "attn": ("last-block attention maps of an image", add_attn_args, attn_main),
+            "linear": ("linear classifier on frozen features", add_linear_args, linear_main),
             "embed": ("CLS (and patch) token embeddings of every image in a folder",
-                      add_embed_args)}
+                      add_embed_args, embed_main)}
 
 
 def build_parser():
@@ -2132,7 +2130,7 @@ def build_parser():
     parser = Parser(description="DINO: self-supervised ViT training and evaluation")
     parser.defaults = {}
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, (description, add_args) in COMMANDS.items():
+    for name, (description, add_args, _) in COMMANDS.items():
         p = sub.add_parser(name, help=description, description=description)
         add_args(p)
         # (--use_fp16 has none: it sets --precision)
@@ -2149,10 +2147,10 @@ VIT_FLAGS = ("patch_size", "drop_path_rate", "grad_checkpointing", "patch_tokens
 
 def parse_args(argv=None):
     """The values a command uses, settled in this one step: the flags the command line gives, the
-    preset's values (else the paper's) for the others, for the evaluation commands the arch, patch
-    size, seed and resolution of the checkpoint they evaluate; without data, the demo data
-    (args.demo, which main writes). A bad flag is one line before any work. Reads the checkpoint,
-    writes nothing."""
+    preset's values (else the defaults) for the others; for the evaluation commands, the arch, patch
+    size, seed and resolution of the run they evaluate, from its checkpoint; without data, the demo
+    data (args.demo, which main writes). A bad flag is one line before any work. Reads the
+    checkpoint, writes nothing."""
     parser = build_parser()
     given = parser.parse_args(argv)
     args = copy.copy(given)
@@ -2172,18 +2170,18 @@ def parse_args(argv=None):
                                 f"{args.pretrained_weights}; run `python dino.py train` first, or "
                                 f"pass --pretrained_weights")
         ckpt = load_checkpoint_file(args.pretrained_weights)
-        trained = plain_args(ckpt.get("args")) if isinstance(ckpt, dict) else {}
-        args.arch = args.arch or trained.get("arch", "vit_small")
-        args.patch_size = args.patch_size or trained.get("patch_size", 16)
+        if isinstance(ckpt, dict):
+            trained = plain_args(ckpt.get("args"))
+    args.arch = given.arch or trained.get("arch", args.arch)
+    args.patch_size = given.patch_size or trained.get("patch_size", args.patch_size)
     vit = args.arch in ARCHS
     # the ViT-only flags given (their defaults are None, False or 0)
     vit_only = [f"--{flag}" for flag in VIT_FLAGS if getattr(given, flag, None)]
     if vit_only and not vit:
         raise DinoError(f"{' '.join(vit_only)}: for ViTs only, not --arch {args.arch}; leave them "
                         f"out")
-    # the demo data, where no data is given; for an evaluation, of the run's seed
     args.demo = {}  # (a dict: plain_args leaves it out of the flags saved with a run's results)
-    if no_data or getattr(args, "image_path", "") is None:
+    if no_data or getattr(args, "image_path", "") is None:  # the demo data; of the run's seed
         seed = args.seed if command == "train" else trained.get("seed", 0)
         args.demo = dict(root=demo_path(args.output_dir, seed), seed=seed)
     # an evaluation's resolution on the demo data: the run's training resolution
@@ -2198,10 +2196,6 @@ def parse_args(argv=None):
                 raise DinoError("--knn_every needs --knn_data_path, a folder holding "
                                 "train/<class>/ and val/<class>/")
             args.knn_every = 0
-        for flag in ("global_crops_size", "local_crops_size"):  # what no flag's type can check
-            if vit and getattr(args, flag) % args.patch_size:
-                raise DinoError(f"--{flag} {getattr(args, flag)} is not a multiple of "
-                                f"--patch_size {args.patch_size}")
         for flag in ("global_crops_scale", "local_crops_scale"):
             low, high = getattr(args, flag)
             if low > high:
@@ -2215,19 +2209,17 @@ def parse_args(argv=None):
             args.crop_size = size  # of the attention's Jaccard with the objects' masks
             # bigger than the demo's training crops, as the paper draws 224-trained maps at 480:
             # finer maps
-            args.image_size = args.image_size or [4 * size, 4 * size]
-        args.image_size = args.image_size or [480, 480]
+            args.image_size = given.image_size or [4 * size, 4 * size]
         if min(args.image_size) < args.patch_size:
             raise DinoError(f"--image_size {args.image_size[0]} {args.image_size[1]} is smaller "
                             f"than one {args.patch_size}-pixel patch")
-    else:
-        if no_data:  # at its training resolution
-            args.data_path = args.demo["root"]
-            args.crop_size = args.crop_size or size
-            args.resize_size = args.resize_size or args.crop_size
-        args.crop_size = args.crop_size or 224  # the default resize_size: see eval_transform
-        if vit and args.crop_size % args.patch_size:
-            raise DinoError(f"--crop_size {args.crop_size} is not a multiple of --patch_size "
+    elif no_data:  # at the run's training resolution
+        args.data_path = args.demo["root"]
+        args.crop_size = given.crop_size or size
+        args.resize_size = given.resize_size or args.crop_size
+    for flag in ("global_crops_size", "local_crops_size", "crop_size"):  # no flag's type checks
+        if vit and getattr(args, flag, 0) % args.patch_size:
+            raise DinoError(f"--{flag} {getattr(args, flag)} is not a multiple of --patch_size "
                             f"{args.patch_size}")
     if command == "linear":
         # as published: the 4 last CLS tokens, for ViT-B the last one + the patch mean; other
@@ -2262,11 +2254,11 @@ def main(argv=None):
             print(f"no --data_path: evaluating {args.pretrained_weights} "
                   f"({args.arch}/{args.patch_size}) on the demo data in {args.data_path} at "
                   f"{args.crop_size} pixels")
+        command = COMMANDS[args.command][2]
         if args.command == "attn":  # one process
-            attn_main(args)
+            command(args)
         else:
-            launch({"train": train, "knn": knn_main, "linear": linear_main,
-                    "embed": embed_main}[args.command], args)
+            launch(command, args)
     except DinoError as e:
         if get_rank() == 0 or isinstance(e, LostContactError):
             print(f"error: {e}", file=sys.stderr)

@@ -2244,7 +2244,9 @@ def test_attn_main_writes_maps(tmp_path, checkpoint, capsys):
     args = parse("attn", [
         "--pretrained_weights", checkpoint, "--image_path", str(image), "--image_size", "40", "72",
         "--threshold", "0.6", "--output_dir", str(tmp_path)])
+    settled = dict(vars(args))
     attn_main(args)
+    assert vars(args) == settled
     names = sorted(os.listdir(tmp_path / "attn"))
     assert names == sorted(["img.png", "attn-mean.png", "attn-overlay.png"] +
                            [f"{kind}-head{i}.png" for kind in ("attn", "mask") for i in range(3)])
@@ -2327,8 +2329,10 @@ def test_linear_probe_separates_bright_from_dark(tmp_path, checkpoint):
     args = parse("linear", [
         "--data_path", data, "--pretrained_weights", checkpoint, "--crop_size", "32", "--epochs", "4",
         "--batch_size_per_gpu", "4", "--lr", "1.0", "--num_workers", "0", "--output_dir", str(tmp_path)])
+    assert (args.n_last_blocks, args.avgpool_patchtokens) == (4, False)  # vit_tiny: the published choice for ViT-S
+    settled = dict(vars(args))
     best = linear_main(args)
-    assert (args.n_last_blocks, args.avgpool_patchtokens) == (4, False)
+    assert vars(args) == settled  # the command reads its flags, never rewrites them
     assert best["top1"] == 100.0
     saved = torch.load(tmp_path / "linear.pth", weights_only=True)
     assert saved["state_dict"]["weight"].shape == (2, 4 * 192) and saved["classes"] == ["bright", "dark"]

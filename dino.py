@@ -47,7 +47,6 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
-from torch.utils.checkpoint import checkpoint
 import torchvision.datasets
 import torchvision.transforms as T
 import torchvision.transforms.functional as TF
@@ -466,24 +465,23 @@ def build_dino_networks(arch="vit_small", patch_size=16, out_dim=65536, use_bn_i
 # -----------------------------------------------------------------------------
 # loss
 
-def cross_term(student_logits, q):
-    """sum over teacher views t and student views s != t of q_t . log p_s, each softmax once:
-    sum_t q_t . (sum_s log p_s - log p_t). student_logits [ncrops, b, K], q [2, b, K]."""
+def cross_entropy_over_pairs(student_logits, q):
+    """Algorithm 1's H(t, s) = -q_t . log p_s summed over the samples and over the pairs of a teacher
+    view t and a student view s != t. Each student softmax once: sum_t q_t . (sum_s log p_s -
+    log p_t). student_logits [ncrops, b, K] (the student's outputs / its temperature), q [2, b, K]
+    (the teacher's centered, sharpened softmax of the 2 global views)."""
     log_p = student_logits.log_softmax(-1)
-    return (q * (log_p.sum(0, keepdim=True) - log_p[:2])).sum()
+    return -(q * (log_p.sum(0) - log_p[:2])).sum()
 
 
 class DINOLoss(nn.Module):
-    """Cross-entropy between the sharpened, centered teacher and the student, over all pairs of
-    different views (cross_term), averaged; then the center moves (update_center)."""
+    """The paper's DINOLoss: H(teacher, student) averaged over all pairs of different views
+    (loss_and_means), then the center's EMA (update_center). train_step calls the two itself: the
+    loss per micro-batch, the center once per optimizer step."""
 
     def __init__(self, out_dim, ncrops, warmup_teacher_temp, teacher_temp,
-                 warmup_teacher_temp_epochs, nepochs, student_temp=0.1, center_momentum=0.9,
-                 chunks=1):
+                 warmup_teacher_temp_epochs, nepochs, student_temp=0.1, center_momentum=0.9):
         super().__init__()
-        # chunks > 1: the student's log-softmax over chunks of the batch, recomputed in backward:
-        # no [ncrops, batch, out_dim] log-probabilities kept for it
-        self.chunks = chunks
         self.student_temp = student_temp
         self.center_momentum = center_momentum
         self.ncrops = ncrops
@@ -494,20 +492,14 @@ class DINOLoss(nn.Module):
         # a tensor (see teacher_temp), not in the state dict: the flags rebuild it
         self.register_buffer("teacher_temps", torch.tensor(temps, dtype=torch.float32),
                              persistent=False)
-        # detached collapse indicators of the last center update; read them only when logging
+        # detached collapse indicators of the last center update, by name; read them only when
+        # logging
         self.stats = {}
-        self._sums = [0.0] * 4  # loss, teacher entropy, mean softmax, teacher output: see sums
-        self._samples = 0  # samples summed in self._sums since the last center update
 
-    def forward(self, student_output, teacher_output, epoch, update_center=True):
-        """The loss; then the center moves. update_center=False (gradient accumulation) leaves the
-        center where it is and only adds this batch to the sums that update_center() then uses
-        once."""
-        temp = self.teacher_temp(epoch)
-        loss, sums = self.loss_and_sums(student_output, teacher_output, temp)
-        self.accumulate(sums, len(teacher_output) // 2)
-        if update_center:
-            self.update_center()
+    def forward(self, student_output, teacher_output, epoch):
+        """The loss of a batch; then the center moves."""
+        loss, means = self.loss_and_means(student_output, teacher_output, self.teacher_temp(epoch))
+        self.update_center(means)
         return loss
 
     def teacher_temp(self, epoch):
@@ -515,54 +507,38 @@ class DINOLoss(nn.Module):
         without recompiling."""
         return self.teacher_temps[min(epoch, len(self.teacher_temps) - 1)]
 
-    def loss_and_sums(self, student_output, teacher_output, temp):
-        """The loss of a batch at teacher temperature temp, and its sums over the samples of the
-        loss, the teacher's entropy and softmax (collapse indicators) and its output (center);
-        changes nothing."""
+    def loss_and_means(self, student_output, teacher_output, temp):
+        """The loss of a (micro-)batch at teacher temperature temp, and its means over the samples
+        by name (detached): the loss, the teacher's entropy and softmax (collapse indicators) and
+        its output (the center's step). Changes nothing."""
         # [views, batch, out_dim]: ncrops student views, 2 teacher views
         logits = (student_output.float() / self.student_temp).unflatten(0, (self.ncrops, -1))
         log_q = ((teacher_output.float() - self.center) / temp).log_softmax(-1)
         log_q = log_q.unflatten(0, (2, -1))
         q = log_q.exp()
-        n = q.shape[1]
         n_pairs = 2 * (self.ncrops - 1)
-        if self.chunks == 1:
-            cross = cross_term(logits, q)
-        else:
-            pairs = zip(logits.chunk(self.chunks, 1), q.chunk(self.chunks, 1))
-            cross = sum(checkpoint(cross_term, *pair, use_reentrant=False) for pair in pairs)
-        loss = -cross / (n * n_pairs)
+        loss = cross_entropy_over_pairs(logits, q) / (q.shape[1] * n_pairs)
         with torch.no_grad():
-            sums = [loss * n,
-                    -(q * log_q).sum(-1).mean() * n,
-                    q.mean((0, 1)) * n,
-                    teacher_output.float().sum(0, keepdim=True)]
-        return loss, sums
+            means = {"loss": loss.detach(),
+                     "teacher_entropy": -(q * log_q).sum(-1).mean(),
+                     "teacher_softmax": q.mean((0, 1)),
+                     "teacher_output": teacher_output.float().mean(0, keepdim=True)}
+        return loss, means
 
     @torch.no_grad()
-    def accumulate(self, sums, n):
-        """Add a (micro-)batch of n samples to the sums since the last center update: micro-batches
-        give the whole batch's values. New tensors: a CUDA graph's outputs are overwritten by its
-        next run."""
-        self._sums = [total + x for total, x in zip(self._sums, sums)]
-        self._samples += n
-
-    @torch.no_grad()
-    def update_center(self):
-        """Move the center toward the mean teacher output over the samples since the last update
-        (and over all processes, which step equal batches), and set the collapse indicators of those
-        samples (this process's). The paper's collapse study: loss = h(P_t) + KL(P_t || P_s)."""
-        loss, entropy, mean_q, teacher = (x / self._samples for x in self._sums)
-        self.stats = {"teacher_entropy": entropy,
-                      "kl": loss - entropy,
-                      "batch_mean_entropy": -(mean_q * mean_q.clamp_min(1e-12).log()).sum()}
+    def update_center(self, means):
+        """Once per optimizer step: the center moves toward the mean teacher output of the step's
+        batch (over all processes, which step equal batches); the collapse indicators of that batch
+        (this process's). means: loss_and_means' of the batch (of its micro-batches, weighted by
+        their shares). The paper's collapse study: loss = h(P_t) + KL(P_t || P_s)."""
+        teacher, mean_q = means["teacher_output"], means["teacher_softmax"]
         if get_world_size() > 1:
             dist.all_reduce(teacher)
-        # 2 teacher views per sample; a Python scalar: no host-to-device copy
-        teacher /= 2 * get_world_size()
-        self.center.mul_(self.center_momentum).add_(teacher, alpha=1 - self.center_momentum)
-        self._sums = [0.0] * 4
-        self._samples = 0
+        # a Python scalar: no host-to-device copy
+        self.center.lerp_(teacher / get_world_size(), 1 - self.center_momentum)
+        self.stats = {"teacher_entropy": means["teacher_entropy"],
+                      "kl": means["loss"] - means["teacher_entropy"],
+                      "batch_mean_entropy": -(mean_q * mean_q.clamp_min(1e-12).log()).sum()}
 
 
 # -----------------------------------------------------------------------------
@@ -641,12 +617,12 @@ class TrainState:
 
 def forward_and_loss(student, teacher, dino_loss, crops, temp):
     """Algorithm 1's forward on one (micro-)batch: the teacher sees only the 2 global views, the
-    student all of them; returns DINOLoss.loss_and_sums at teacher temperature temp. The region
+    student all of them; returns DINOLoss.loss_and_means at teacher temperature temp. The region
     compile_step compiles whole."""
     with torch.no_grad():
         teacher_output = teacher(crops[:2])
     student_output = student(crops)
-    return dino_loss.loss_and_sums(student_output, teacher_output, temp)
+    return dino_loss.loss_and_means(student_output, teacher_output, temp)
 
 
 def compile_step(s, **options):
@@ -673,23 +649,23 @@ def train_step(s, micro_batches, epoch, i):
     forward = s.compiled_forward or forward_and_loss
     temp = s.dino_loss.teacher_temp(epoch)
     n = sum(len(crops[0]) for crops in micro_batches)  # samples in the batch
-    loss = 0.0
+    batch_means = {}  # the loss and the center's and collapse indicators' means over the batch
     for k, crops in enumerate(micro_batches):
         # DDP all-reduces the gradients once, in the last micro-batch's backward
         if k < len(micro_batches) - 1 and hasattr(student, "no_sync"):
             sync_context = student.no_sync()
         else:
             sync_context = contextlib.nullcontext()
+        # the loss is a mean over the micro-batch: weighted by its share, the gradients sum to the
+        # batch's, and its means to the batch's
+        share = len(crops[0]) / n
         with sync_context:
             with torch.autocast(crops[0].device.type, dtype=s.amp_dtype or torch.float32,
                                 enabled=s.amp_dtype is not None):
-                mean_loss, sums = forward(student, s.teacher, s.dino_loss, crops, temp)
-                # the loss is a mean over the micro-batch: weighted by its share, the gradients
-                # sum to the batch's
-                micro_loss = mean_loss * (len(crops[0]) / n)
-            s.dino_loss.accumulate(sums, len(crops[0]))
-            s.scaler.scale(micro_loss).backward()
-        loss = loss + micro_loss.detach()
+                loss, means = forward(student, s.teacher, s.dino_loss, crops, temp)
+            s.scaler.scale(loss * share).backward()
+        # new tensors: a CUDA graph's outputs are overwritten by its next run
+        batch_means = {key: batch_means.get(key, 0.0) + x * share for key, x in means.items()}
 
     # the student's step
     s.scaler.unscale_(s.optimizer)
@@ -711,8 +687,8 @@ def train_step(s, micro_batches, epoch, i):
                    s.schedules["momentum"][i])
 
     # the center moves by the mean teacher output over all micro-batches (the same center for each)
-    s.dino_loss.update_center()
-    return loss
+    s.dino_loss.update_center(batch_means)
+    return batch_means["loss"]
 
 
 def stop_if_not_finite(bad_iter, epoch, checkpoint_path):

@@ -1085,16 +1085,17 @@ def test_accum_iter_two_processes_equals_the_big_batch(tmp_path):
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys, monkeypatch):
     data = image_folder(tmp_path / "data")
-    loss_and_sums = dino.DINOLoss.loss_and_sums
+    loss_and_means = dino.DINOLoss.loss_and_means
     steps = []
 
     def nan_in_epoch_1(self, student_output, teacher_output, temp):
-        loss, sums = loss_and_sums(self, student_output, teacher_output, temp)
         steps.append(len(steps))
         # 8 images, batches of 4: epoch 1 begins with the third step
-        return (loss * float("nan") if len(steps) > 2 else loss), sums
+        if len(steps) > 2:
+            student_output = student_output * float("nan")
+        return loss_and_means(self, student_output, teacher_output, temp)
 
-    monkeypatch.setattr(dino.DINOLoss, "loss_and_sums", nan_in_epoch_1)
+    monkeypatch.setattr(dino.DINOLoss, "loss_and_means", nan_in_epoch_1)
     err = main_error(train_argv(data, tmp_path / "out"), capsys)
     assert "loss is not finite at epoch 1, iteration 0" in err and "--precision fp32" in err
     assert f"intact: {tmp_path / 'out'}/checkpoint.pth" in err  # the last good state, named
@@ -2552,6 +2553,23 @@ def test_bench_ablation_dry_run_has_every_row_and_exact_levers(tmp_path):
         if set(lever) & set(bench.EXACT_ON_CPU) and name not in gpu_only:
             assert rows[name]["loss_diff"] < 1e-5, name
     assert "profile of one step, default" in p.stdout and "| idle |" in p.stdout
+
+
+def test_bench_chunks_lever_keeps_the_loss_and_its_gradient():
+    """The bench's chunked cross-entropy (in place of dino's while the lever is set, dino's again after it) gives the
+    pairwise reference's loss and gradient."""
+    torch.manual_seed(0)
+    ncrops, batch, K = 4, 6, 9
+    student, teacher = torch.randn(ncrops * batch, K, requires_grad=True), torch.randn(2 * batch, K)
+    loss_fn = dino.DINOLoss(K, ncrops, 0.04, 0.04, 0, 1)
+    ref = reference_dino_loss(student, teacher, torch.zeros(1, K), ncrops, 0.1, 0.04)
+    with bench.ablation_switches({"chunks": 3}):
+        assert dino.cross_entropy_over_pairs is not bench.CROSS_ENTROPY_OVER_PAIRS
+        loss = loss_fn(student, teacher, 0)
+    assert dino.cross_entropy_over_pairs is bench.CROSS_ENTROPY_OVER_PAIRS
+    torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.autograd.grad(loss, student)[0], torch.autograd.grad(ref, student)[0],
+                               atol=1e-6, rtol=1e-4)
 
 
 def test_bench_peak_flops_from_the_device_name():

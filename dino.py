@@ -466,10 +466,11 @@ def build_dino_networks(arch="vit_small", patch_size=16, out_dim=65536, use_bn_i
 # loss
 
 def cross_entropy_over_pairs(student_logits, q):
-    """Algorithm 1's H(t, s) = -q_t . log p_s summed over the samples and over the pairs of a teacher
-    view t and a student view s != t. Each student softmax once: sum_t q_t . (sum_s log p_s -
-    log p_t). student_logits [ncrops, b, K] (the student's outputs / its temperature), q [2, b, K]
-    (the teacher's centered, sharpened softmax of the 2 global views)."""
+    """Algorithm 1's H(t, s) = -q_t . log p_s summed over the samples and over the pairs of a
+    teacher view t and a student view s != t, each student softmax computed once:
+    -sum_t q_t . (sum_s log p_s - log p_t). student_logits [ncrops, b, K]: the student's outputs
+    over its temperature; q [2, b, K]: the teacher's centered, sharpened softmax of the 2 global
+    views."""
     log_p = student_logits.log_softmax(-1)
     return -(q * (log_p.sum(0) - log_p[:2])).sum()
 

@@ -109,14 +109,14 @@ class DataAugmentationDINO:
         # (size, scale) of each view's crop: 2 global, then the local ones
         self.crops = [(global_crops_size, global_crops_scale)] * 2
         self.crops += [(local_crops_size, local_crops_scale)] * local_crops_number
-        flip_and_color_jitter = [T.RandomHorizontalFlip(p=FLIP_P),
-                                 T.RandomApply([T.ColorJitter(*JITTER_RANGES)], p=JITTER_P),
-                                 T.RandomGrayscale(p=GRAYSCALE_P)]
+        flip_and_color_jitter = [T.RandomHorizontalFlip(FLIP_P),
+                                 T.RandomApply([T.ColorJitter(*JITTER_RANGES)], JITTER_P),
+                                 T.RandomGrayscale(GRAYSCALE_P)]
         self.views = []  # each view's transform (the published global_transfo1, 2, local_transfo)
         probs = VIEW_PROBS[:2] + VIEW_PROBS[2:] * local_crops_number
         for (size, scale), (blur_p, solarize_p) in zip(self.crops, probs):
             ops = [T.RandomResizedCrop(size, scale=scale, interpolation=BICUBIC),
-                   *flip_and_color_jitter, T.RandomApply([T.Lambda(_pil_gaussian_blur)], p=blur_p)]
+                   *flip_and_color_jitter, T.RandomApply([T.Lambda(_pil_gaussian_blur)], blur_p)]
             if solarize_p:  # as published: the views that never solarize draw no number for it
                 ops.append(T.RandomSolarize(threshold=128, p=solarize_p))
             self.views.append(T.Compose(ops + [NORMALIZE]))
@@ -377,7 +377,7 @@ class DINOLoss(nn.Module):
             means = {"loss": loss.detach(),
                      "teacher_entropy": -(q * log_q).sum(-1).mean(),
                      "teacher_softmax": q.mean((0, 1)),
-                     "teacher_output": teacher_output.float().mean(0, keepdim=True)}
+                     "teacher_output": teacher_output.float().mean(0)}
         return loss, means
 
     @torch.no_grad()
@@ -641,8 +641,8 @@ def _adjust_hue(img, factor):
     minc = img.amin(1)
     delta = maxc - minc
     gray = delta == 0  # hue and saturation are 0 there; replacing the divisors by 1 avoids nan
-    s = delta / torch.where(gray, torch.ones_like(maxc), maxc)
-    delta = torch.where(gray, torch.ones_like(delta), delta)
+    s = delta / maxc.masked_fill(gray, 1.0)
+    delta = delta.masked_fill(gray, 1.0)
     h = torch.where(maxc == r, (g - b) / delta,
                     torch.where(maxc == g, 2.0 + (b - r) / delta, 4.0 + (r - g) / delta))
     h = (torch.fmod(h / 6.0 + 1.0, 1.0) + factor.view(-1, 1, 1)) % 1.0

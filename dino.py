@@ -390,7 +390,8 @@ class DINOLoss(nn.Module):
         if get_world_size() > 1:
             dist.all_reduce(teacher)
         # a Python scalar: no host-to-device copy
-        self.center.lerp_(teacher / get_world_size(), 1 - self.center_momentum)
+        teacher /= get_world_size()
+        self.center.mul_(self.center_momentum).add_(teacher, alpha=1 - self.center_momentum)
         self.stats = {"teacher_entropy": means["teacher_entropy"],
                       "kl": means["loss"] - means["teacher_entropy"],
                       "batch_mean_entropy": -(mean_q * mean_q.clamp_min(1e-12).log()).sum()}

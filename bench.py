@@ -44,6 +44,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.checkpoint import checkpoint
 from PIL import Image, ImageDraw, ImageFilter
 
 import dino
@@ -541,7 +542,6 @@ def ablation_run(cfg, lever, device):
     before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     torch.manual_seed(0)
     s = dino.build_train_state(args, 1, 1, device)
-    s.dino_loss.chunks = lever.get("chunks", 1)
     if "compile" in lever:
         mode = None if lever["compile"] == "default" else lever["compile"]
         dino.compile_step(s, backend=cfg["backend"], fullgraph=True, mode=mode)
@@ -601,11 +601,27 @@ def ablation_run(cfg, lever, device):
                 loss_after_one_step=loss), step
 
 
+def chunked_cross_entropy(chunks):
+    """The chunks lever, bench's own until the GPU ablation earns it a place in dino.py: dino's
+    cross_entropy_over_pairs over chunks of the batch, each recomputed in backward (activation checkpointing), so
+    that no [ncrops, batch, out_dim] log-probabilities are kept for it. The same sum, in another order."""
+    def cross_entropy(student_logits, q):
+        pairs = zip(student_logits.chunk(chunks, 1), q.chunk(chunks, 1))
+        return sum(checkpoint(CROSS_ENTROPY_OVER_PAIRS, *pair, use_reentrant=False) for pair in pairs)
+    return cross_entropy
+
+
+CROSS_ENTROPY_OVER_PAIRS = dino.cross_entropy_over_pairs  # dino.py's, whatever a lever puts in its place
+
+
 @contextlib.contextmanager
 def ablation_switches(lever):
-    """The global switches a lever sets (TF32 for fp32 matmuls, the SDPA kernel), restored afterwards."""
+    """The global switches a lever sets (TF32 for fp32 matmuls, the SDPA kernel, dino's cross-entropy in chunks),
+    restored afterwards."""
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = lever.get("tf32", False)
+    if "chunks" in lever:
+        dino.cross_entropy_over_pairs = chunked_cross_entropy(lever["chunks"])
     try:
         if "sdpa" in lever:
             with sdpa_kernel(getattr(SDPBackend, lever["sdpa"])):
@@ -614,6 +630,7 @@ def ablation_switches(lever):
             yield
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
+        dino.cross_entropy_over_pairs = CROSS_ENTROPY_OVER_PAIRS
 
 
 PROFILE_KINDS = (("matrix multiplies", ("mm", "gemm", "linear", "matmul", "conv", "cutlass", "sm90", "wgmma")),

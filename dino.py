@@ -47,7 +47,6 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
-from torch.utils.checkpoint import checkpoint
 import torchvision.datasets
 import torchvision.transforms as T
 import torchvision.transforms.functional as TF
@@ -82,10 +81,23 @@ NORMALIZE = T.Compose([T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 BICUBIC = T.InterpolationMode.BICUBIC  # every resize of the published code
 
 
+# The photometric recipe, one table for both paths: DataAugmentationDINO (PIL, in the loader
+# workers) and the batched device path (MultiCropPhotometry, after the train step).
+FLIP_P = 0.5  # horizontal flip, after the crop
+JITTER_P = 0.8  # color jitter, its four ops in a random order
+# the jitter's factor ranges: brightness, contrast, saturation, hue (the published
+# ColorJitter(0.4, 0.4, 0.2, 0.1))
+JITTER_RANGES = ((0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-0.1, 0.1))
+GRAYSCALE_P = 0.2
+BLUR_SIGMA = (0.1, 2.0)  # the Gaussian blur's sigma (PIL's radius), uniform
+# (blur p, solarize p) of global view 1, global view 2, and the local views
+VIEW_PROBS = ((1.0, 0.0), (0.1, 0.2), (0.5, 0.0))
+
+
 def _pil_gaussian_blur(img):
-    """PIL Gaussian blur with radius (= sigma) drawn uniformly from [0.1, 2], as in the published
+    """PIL Gaussian blur with radius (= sigma) drawn uniformly from BLUR_SIGMA, as in the published
     code."""
-    return img.filter(ImageFilter.GaussianBlur(radius=torch.empty(1).uniform_(0.1, 2.0).item()))
+    return img.filter(ImageFilter.GaussianBlur(radius=torch.empty(1).uniform_(*BLUR_SIGMA).item()))
 
 
 class DataAugmentationDINO:
@@ -94,204 +106,45 @@ class DataAugmentationDINO:
 
     def __init__(self, global_crops_scale, local_crops_scale, local_crops_number,
                  global_crops_size=224, local_crops_size=96):
-        jitter = T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)
-        flip_and_color_jitter = T.Compose([T.RandomHorizontalFlip(p=0.5),
-                                           T.RandomApply([jitter], p=0.8),
-                                           T.RandomGrayscale(p=0.2)])
-        global_crop = T.RandomResizedCrop(global_crops_size, scale=global_crops_scale,
-                                          interpolation=BICUBIC)
-        local_crop = T.RandomResizedCrop(local_crops_size, scale=local_crops_scale,
-                                         interpolation=BICUBIC)
-
-        def blur(p):
-            return T.RandomApply([T.Lambda(_pil_gaussian_blur)], p=p)
-
-        self.global_transfo1 = T.Compose([global_crop, flip_and_color_jitter, blur(1.0), NORMALIZE])
-        self.global_transfo2 = T.Compose([global_crop, flip_and_color_jitter, blur(0.1),
-                                          T.RandomSolarize(threshold=128, p=0.2), NORMALIZE])
-        self.local_crops_number = local_crops_number
-        self.local_transfo = T.Compose([local_crop, flip_and_color_jitter, blur(0.5), NORMALIZE])
+        # (size, scale) of each view's crop: 2 global, then the local ones
+        self.crops = [(global_crops_size, global_crops_scale)] * 2
+        self.crops += [(local_crops_size, local_crops_scale)] * local_crops_number
+        flip_and_color_jitter = [T.RandomHorizontalFlip(FLIP_P),
+                                 T.RandomApply([T.ColorJitter(*JITTER_RANGES)], JITTER_P),
+                                 T.RandomGrayscale(GRAYSCALE_P)]
+        self.views = []  # each view's transform (the published global_transfo1, 2, local_transfo)
+        probs = VIEW_PROBS[:2] + VIEW_PROBS[2:] * local_crops_number
+        for (size, scale), (blur_p, solarize_p) in zip(self.crops, probs):
+            ops = [T.RandomResizedCrop(size, scale=scale, interpolation=BICUBIC),
+                   *flip_and_color_jitter, T.RandomApply([T.Lambda(_pil_gaussian_blur)], blur_p)]
+            if solarize_p:  # as published: the views that never solarize draw no number for it
+                ops.append(T.RandomSolarize(threshold=128, p=solarize_p))
+            self.views.append(T.Compose(ops + [NORMALIZE]))
 
     def __call__(self, image):
-        crops = [self.global_transfo1(image), self.global_transfo2(image)]
-        crops += [self.local_transfo(image) for _ in range(self.local_crops_number)]
-        return crops
+        return [view(image) for view in self.views]
 
 
 # The training path: the loader workers only crop and flip (MultiCropGeometry); the photometric
 # ops, the CPU bottleneck of DataAugmentationDINO, run on the device on whole batches
-# (MultiCropPhotometry), per sample alike.
+# (MultiCropPhotometry, after the train step), per sample alike.
 
-class MultiCropGeometry:
-    """The geometric half of DataAugmentationDINO: PIL RGB image -> 2 global then N local uint8
-    [3, h, w] crops."""
-
-    def __init__(self, global_crops_scale, local_crops_scale, local_crops_number,
-                 global_crops_size=224, local_crops_size=96):
-        self.crops = [(global_crops_size, global_crops_scale)] * 2
-        self.crops += [(local_crops_size, local_crops_scale)] * local_crops_number
+class MultiCropGeometry(DataAugmentationDINO):
+    """The geometric half of DataAugmentationDINO, its crops and flips: PIL RGB image -> 2 global
+    then N local uint8 [3, h, w] crops."""
 
     def __call__(self, img):
         img = TF.pil_to_tensor(img)  # a [3, H, W] view of the HWC pixels; crops are views of it
         crops = []
-        # each: RandomResizedCrop(size, scale, bicubic) + RandomHorizontalFlip(0.5)
+        # each: RandomResizedCrop(size, scale, bicubic) + RandomHorizontalFlip(FLIP_P)
         for size, scale in self.crops:
             i, j, h, w = T.RandomResizedCrop.get_params(img, scale, ratio=(3 / 4, 4 / 3))
             # torch's antialiased bicubic resize of uint8 is Pillow's filter (within 2 levels),
             # vectorized: 4x faster
             crop = F.interpolate(img[None, :, i:i + h, j:j + w], size=(size, size), mode="bicubic",
                                  antialias=True)
-            crops.append(crop[0].flip(-1) if torch.rand(1) < 0.5 else crop[0])
+            crops.append(crop[0].flip(-1) if torch.rand(1) < FLIP_P else crop[0])
         return crops
-
-
-# Batched photometric ops on float images [B, 3, H, W] in [0, 1] with per-sample factors [B]; each
-# equals the torchvision.transforms.functional (v1) tensor op of the same name applied to every
-# sample with its own factor.
-
-def _per_sample(x):
-    """[B] -> [B, 1, 1, 1], to broadcast per-sample factors and masks over images."""
-    return x.view(-1, 1, 1, 1)
-
-
-def _rgb_to_grayscale(img):
-    """ITU-R 601-2 luma (torchvision's weights), [B, 1, H, W]."""
-    r, g, b = img.unbind(1)
-    return (0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(1)
-
-
-def _adjust_hue(img, factor):
-    """Turn the hue by factor (in turns): torchvision's (Pillow's) RGB -> HSV, then the branch-free
-    HSV -> RGB."""
-    r, g, b = img.unbind(1)
-    maxc = img.amax(1)  # the value v
-    minc = img.amin(1)
-    delta = maxc - minc
-    gray = delta == 0  # hue and saturation are 0 there; replacing the divisors by 1 avoids nan
-    s = delta / torch.where(gray, torch.ones_like(maxc), maxc)
-    delta = torch.where(gray, torch.ones_like(delta), delta)
-    h = torch.where(maxc == r, (g - b) / delta,
-                    torch.where(maxc == g, 2.0 + (b - r) / delta, 4.0 + (r - g) / delta))
-    h = (torch.fmod(h / 6.0 + 1.0, 1.0) + factor.view(-1, 1, 1)) % 1.0
-    k = torch.stack([(n + 6.0 * h) % 6.0 for n in (5.0, 3.0, 1.0)], 1)
-    ramp = torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0)
-    return maxc.unsqueeze(1) * (1.0 - s.unsqueeze(1) * ramp)
-
-
-def _gaussian_blur(img, sigma, kernel_size):
-    """Separable Gaussian blur with a per-sample sigma and reflect padding."""
-    B, C, H, W = img.shape
-    x = torch.arange(kernel_size, device=img.device, dtype=img.dtype) - (kernel_size - 1) / 2
-    kernel = torch.exp(-0.5 * (x / sigma.view(-1, 1)).pow(2))
-    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(C, 0)  # [B * C, k]
-    pad = kernel_size // 2
-    # the samples' channels become the groups of one depthwise convolution
-    out = F.pad(img.reshape(1, B * C, H, W), (pad, pad, 0, 0), mode="reflect")
-    out = F.conv2d(out, kernel.view(B * C, 1, 1, kernel_size), groups=B * C)
-    out = F.pad(out, (0, 0, pad, pad), mode="reflect")
-    out = F.conv2d(out, kernel.view(B * C, 1, kernel_size, 1), groups=B * C)
-    return out.view(B, C, H, W)
-
-
-def _solarize(img):
-    """Invert pixels >= 0.5: PIL's solarize(threshold=128) on the image rounded to uint8
-    (x * 255 >= 127.5)."""
-    return torch.where(img >= 0.5, 1.0 - img, img)
-
-
-def _normalize(img):
-    """ImageNet mean/std normalization, per channel with Python scalars (no host-to-device copy)."""
-    return torch.stack([(img[:, c] - m) / s
-                        for c, (m, s) in enumerate(zip(IMAGENET_MEAN, IMAGENET_STD))], 1)
-
-
-JITTER_RANGES = ((0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-0.1, 0.1))  # ColorJitter(0.4, 0.4, 0.2, 0.1)
-BLUR_SIGMA = (0.1, 2.0)
-BLUR_KERNEL_SIZE = 2 * math.ceil(3 * BLUR_SIGMA[1]) + 1  # 13: +-3 sigma of the widest blur
-
-
-def _color_jitter(img, apply, order, factors):
-    """Where apply, ColorJitter's ops (0 brightness, 1 contrast, 2 saturation, 3 hue) in each
-    sample's order [B, 4] with its factors [B, 4]. Hue, the costly op, runs once: the blends before
-    each sample's hue, hue, the rest."""
-    hue_position = (order == 3).int().argmax(1)
-    for p in range(3):
-        img = _jitter_blend(img, apply & (p < hue_position), order[:, p], factors)
-    img = torch.where(_per_sample(apply), _adjust_hue(img, factors[:, 3]), img)
-    for p in range(1, 4):
-        img = _jitter_blend(img, apply & (p > hue_position), order[:, p], factors)
-    return img
-
-
-def _jitter_blend(img, chosen, op, factors):
-    """Where chosen, torchvision's adjust_brightness (op 0), adjust_contrast (1) or
-    adjust_saturation (2) with the sample's factor: a blend with black, with the mean gray level,
-    or with the gray image."""
-    gray = _rgb_to_grayscale(img)
-    kind = _per_sample(op)
-    other = torch.where(kind == 0, 0.0,
-                        torch.where(kind == 1, gray.mean((1, 2, 3), keepdim=True), gray))
-    factor = _per_sample(factors.gather(1, op[:, None]).squeeze(1))
-    blend = (factor * img + (1.0 - factor) * other).clamp(0.0, 1.0)
-    return torch.where(_per_sample(chosen), blend, img)
-
-
-def sample_photometric_params(n, blur_p, solarize_p, device=None):
-    """Draws every random choice of the photometric pipeline for n samples of one view, from the
-    global torch RNG."""
-
-    def uniform(low, high):
-        return torch.empty(n, device=device).uniform_(low, high)
-
-    def coin(p):  # per sample, True with probability p
-        return torch.rand(n, device=device) < p
-
-    return dict(jitter=coin(0.8),
-                # a random permutation per sample
-                order=torch.rand(n, 4, device=device).argsort(1),
-                factors=torch.stack([uniform(low, high) for low, high in JITTER_RANGES], 1),
-                grayscale=coin(0.2),
-                blur=coin(blur_p),
-                sigma=uniform(*BLUR_SIGMA),
-                solarize=coin(solarize_p))
-
-
-def apply_photometric(img, params, dtype=torch.float32):
-    """Color jitter, grayscale, blur, solarize with the sampled params, then normalize:
-    [B, 3, H, W] in [0, 1]."""
-    img = _color_jitter(img, params["jitter"], params["order"], params["factors"])
-    img = torch.where(_per_sample(params["grayscale"]), _rgb_to_grayscale(img).expand_as(img), img)
-    img = torch.where(_per_sample(params["blur"]),
-                      _gaussian_blur(img, params["sigma"], BLUR_KERNEL_SIZE), img)
-    img = torch.where(_per_sample(params["solarize"]), _solarize(img), img)
-    return _normalize(img).to(dtype)
-
-
-class MultiCropPhotometry:
-    """DataAugmentationDINO's photometric half, batched on the device: uint8 crops -> normalized
-    crops of dtype, no sync. Under autocast, the dtype the patch embedding casts its input to
-    (bf16, fp16) gives the same step with half the bytes. compiled: torch.compile the ops."""
-
-    # (blur p, solarize p) of global view 1, global view 2, and the local views
-    PROBS = ((1.0, 0.0), (0.1, 0.2), (0.5, 0.0))
-
-    def __init__(self, local_crops_number, dtype=torch.float32, compiled=False):
-        self.local_crops_number = local_crops_number
-        self.dtype = dtype
-        self.apply = apply_photometric
-        if compiled:
-            self.apply = torch.compile(apply_photometric)
-
-    def __call__(self, views):
-        assert len(views) == 2 + self.local_crops_number
-        out = []
-        for group, probs in zip((views[:1], views[1:2], views[2:]), self.PROBS):
-            if group:  # the views sharing the same probabilities, as one batch
-                img = torch.cat(group).float().div(255)
-                params = sample_photometric_params(len(img), *probs, device=img.device)
-                img = self.apply(img, params, self.dtype)
-                out += img.split(len(group[0]))
-        return out
 
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
@@ -466,24 +319,24 @@ def build_dino_networks(arch="vit_small", patch_size=16, out_dim=65536, use_bn_i
 # -----------------------------------------------------------------------------
 # loss
 
-def cross_term(student_logits, q):
-    """sum over teacher views t and student views s != t of q_t . log p_s, each softmax once:
-    sum_t q_t . (sum_s log p_s - log p_t). student_logits [ncrops, b, K], q [2, b, K]."""
+def cross_entropy_over_pairs(student_logits, q):
+    """Algorithm 1's H(t, s) = -q_t . log p_s summed over the samples and over the pairs of a
+    teacher view t and a student view s != t, each student softmax computed once:
+    -sum_t q_t . (sum_s log p_s - log p_t). student_logits [ncrops, b, K]: the student's outputs
+    over its temperature; q [2, b, K]: the teacher's centered, sharpened softmax of the 2 global
+    views."""
     log_p = student_logits.log_softmax(-1)
-    return (q * (log_p.sum(0, keepdim=True) - log_p[:2])).sum()
+    return -(q * (log_p.sum(0) - log_p[:2])).sum()
 
 
 class DINOLoss(nn.Module):
-    """Cross-entropy between the sharpened, centered teacher and the student, over all pairs of
-    different views (cross_term), averaged; then the center moves (update_center)."""
+    """The paper's DINOLoss: H(teacher, student) averaged over all pairs of different views
+    (loss_and_means), then the center's EMA (update_center). train_step calls the two itself: the
+    loss per micro-batch, the center once per optimizer step."""
 
     def __init__(self, out_dim, ncrops, warmup_teacher_temp, teacher_temp,
-                 warmup_teacher_temp_epochs, nepochs, student_temp=0.1, center_momentum=0.9,
-                 chunks=1):
+                 warmup_teacher_temp_epochs, nepochs, student_temp=0.1, center_momentum=0.9):
         super().__init__()
-        # chunks > 1: the student's log-softmax over chunks of the batch, recomputed in backward:
-        # no [ncrops, batch, out_dim] log-probabilities kept for it
-        self.chunks = chunks
         self.student_temp = student_temp
         self.center_momentum = center_momentum
         self.ncrops = ncrops
@@ -494,20 +347,14 @@ class DINOLoss(nn.Module):
         # a tensor (see teacher_temp), not in the state dict: the flags rebuild it
         self.register_buffer("teacher_temps", torch.tensor(temps, dtype=torch.float32),
                              persistent=False)
-        # detached collapse indicators of the last center update; read them only when logging
+        # detached collapse indicators of the last center update, by name; read them only when
+        # logging
         self.stats = {}
-        self._sums = [0.0] * 4  # loss, teacher entropy, mean softmax, teacher output: see sums
-        self._samples = 0  # samples summed in self._sums since the last center update
 
-    def forward(self, student_output, teacher_output, epoch, update_center=True):
-        """The loss; then the center moves. update_center=False (gradient accumulation) leaves the
-        center where it is and only adds this batch to the sums that update_center() then uses
-        once."""
-        temp = self.teacher_temp(epoch)
-        loss, sums = self.loss_and_sums(student_output, teacher_output, temp)
-        self.accumulate(sums, len(teacher_output) // 2)
-        if update_center:
-            self.update_center()
+    def forward(self, student_output, teacher_output, epoch):
+        """The loss of a batch; then the center moves."""
+        loss, means = self.loss_and_means(student_output, teacher_output, self.teacher_temp(epoch))
+        self.update_center(means)
         return loss
 
     def teacher_temp(self, epoch):
@@ -515,54 +362,39 @@ class DINOLoss(nn.Module):
         without recompiling."""
         return self.teacher_temps[min(epoch, len(self.teacher_temps) - 1)]
 
-    def loss_and_sums(self, student_output, teacher_output, temp):
-        """The loss of a batch at teacher temperature temp, and its sums over the samples of the
-        loss, the teacher's entropy and softmax (collapse indicators) and its output (center);
-        changes nothing."""
+    def loss_and_means(self, student_output, teacher_output, temp):
+        """The loss of a (micro-)batch at teacher temperature temp, and its means over the samples
+        by name (detached): the loss, the teacher's entropy and softmax (collapse indicators) and
+        its output (the center's step). Changes nothing."""
         # [views, batch, out_dim]: ncrops student views, 2 teacher views
         logits = (student_output.float() / self.student_temp).unflatten(0, (self.ncrops, -1))
         log_q = ((teacher_output.float() - self.center) / temp).log_softmax(-1)
         log_q = log_q.unflatten(0, (2, -1))
         q = log_q.exp()
-        n = q.shape[1]
         n_pairs = 2 * (self.ncrops - 1)
-        if self.chunks == 1:
-            cross = cross_term(logits, q)
-        else:
-            pairs = zip(logits.chunk(self.chunks, 1), q.chunk(self.chunks, 1))
-            cross = sum(checkpoint(cross_term, *pair, use_reentrant=False) for pair in pairs)
-        loss = -cross / (n * n_pairs)
+        loss = cross_entropy_over_pairs(logits, q) / (q.shape[1] * n_pairs)
         with torch.no_grad():
-            sums = [loss * n,
-                    -(q * log_q).sum(-1).mean() * n,
-                    q.mean((0, 1)) * n,
-                    teacher_output.float().sum(0, keepdim=True)]
-        return loss, sums
+            means = {"loss": loss.detach(),
+                     "teacher_entropy": -(q * log_q).sum(-1).mean(),
+                     "teacher_softmax": q.mean((0, 1)),
+                     "teacher_output": teacher_output.float().mean(0)}
+        return loss, means
 
     @torch.no_grad()
-    def accumulate(self, sums, n):
-        """Add a (micro-)batch of n samples to the sums since the last center update: micro-batches
-        give the whole batch's values. New tensors: a CUDA graph's outputs are overwritten by its
-        next run."""
-        self._sums = [total + x for total, x in zip(self._sums, sums)]
-        self._samples += n
-
-    @torch.no_grad()
-    def update_center(self):
-        """Move the center toward the mean teacher output over the samples since the last update
-        (and over all processes, which step equal batches), and set the collapse indicators of those
-        samples (this process's). The paper's collapse study: loss = h(P_t) + KL(P_t || P_s)."""
-        loss, entropy, mean_q, teacher = (x / self._samples for x in self._sums)
-        self.stats = {"teacher_entropy": entropy,
-                      "kl": loss - entropy,
-                      "batch_mean_entropy": -(mean_q * mean_q.clamp_min(1e-12).log()).sum()}
+    def update_center(self, means):
+        """Once per optimizer step: the center moves toward the mean teacher output of the step's
+        batch (over all processes, which step equal batches); the collapse indicators of that batch
+        (this process's). means: loss_and_means' of the batch (of its micro-batches, weighted by
+        their shares). The paper's collapse study: loss = h(P_t) + KL(P_t || P_s)."""
+        teacher, mean_q = means["teacher_output"], means["teacher_softmax"]
         if get_world_size() > 1:
             dist.all_reduce(teacher)
-        # 2 teacher views per sample; a Python scalar: no host-to-device copy
-        teacher /= 2 * get_world_size()
+        # a Python scalar: no host-to-device copy
+        teacher /= get_world_size()
         self.center.mul_(self.center_momentum).add_(teacher, alpha=1 - self.center_momentum)
-        self._sums = [0.0] * 4
-        self._samples = 0
+        self.stats = {"teacher_entropy": means["teacher_entropy"],
+                      "kl": means["loss"] - means["teacher_entropy"],
+                      "batch_mean_entropy": -(mean_q * mean_q.clamp_min(1e-12).log()).sum()}
 
 
 # -----------------------------------------------------------------------------
@@ -641,12 +473,12 @@ class TrainState:
 
 def forward_and_loss(student, teacher, dino_loss, crops, temp):
     """Algorithm 1's forward on one (micro-)batch: the teacher sees only the 2 global views, the
-    student all of them; returns DINOLoss.loss_and_sums at teacher temperature temp. The region
+    student all of them; returns DINOLoss.loss_and_means at teacher temperature temp. The region
     compile_step compiles whole."""
     with torch.no_grad():
         teacher_output = teacher(crops[:2])
     student_output = student(crops)
-    return dino_loss.loss_and_sums(student_output, teacher_output, temp)
+    return dino_loss.loss_and_means(student_output, teacher_output, temp)
 
 
 def compile_step(s, **options):
@@ -673,23 +505,23 @@ def train_step(s, micro_batches, epoch, i):
     forward = s.compiled_forward or forward_and_loss
     temp = s.dino_loss.teacher_temp(epoch)
     n = sum(len(crops[0]) for crops in micro_batches)  # samples in the batch
-    loss = 0.0
+    batch_means = {}  # the loss and the center's and collapse indicators' means over the batch
     for k, crops in enumerate(micro_batches):
         # DDP all-reduces the gradients once, in the last micro-batch's backward
         if k < len(micro_batches) - 1 and hasattr(student, "no_sync"):
             sync_context = student.no_sync()
         else:
             sync_context = contextlib.nullcontext()
+        # the loss is a mean over the micro-batch: weighted by its share, the gradients sum to the
+        # batch's, and its means to the batch's
+        share = len(crops[0]) / n
         with sync_context:
             with torch.autocast(crops[0].device.type, dtype=s.amp_dtype or torch.float32,
                                 enabled=s.amp_dtype is not None):
-                mean_loss, sums = forward(student, s.teacher, s.dino_loss, crops, temp)
-                # the loss is a mean over the micro-batch: weighted by its share, the gradients
-                # sum to the batch's
-                micro_loss = mean_loss * (len(crops[0]) / n)
-            s.dino_loss.accumulate(sums, len(crops[0]))
-            s.scaler.scale(micro_loss).backward()
-        loss = loss + micro_loss.detach()
+                loss, means = forward(student, s.teacher, s.dino_loss, crops, temp)
+            s.scaler.scale(loss * share).backward()
+        # new tensors: a CUDA graph's outputs are overwritten by its next run
+        batch_means = {key: batch_means.get(key, 0.0) + x * share for key, x in means.items()}
 
     # the student's step
     s.scaler.unscale_(s.optimizer)
@@ -711,8 +543,8 @@ def train_step(s, micro_batches, epoch, i):
                    s.schedules["momentum"][i])
 
     # the center moves by the mean teacher output over all micro-batches (the same center for each)
-    s.dino_loss.update_center()
-    return loss
+    s.dino_loss.update_center(batch_means)
+    return batch_means["loss"]
 
 
 def stop_if_not_finite(bad_iter, epoch, checkpoint_path):
@@ -782,6 +614,153 @@ def train_one_epoch(s, loader, epoch, epochs, accum_iter=1, log_every=10, photom
                  teacher_step=1 - sum(momentum) / n_iter,
                  epoch_time_s=elapsed, images_per_s=n_iter * batch / elapsed)
     return stats
+
+
+# -----------------------------------------------------------------------------
+# the device data path: batched photometry
+
+# Batched photometric ops on float images [B, 3, H, W] in [0, 1] with per-sample factors [B]; each
+# equals the torchvision.transforms.functional (v1) tensor op of the same name applied to every
+# sample with its own factor.
+
+def _per_sample(x):
+    """[B] -> [B, 1, 1, 1], to broadcast per-sample factors and masks over images."""
+    return x.view(-1, 1, 1, 1)
+
+
+def _rgb_to_grayscale(img):
+    """ITU-R 601-2 luma (torchvision's weights), [B, 1, H, W]."""
+    r, g, b = img.unbind(1)
+    return (0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(1)
+
+
+def _adjust_hue(img, factor):
+    """Turn the hue by factor (in turns): torchvision's (Pillow's) RGB -> HSV, then the branch-free
+    HSV -> RGB."""
+    r, g, b = img.unbind(1)
+    maxc = img.amax(1)  # the value v
+    minc = img.amin(1)
+    delta = maxc - minc
+    gray = delta == 0  # hue and saturation are 0 there; replacing the divisors by 1 avoids nan
+    s = delta / maxc.masked_fill(gray, 1.0)
+    delta = delta.masked_fill(gray, 1.0)
+    h = torch.where(maxc == r, (g - b) / delta,
+                    torch.where(maxc == g, 2.0 + (b - r) / delta, 4.0 + (r - g) / delta))
+    h = (torch.fmod(h / 6.0 + 1.0, 1.0) + factor.view(-1, 1, 1)) % 1.0
+    k = torch.stack([(n + 6.0 * h) % 6.0 for n in (5.0, 3.0, 1.0)], 1)
+    ramp = torch.clamp(torch.minimum(k, 4.0 - k), 0.0, 1.0)
+    return maxc.unsqueeze(1) * (1.0 - s.unsqueeze(1) * ramp)
+
+
+def _gaussian_blur(img, sigma, kernel_size):
+    """Separable Gaussian blur with a per-sample sigma and reflect padding."""
+    B, C, H, W = img.shape
+    x = torch.arange(kernel_size, device=img.device, dtype=img.dtype) - (kernel_size - 1) / 2
+    kernel = torch.exp(-0.5 * (x / sigma.view(-1, 1)).pow(2))
+    kernel = (kernel / kernel.sum(1, keepdim=True)).repeat_interleave(C, 0)  # [B * C, k]
+    pad = kernel_size // 2
+    # the samples' channels become the groups of one depthwise convolution
+    out = F.pad(img.reshape(1, B * C, H, W), (pad, pad, 0, 0), mode="reflect")
+    out = F.conv2d(out, kernel.view(B * C, 1, 1, kernel_size), groups=B * C)
+    out = F.pad(out, (0, 0, pad, pad), mode="reflect")
+    out = F.conv2d(out, kernel.view(B * C, 1, kernel_size, 1), groups=B * C)
+    return out.view(B, C, H, W)
+
+
+def _solarize(img):
+    """Invert pixels >= 0.5: PIL's solarize(threshold=128) on the image rounded to uint8
+    (x * 255 >= 127.5)."""
+    return torch.where(img >= 0.5, 1.0 - img, img)
+
+
+def _normalize(img):
+    """ImageNet mean/std normalization, per channel with Python scalars (no host-to-device copy)."""
+    return torch.stack([(img[:, c] - m) / s
+                        for c, (m, s) in enumerate(zip(IMAGENET_MEAN, IMAGENET_STD))], 1)
+
+
+BLUR_KERNEL_SIZE = 2 * math.ceil(3 * BLUR_SIGMA[1]) + 1  # 13: +-3 sigma of the widest blur
+
+
+def _color_jitter(img, apply, order, factors):
+    """Where apply, ColorJitter's ops (0 brightness, 1 contrast, 2 saturation, 3 hue) in each
+    sample's order [B, 4] with its factors [B, 4]. Hue, the costly op, runs once: the blends before
+    each sample's hue, hue, the rest."""
+    hue_position = (order == 3).int().argmax(1)
+    for p in range(3):
+        img = _jitter_blend(img, apply & (p < hue_position), order[:, p], factors)
+    img = torch.where(_per_sample(apply), _adjust_hue(img, factors[:, 3]), img)
+    for p in range(1, 4):
+        img = _jitter_blend(img, apply & (p > hue_position), order[:, p], factors)
+    return img
+
+
+def _jitter_blend(img, chosen, op, factors):
+    """Where chosen, torchvision's adjust_brightness (op 0), adjust_contrast (1) or
+    adjust_saturation (2) with the sample's factor: a blend with black, with the mean gray level,
+    or with the gray image."""
+    gray = _rgb_to_grayscale(img)
+    kind = _per_sample(op)
+    other = torch.where(kind == 0, 0.0,
+                        torch.where(kind == 1, gray.mean((1, 2, 3), keepdim=True), gray))
+    factor = _per_sample(factors.gather(1, op[:, None]).squeeze(1))
+    blend = (factor * img + (1.0 - factor) * other).clamp(0.0, 1.0)
+    return torch.where(_per_sample(chosen), blend, img)
+
+
+def sample_photometric_params(n, blur_p, solarize_p, device=None):
+    """Draws every random choice of the photometric pipeline for n samples of one view, from the
+    global torch RNG."""
+
+    def uniform(low, high):
+        return torch.empty(n, device=device).uniform_(low, high)
+
+    def coin(p):  # per sample, True with probability p
+        return torch.rand(n, device=device) < p
+
+    return dict(jitter=coin(JITTER_P),
+                # a random permutation per sample
+                order=torch.rand(n, 4, device=device).argsort(1),
+                factors=torch.stack([uniform(low, high) for low, high in JITTER_RANGES], 1),
+                grayscale=coin(GRAYSCALE_P),
+                blur=coin(blur_p),
+                sigma=uniform(*BLUR_SIGMA),
+                solarize=coin(solarize_p))
+
+
+def apply_photometric(img, params, dtype=torch.float32):
+    """Color jitter, grayscale, blur, solarize with the sampled params, then normalize:
+    [B, 3, H, W] in [0, 1]."""
+    img = _color_jitter(img, params["jitter"], params["order"], params["factors"])
+    img = torch.where(_per_sample(params["grayscale"]), _rgb_to_grayscale(img).expand_as(img), img)
+    img = torch.where(_per_sample(params["blur"]),
+                      _gaussian_blur(img, params["sigma"], BLUR_KERNEL_SIZE), img)
+    img = torch.where(_per_sample(params["solarize"]), _solarize(img), img)
+    return _normalize(img).to(dtype)
+
+
+class MultiCropPhotometry:
+    """DataAugmentationDINO's photometric half, batched on the device: uint8 crops -> normalized
+    crops of dtype, no sync. Under autocast, the dtype the patch embedding casts its input to
+    (bf16, fp16) gives the same step with half the bytes. compiled: torch.compile the ops."""
+
+    def __init__(self, local_crops_number, dtype=torch.float32, compiled=False):
+        self.local_crops_number = local_crops_number
+        self.dtype = dtype
+        self.apply = apply_photometric
+        if compiled:
+            self.apply = torch.compile(apply_photometric)
+
+    def __call__(self, views):
+        assert len(views) == 2 + self.local_crops_number
+        out = []
+        for group, probs in zip((views[:1], views[1:2], views[2:]), VIEW_PROBS):
+            if group:  # the views sharing the same probabilities, as one batch
+                img = torch.cat(group).float().div(255)
+                params = sample_photometric_params(len(img), *probs, device=img.device)
+                img = self.apply(img, params, self.dtype)
+                out += img.split(len(group[0]))
+        return out
 
 
 # -----------------------------------------------------------------------------

@@ -555,7 +555,6 @@ def test_residual_stream_is_fp32_under_autocast(size):
 
 LOW = torch.tensor([(0 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]).view(3, 1, 1)
 HIGH = torch.tensor([(1 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]).view(3, 1, 1)
-TV_JITTER = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
 
 
 def images(n=6, h=40, w=48, seed=0):
@@ -564,15 +563,6 @@ def images(n=6, h=40, w=48, seed=0):
     img = torch.randint(0, 256, (n, 3, h, w), generator=g).float() / 255
     img[:, :, :5] = img[:, :1, :5]
     return img
-
-
-def factors(n, low, high, seed=1):
-    return torch.empty(n).uniform_(low, high, generator=torch.Generator().manual_seed(seed))
-
-
-def per_sample(fn, img, *args):
-    """torchvision reference: fn applied to each sample with its own scalar args."""
-    return torch.stack([fn(img[i], *[a[i].item() for a in args]) for i in range(len(img))])
 
 
 def in_normalized_range(t):
@@ -585,6 +575,31 @@ def test_data_augmentation_dino():
     crops = aug(picture("gradient", (40, 48)))
     assert [tuple(c.shape) for c in crops] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 3
     assert all(c.dtype == torch.float32 and in_normalized_range(c) for c in crops)
+
+
+def test_data_augmentation_dino_holds_the_published_recipe():
+    """Each view's transforms in the published order with the published probabilities and ranges (SPEC.md): flip .5,
+    jitter (0.4, 0.4, 0.2, 0.1) p .8, grayscale .2, blur 1 / .1 / .5, solarize at 128 on global view 2 only, p .2."""
+    aug = DataAugmentationDINO((0.4, 1.0), (0.05, 0.4), 2, global_crops_size=32, local_crops_size=16)
+    assert len(aug.views) == 4
+
+    def recipe(view):
+        crop, flip, jitter, gray, blur, *solarize, normalize = view.transforms
+        assert isinstance(crop, T.RandomResizedCrop) and crop.interpolation == T.InterpolationMode.BICUBIC
+        (color,) = jitter.transforms
+        ranges = [color.brightness, color.contrast, color.saturation, color.hue]
+        assert isinstance(gray, T.RandomGrayscale) and isinstance(blur.transforms[0], T.Lambda)
+        assert [type(t) for t in solarize] in ([], [T.RandomSolarize])
+        assert all(t.threshold == 128 for t in solarize)
+        return (crop.size, crop.scale, flip.p, jitter.p, ranges, gray.p, blur.p, [t.p for t in solarize])
+
+    ranges = [(0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-0.1, 0.1)]
+    assert [recipe(view) for view in aug.views] == [
+        ((32, 32), (0.4, 1.0), 0.5, 0.8, ranges, 0.2, 1.0, []),
+        ((32, 32), (0.4, 1.0), 0.5, 0.8, ranges, 0.2, 0.1, [0.2]),
+        ((16, 16), (0.05, 0.4), 0.5, 0.8, ranges, 0.2, 0.5, []),
+        ((16, 16), (0.05, 0.4), 0.5, 0.8, ranges, 0.2, 0.5, []),
+    ]
 
 
 @pytest.mark.parametrize("mode", ["RGB", "L", "RGBA"])
@@ -611,116 +626,6 @@ def test_geometry_equals_torchvision_crop_and_flip(w, h, sizes):
         assert crop.dtype == torch.uint8 and crop.shape == (3, size, size)
         diff = (crop.int() - TF.pil_to_tensor(ref).int()).abs()
         assert diff.max() <= 2 and diff.float().mean() < 0.05, (diff.max(), diff.float().mean())
-
-
-@pytest.mark.parametrize("op_index, low, high", [(0, 0.0, 2.0), (1, 0.0, 2.0), (2, 0.0, 2.0), (3, -0.5, 0.5)])
-def test_jitter_ops_match_torchvision(op_index, low, high):
-    """Each op alone (the others at their identity factors, in random orders) equals torchvision's, per sample."""
-    torch.manual_seed(0)
-    img, f = images(), factors(6, low, high)
-    all_factors = torch.tensor([1.0, 1.0, 1.0, 0.0]).repeat(6, 1)
-    all_factors[:, op_index] = f
-    order = torch.rand(6, 4).argsort(dim=1)
-    out = _color_jitter(img, torch.ones(6, dtype=torch.bool), order, all_factors)
-    torch.testing.assert_close(out, per_sample(TV_JITTER[op_index], img, f), atol=1e-5, rtol=0)
-
-
-def test_grayscale_solarize_normalize_match_torchvision():
-    img = images()
-    torch.testing.assert_close(_rgb_to_grayscale(img), TF.rgb_to_grayscale(img), atol=1e-6, rtol=0)
-    torch.testing.assert_close(_solarize(img), TF.solarize(img, 0.5), atol=0, rtol=0)
-    torch.testing.assert_close(_normalize(img), TF.normalize(img, IMAGENET_MEAN, IMAGENET_STD), atol=1e-6, rtol=0)
-
-
-def test_solarize_threshold_equals_pil_128():
-    img = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16).expand(1, 3, 16, 16)
-    ref = TF.pil_to_tensor(TF.solarize(TF.to_pil_image(img[0]), 128))
-    assert torch.equal((_solarize(img.float() / 255) * 255).round().to(torch.uint8)[0], ref)
-
-
-def test_blur_matches_torchvision():
-    img, sigma = images(), factors(6, 0.1, 2.0)
-    ref = torch.stack([TF.gaussian_blur(img[i], [BLUR_KERNEL_SIZE] * 2, [s.item()] * 2) for i, s in enumerate(sigma)])
-    torch.testing.assert_close(_gaussian_blur(img, sigma, BLUR_KERNEL_SIZE), ref, atol=1e-5, rtol=0)
-
-
-def test_jitter_order_varies_and_matches_sequential_torchvision():
-    torch.manual_seed(0)
-    img = images(n=16)
-    params = sample_photometric_params(16, blur_p=0.0, solarize_p=0.0)
-    params["jitter"][:], params["grayscale"][:] = True, False
-    orders = params["order"]
-    assert len({tuple(o.tolist()) for o in orders}) > 8
-    assert all(sorted(o.tolist()) == [0, 1, 2, 3] for o in orders)
-    ref = img.clone()
-    for i in range(16):
-        for op_index in orders[i].tolist():
-            ref[i] = TV_JITTER[op_index](ref[i], params["factors"][i, op_index].item())
-    torch.testing.assert_close(apply_photometric(img, params), TF.normalize(ref, IMAGENET_MEAN, IMAGENET_STD),
-                               atol=1e-4, rtol=0)
-
-
-def test_apply_photometric_matches_torchvision_pipeline():
-    torch.manual_seed(1)
-    img = images(n=32)
-    params = sample_photometric_params(32, blur_p=0.5, solarize_p=0.5)
-    ref = []
-    for i, x in enumerate(img):
-        p = {k: v[i] for k, v in params.items()}
-        if p["jitter"]:
-            for op_index in p["order"].tolist():
-                x = TV_JITTER[op_index](x, p["factors"][op_index].item())
-        if p["grayscale"]:
-            x = TF.rgb_to_grayscale(x, num_output_channels=3)
-        if p["blur"]:
-            x = TF.gaussian_blur(x, [BLUR_KERNEL_SIZE] * 2, [p["sigma"].item()] * 2)
-        if p["solarize"]:
-            x = TF.solarize(x, 0.5)
-        ref.append(TF.normalize(x, IMAGENET_MEAN, IMAGENET_STD))
-    torch.testing.assert_close(apply_photometric(img, params), torch.stack(ref), atol=1e-4, rtol=0)
-
-
-@pytest.mark.parametrize("view, blur_p, solarize_p", [(0, 1.0, 0.0), (1, 0.1, 0.2), (2, 0.5, 0.0)])
-def test_application_frequencies(view, blur_p, solarize_p):
-    torch.manual_seed(view)
-    n = 4000
-    params = sample_photometric_params(n, *MultiCropPhotometry.PROBS[view])
-    for key, p in [("jitter", 0.8), ("grayscale", 0.2), ("blur", blur_p), ("solarize", solarize_p)]:
-        rate, stderr = params[key].float().mean().item(), max((p * (1 - p) / n) ** 0.5, 1e-9)
-        assert abs(rate - p) <= 4 * stderr, (key, rate, p)
-    sigma = params["sigma"]
-    assert 0.1 <= sigma.min() and sigma.max() <= 2.0 and abs(sigma.mean().item() - 1.05) < 0.03
-    for j, (low, high) in enumerate([(0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-0.1, 0.1)]):
-        f = params["factors"][:, j]
-        assert low <= f.min() and f.max() <= high and abs(f.mean().item() - (low + high) / 2) < 0.05 * (high - low)
-    first_ops = params["order"][:, 0]
-    assert all(abs((first_ops == k).float().mean().item() - 0.25) < 4 * (0.1875 / n) ** 0.5 for k in range(4))
-
-
-def test_photometry_call_shapes_range_and_sampling():
-    geometry = MultiCropGeometry((0.4, 1.0), (0.05, 0.4), 3, global_crops_size=32, local_crops_size=16)
-    batch = [torch.stack(v) for v in zip(*[geometry(picture("gradient", (40, 48))) for _ in range(4)])]
-    photometry = MultiCropPhotometry(3)
-    torch.manual_seed(0)
-    out = photometry(batch)
-    assert [o.shape for o in out] == [b.shape for b in batch]
-    assert all(o.dtype == torch.float32 and in_normalized_range(o) for o in out)
-    # __call__ draws view 1, view 2, then all locals as one group, with PROBS
-    torch.manual_seed(0)
-    probs = MultiCropPhotometry.PROBS
-    ref = [apply_photometric(b.float() / 255, sample_photometric_params(4, *probs[k])) for k, b in enumerate(batch[:2])]
-    locals_ = torch.cat(batch[2:]).float() / 255
-    ref += apply_photometric(locals_, sample_photometric_params(12, *probs[2])).split(4)
-    for o, r in zip(out, ref):
-        torch.testing.assert_close(o, r, atol=0, rtol=0)
-
-
-def test_photometry_has_no_host_sync():
-    # meta tensors have no data: any .item(), .cpu() or data-dependent branch would raise
-    views = [torch.empty(2, 3, 32, 32, dtype=torch.uint8, device="meta")] * 2
-    views += [torch.empty(2, 3, 16, 16, dtype=torch.uint8, device="meta")] * 2
-    out = MultiCropPhotometry(2)(views)
-    assert [(o.shape, o.dtype, o.device.type) for o in out] == [(v.shape, torch.float32, "meta") for v in views]
 
 
 def test_bad_and_odd_images_are_skipped_and_counted(tmp_path, capsys):
@@ -1085,22 +990,148 @@ def test_accum_iter_two_processes_equals_the_big_batch(tmp_path):
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys, monkeypatch):
     data = image_folder(tmp_path / "data")
-    loss_and_sums = dino.DINOLoss.loss_and_sums
+    loss_and_means = dino.DINOLoss.loss_and_means
     steps = []
 
     def nan_in_epoch_1(self, student_output, teacher_output, temp):
-        loss, sums = loss_and_sums(self, student_output, teacher_output, temp)
         steps.append(len(steps))
         # 8 images, batches of 4: epoch 1 begins with the third step
-        return (loss * float("nan") if len(steps) > 2 else loss), sums
+        if len(steps) > 2:
+            student_output = student_output * float("nan")
+        return loss_and_means(self, student_output, teacher_output, temp)
 
-    monkeypatch.setattr(dino.DINOLoss, "loss_and_sums", nan_in_epoch_1)
+    monkeypatch.setattr(dino.DINOLoss, "loss_and_means", nan_in_epoch_1)
     err = main_error(train_argv(data, tmp_path / "out"), capsys)
     assert "loss is not finite at epoch 1, iteration 0" in err and "--precision fp32" in err
     assert f"intact: {tmp_path / 'out'}/checkpoint.pth" in err  # the last good state, named
     ckpt = dino.load_checkpoint_file(tmp_path / "out" / "checkpoint.pth")
     assert ckpt["epoch"] == 1 and all(torch.isfinite(v).all() for v in ckpt["teacher"].values())
     assert len(read_log(tmp_path / "out")) == 1
+
+
+# -----------------------------------------------------------------------------
+# the device data path: batched photometry
+
+TV_JITTER = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+
+
+def factors(n, low, high, seed=1):
+    return torch.empty(n).uniform_(low, high, generator=torch.Generator().manual_seed(seed))
+
+
+def per_sample(fn, img, *args):
+    """torchvision reference: fn applied to each sample with its own scalar args."""
+    return torch.stack([fn(img[i], *[a[i].item() for a in args]) for i in range(len(img))])
+
+
+@pytest.mark.parametrize("op_index, low, high", [(0, 0.0, 2.0), (1, 0.0, 2.0), (2, 0.0, 2.0), (3, -0.5, 0.5)])
+def test_jitter_ops_match_torchvision(op_index, low, high):
+    """Each op alone (the others at their identity factors, in random orders) equals torchvision's, per sample."""
+    torch.manual_seed(0)
+    img, f = images(), factors(6, low, high)
+    all_factors = torch.tensor([1.0, 1.0, 1.0, 0.0]).repeat(6, 1)
+    all_factors[:, op_index] = f
+    order = torch.rand(6, 4).argsort(dim=1)
+    out = _color_jitter(img, torch.ones(6, dtype=torch.bool), order, all_factors)
+    torch.testing.assert_close(out, per_sample(TV_JITTER[op_index], img, f), atol=1e-5, rtol=0)
+
+
+def test_grayscale_solarize_normalize_match_torchvision():
+    img = images()
+    torch.testing.assert_close(_rgb_to_grayscale(img), TF.rgb_to_grayscale(img), atol=1e-6, rtol=0)
+    torch.testing.assert_close(_solarize(img), TF.solarize(img, 0.5), atol=0, rtol=0)
+    torch.testing.assert_close(_normalize(img), TF.normalize(img, IMAGENET_MEAN, IMAGENET_STD), atol=1e-6, rtol=0)
+
+
+def test_solarize_threshold_equals_pil_128():
+    img = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16).expand(1, 3, 16, 16)
+    ref = TF.pil_to_tensor(TF.solarize(TF.to_pil_image(img[0]), 128))
+    assert torch.equal((_solarize(img.float() / 255) * 255).round().to(torch.uint8)[0], ref)
+
+
+def test_blur_matches_torchvision():
+    img, sigma = images(), factors(6, 0.1, 2.0)
+    ref = torch.stack([TF.gaussian_blur(img[i], [BLUR_KERNEL_SIZE] * 2, [s.item()] * 2) for i, s in enumerate(sigma)])
+    torch.testing.assert_close(_gaussian_blur(img, sigma, BLUR_KERNEL_SIZE), ref, atol=1e-5, rtol=0)
+
+
+def test_jitter_order_varies_and_matches_sequential_torchvision():
+    torch.manual_seed(0)
+    img = images(n=16)
+    params = sample_photometric_params(16, blur_p=0.0, solarize_p=0.0)
+    params["jitter"][:], params["grayscale"][:] = True, False
+    orders = params["order"]
+    assert len({tuple(o.tolist()) for o in orders}) > 8
+    assert all(sorted(o.tolist()) == [0, 1, 2, 3] for o in orders)
+    ref = img.clone()
+    for i in range(16):
+        for op_index in orders[i].tolist():
+            ref[i] = TV_JITTER[op_index](ref[i], params["factors"][i, op_index].item())
+    torch.testing.assert_close(apply_photometric(img, params), TF.normalize(ref, IMAGENET_MEAN, IMAGENET_STD),
+                               atol=1e-4, rtol=0)
+
+
+def test_apply_photometric_matches_torchvision_pipeline():
+    torch.manual_seed(1)
+    img = images(n=32)
+    params = sample_photometric_params(32, blur_p=0.5, solarize_p=0.5)
+    ref = []
+    for i, x in enumerate(img):
+        p = {k: v[i] for k, v in params.items()}
+        if p["jitter"]:
+            for op_index in p["order"].tolist():
+                x = TV_JITTER[op_index](x, p["factors"][op_index].item())
+        if p["grayscale"]:
+            x = TF.rgb_to_grayscale(x, num_output_channels=3)
+        if p["blur"]:
+            x = TF.gaussian_blur(x, [BLUR_KERNEL_SIZE] * 2, [p["sigma"].item()] * 2)
+        if p["solarize"]:
+            x = TF.solarize(x, 0.5)
+        ref.append(TF.normalize(x, IMAGENET_MEAN, IMAGENET_STD))
+    torch.testing.assert_close(apply_photometric(img, params), torch.stack(ref), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("view, blur_p, solarize_p", [(0, 1.0, 0.0), (1, 0.1, 0.2), (2, 0.5, 0.0)])
+def test_application_frequencies(view, blur_p, solarize_p):
+    torch.manual_seed(view)
+    n = 4000
+    params = sample_photometric_params(n, *dino.VIEW_PROBS[view])
+    for key, p in [("jitter", 0.8), ("grayscale", 0.2), ("blur", blur_p), ("solarize", solarize_p)]:
+        rate, stderr = params[key].float().mean().item(), max((p * (1 - p) / n) ** 0.5, 1e-9)
+        assert abs(rate - p) <= 4 * stderr, (key, rate, p)
+    sigma = params["sigma"]
+    assert 0.1 <= sigma.min() and sigma.max() <= 2.0 and abs(sigma.mean().item() - 1.05) < 0.03
+    for j, (low, high) in enumerate([(0.6, 1.4), (0.6, 1.4), (0.8, 1.2), (-0.1, 0.1)]):
+        f = params["factors"][:, j]
+        assert low <= f.min() and f.max() <= high and abs(f.mean().item() - (low + high) / 2) < 0.05 * (high - low)
+    first_ops = params["order"][:, 0]
+    assert all(abs((first_ops == k).float().mean().item() - 0.25) < 4 * (0.1875 / n) ** 0.5 for k in range(4))
+
+
+def test_photometry_call_shapes_range_and_sampling():
+    geometry = MultiCropGeometry((0.4, 1.0), (0.05, 0.4), 3, global_crops_size=32, local_crops_size=16)
+    batch = [torch.stack(v) for v in zip(*[geometry(picture("gradient", (40, 48))) for _ in range(4)])]
+    photometry = MultiCropPhotometry(3)
+    torch.manual_seed(0)
+    out = photometry(batch)
+    assert [o.shape for o in out] == [b.shape for b in batch]
+    assert all(o.dtype == torch.float32 and in_normalized_range(o) for o in out)
+    # __call__ draws view 1, view 2, then all locals as one group, with VIEW_PROBS
+    torch.manual_seed(0)
+    probs = dino.VIEW_PROBS
+    ref = [apply_photometric(b.float() / 255, sample_photometric_params(4, *probs[k])) for k, b in enumerate(batch[:2])]
+    locals_ = torch.cat(batch[2:]).float() / 255
+    ref += apply_photometric(locals_, sample_photometric_params(12, *probs[2])).split(4)
+    for o, r in zip(out, ref):
+        torch.testing.assert_close(o, r, atol=0, rtol=0)
+
+
+def test_photometry_has_no_host_sync():
+    # meta tensors have no data: any .item(), .cpu() or data-dependent branch would raise
+    views = [torch.empty(2, 3, 32, 32, dtype=torch.uint8, device="meta")] * 2
+    views += [torch.empty(2, 3, 16, 16, dtype=torch.uint8, device="meta")] * 2
+    out = MultiCropPhotometry(2)(views)
+    assert [(o.shape, o.dtype, o.device.type) for o in out] == [(v.shape, torch.float32, "meta") for v in views]
 
 
 # -----------------------------------------------------------------------------
@@ -2561,6 +2592,23 @@ def test_bench_ablation_dry_run_has_every_row_and_exact_levers(tmp_path):
         if set(lever) & set(bench.EXACT_ON_CPU) and name not in gpu_only:
             assert rows[name]["loss_diff"] < 1e-5, name
     assert "profile of one step, default" in p.stdout and "| idle |" in p.stdout
+
+
+def test_bench_chunks_lever_keeps_the_loss_and_its_gradient():
+    """The bench's chunked cross-entropy (in place of dino's while the lever is set, dino's again after it) gives the
+    pairwise reference's loss and gradient."""
+    torch.manual_seed(0)
+    ncrops, batch, K = 4, 6, 9
+    student, teacher = torch.randn(ncrops * batch, K, requires_grad=True), torch.randn(2 * batch, K)
+    loss_fn = dino.DINOLoss(K, ncrops, 0.04, 0.04, 0, 1)
+    ref = reference_dino_loss(student, teacher, torch.zeros(1, K), ncrops, 0.1, 0.04)
+    with bench.ablation_switches({"chunks": 3}):
+        assert dino.cross_entropy_over_pairs is not bench.CROSS_ENTROPY_OVER_PAIRS
+        loss = loss_fn(student, teacher, 0)
+    assert dino.cross_entropy_over_pairs is bench.CROSS_ENTROPY_OVER_PAIRS
+    torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.autograd.grad(loss, student)[0], torch.autograd.grad(ref, student)[0],
+                               atol=1e-6, rtol=1e-4)
 
 
 def test_bench_peak_flops_from_the_device_name():

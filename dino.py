@@ -150,6 +150,11 @@ class MultiCropGeometry(DataAugmentationDINO):
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 
 
+def to_uint8(a):
+    """A float array of 0..255 values, rounded to the nearest 8-bit levels."""
+    return a.round().astype(np.uint8)
+
+
 def load_rgb(path):
     """Open any PIL-readable image as 8-bit RGB (16-bit and float images are rescaled, not
     clipped)."""
@@ -162,7 +167,7 @@ def load_rgb(path):
             scale = 65535.0 if a.max() > 255 else 255.0
             if img.mode == "F":
                 scale = max(a.max(), 1.0)
-            img = Image.fromarray((np.clip(a / scale, 0, 1) * 255).round().astype(np.uint8), "L")
+            img = Image.fromarray(to_uint8(np.clip(a / scale, 0, 1) * 255), "L")
         return img.convert("RGB")
 
 
@@ -891,7 +896,7 @@ def colorize(a):
     a = (a - a.min()) / max(a.max() - a.min(), 1e-12)
     anchors = np.linspace(0, 1, len(VIRIDIS))
     rgb = np.stack([np.interp(a, anchors, VIRIDIS[:, c]) for c in range(3)], axis=-1)
-    return rgb.round().astype(np.uint8)
+    return to_uint8(rgb)
 
 
 def save_attention_images(img, maps, masks, patch_size, out_dir):
@@ -906,13 +911,13 @@ def save_attention_images(img, maps, masks, patch_size, out_dir):
     mean = colorize(upsample(maps.mean(0)))
     pictures = [("img.png", image)]
     pictures += [(f"attn-head{i}.png", colorize(upsample(m))) for i, m in enumerate(maps)]
-    overlay = (image * 0.5 + mean * 0.5).round().astype(np.uint8)
+    overlay = to_uint8(image * 0.5 + mean * 0.5)
     pictures += [("attn-mean.png", mean), ("attn-overlay.png", overlay)]
     if masks is not None:
         # the image, darkened outside each head's mask
         for i, m in enumerate(masks):
             darkened = image * np.where(upsample(m), 1.0, 0.25)[..., None]
-            pictures.append((f"mask-head{i}.png", darkened.round().astype(np.uint8)))
+            pictures.append((f"mask-head{i}.png", to_uint8(darkened)))
     for name, array in pictures:
         Image.fromarray(array).save(os.path.join(out_dir, name))
     return [os.path.join(out_dir, name) for name, _ in pictures]

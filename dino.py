@@ -982,7 +982,6 @@ def embed_folder(model, folder, resize_size=None, crop_size=224, patch_tokens=Fa
     preprocessed as for k-NN, on process 0 (None elsewhere): float32 CPU tensors 'cls' [N, D]
     (= model(x), a ViT's CLS token), for a ViT with patch_tokens 'patch_tokens' [N, h, w, D], with
     n_last_blocks n 'last_blocks' [N, n, D], and 'paths' relative to folder, in order."""
-    device = torch.device(device)
     dim = model.embed_dim
     dataset = ImageFiles(folder, eval_transform(resize_size, crop_size))
     loader = shard_loader(dataset, batch_size, num_workers, device)

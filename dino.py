@@ -67,6 +67,15 @@ def get_rank():
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
+def mean_over_processes(x):
+    """The tensor x, averaged over all processes in place."""
+    if get_world_size() > 1:
+        dist.all_reduce(x)
+    # a Python scalar: no host-to-device copy
+    x /= get_world_size()
+    return x
+
+
 # =============================================================================
 # Part 1: the algorithm
 # =============================================================================
@@ -391,12 +400,9 @@ class DINOLoss(nn.Module):
         batch (over all processes, which step equal batches); the collapse indicators of that batch
         (this process's). means: loss_and_means' of the batch (of its micro-batches, weighted by
         their shares). The paper's collapse study: loss = h(P_t) + KL(P_t || P_s)."""
-        teacher, mean_q = means["teacher_output"], means["teacher_softmax"]
-        if get_world_size() > 1:
-            dist.all_reduce(teacher)
-        # a Python scalar: no host-to-device copy
-        teacher /= get_world_size()
+        teacher = mean_over_processes(means["teacher_output"])
         self.center.mul_(self.center_momentum).add_(teacher, alpha=1 - self.center_momentum)
+        mean_q = means["teacher_softmax"]
         self.stats = {"teacher_entropy": means["teacher_entropy"],
                       "kl": means["loss"] - means["teacher_entropy"],
                       "batch_mean_entropy": -(mean_q * mean_q.clamp_min(1e-12).log()).sum()}
@@ -606,10 +612,7 @@ def train_one_epoch(s, loader, epoch, epochs, accum_iter=1, log_every=10, photom
                       f"momentum {s.schedules['momentum'][i]:.4f} "
                       f"{done * batch / elapsed:.1f} img/s "
                       f"eta {datetime.timedelta(seconds=int(eta))}", flush=True)
-    means = torch.stack(list(sums.values())).float() / n_iter
-    if get_world_size() > 1:
-        dist.all_reduce(means)
-        means /= get_world_size()
+    means = mean_over_processes(torch.stack(list(sums.values())).float() / n_iter)
     elapsed = time.time() - start
     # the means, then the epoch's last schedule values and its speed
     schedules = {name: values[i] for name, values in s.schedules.items()}  # lr, wd, momentum

@@ -17,8 +17,9 @@ DINO: self-distillation with no labels (Caron et al., ICCV 2021), in one file.
 Every visible CUDA GPU gets one process; under torchrun the launcher's environment is used
 (multi-node); with no GPU everything runs on the CPU. The file reads in two parts. Part 1, the
 algorithm, in the order of the paper's Algorithm 1: data and multi-crop, model glue, loss, schedules
-and updates, the train step and epoch loop, then k-NN, attention maps, the linear probe and
-embeddings; each section uses only torch, torchvision, numpy, PIL and the sections above it. Part 2,
+and updates, the train step and epoch loop, the batched device photometry the loop may use, then
+k-NN, attention maps, the linear probe and embeddings; each section uses only torch, torchvision,
+numpy, PIL and the sections above it. Part 2,
 the tool: checkpoints, processes, the demo data and presets, the commands and the CLI. Importing
 this file has no side effects.
 """

@@ -1895,13 +1895,6 @@ def linear_main(args):
 # -----------------------------------------------------------------------------
 # the CLI
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):
-        # one line and status 2, like every other bad input (not argparse's usage block)
-        self.exit(2, f"error: {message}; see python dino.py "
-                     f"{' '.join(self.prog.split()[1:] + ['--help'])}\n")  # to stderr
-
-
 def number(kind, low, high=None, above=False):
     """argparse type: a number of this kind, at least low (above it with `above`), at most high."""
     def parse(text):
@@ -1941,8 +1934,26 @@ def optimizer_name(s):
     return s
 
 
-def add_model_args(p):
-    add = p.add_argument
+# the type of a flag that names none: its default's kind, at least 0 (a negative count, lr or weight
+# decay is a mistake); a flag with another range or kind names its type
+IMPLIED_TYPES = {bool: bool_flag, int: COUNT, float: NONNEGATIVE}
+
+
+class Parser(argparse.ArgumentParser):
+    def add_argument(self, *names, **options):
+        implied = IMPLIED_TYPES.get(type(options.get("default")))
+        if implied and "type" not in options:
+            options["type"] = implied
+        return super().add_argument(*names, **options)
+
+    def error(self, message):
+        # one line and status 2, like every other bad input (not argparse's usage block)
+        self.exit(2, f"error: {message}; see python dino.py "
+                     f"{' '.join(self.prog.split()[1:] + ['--help'])}\n")  # to stderr
+
+
+# add_*_args(add) define a command's flags; add: its parser's add_argument
+def add_model_args(add):
     add("--pretrained_weights",
         help="DINO weights or checkpoint; default: <output_dir>/checkpoint.pth")
     add("--checkpoint_key", help="network of a training checkpoint (default: teacher)")
@@ -1955,20 +1966,19 @@ def add_model_args(p):
 
 
 def add_eval_data_args(
-        p, data_path_help="folder holding train/<class>/ and val/<class>/; default: the demo data",
+        add,
+        data_path_help="folder holding train/<class>/ and val/<class>/; default: the demo data",
         required=False):
-    add = p.add_argument
     add("--data_path", required=required, help=data_path_help)
     add("--resize_size", type=POSITIVE_INT,
         help="default: crop_size * 256 / 224 (the demo data: crop_size)")
     add("--crop_size", type=POSITIVE_INT, default=224,
         help="default: 224 (the demo data: its global crop size)")
     add("--batch_size_per_gpu", type=POSITIVE_INT, default=128, help="images per GPU per batch")
-    add("--num_workers", type=COUNT, default=10, help="data loader processes per GPU")
+    add("--num_workers", default=10, help="data loader processes per GPU")
 
 
-def add_train_args(p):
-    add = p.add_argument
+def add_train_args(add):
     # data and output
     add("--data_path",
         help="folder of images (ImageFolder or flat, recursive); default: the demo data")
@@ -1981,18 +1991,18 @@ def add_train_args(p):
         help="start both networks from these weights (continued pre-training)")
     add("--checkpoint_key",
         help="entry of a training checkpoint for both networks (default: each its own)")
-    add("--pretrained_heads", type=bool_flag, default=True,
+    add("--pretrained_heads", default=True,
         help="take a training checkpoint's heads too")
-    add("--freeze_backbone_epochs", type=COUNT, default=0,
+    add("--freeze_backbone_epochs", default=0,
         help="epochs in which only the head trains")
     # model
     add("--arch", default="vit_small", choices=[*ARCHS, *TORCHVISION_ARCHS], metavar="ARCH",
         help="vit_tiny|small|base, or a torchvision model such as resnet50 (paper: vit_small)")
     add("--patch_size", type=POSITIVE_INT, default=16, help="patch side in pixels (paper: 16)")
     add("--out_dim", type=number(int, 2), default=65536, help="dimension of the DINO head output")
-    add("--norm_last_layer", type=bool_flag, default=True,
+    add("--norm_last_layer", default=True,
         help="fix the last layer's weight norm at 1")
-    add("--use_bn_in_head", type=bool_flag, default=False,
+    add("--use_bn_in_head", default=False,
         help="BatchNorm in the head's MLP (paper: false)")
     # teacher
     add("--momentum_teacher", type=FRACTION, default=0.996, help="base EMA momentum, cosine to 1")
@@ -2000,7 +2010,7 @@ def add_train_args(p):
         help="teacher temperature at the start, linear to --teacher_temp (paper: 0.04)")
     add("--teacher_temp", type=POSITIVE, default=0.04,
         help="teacher temperature after the warm-up (paper: 0.04)")
-    add("--warmup_teacher_temp_epochs", type=COUNT, default=0,
+    add("--warmup_teacher_temp_epochs", default=0,
         help="epochs of the teacher temperature's warm-up (paper: 0)")
     # optimization
     add("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
@@ -2009,11 +2019,11 @@ def add_train_args(p):
         type=lambda s: "fp16" if bool_flag(s) else "fp32", default=argparse.SUPPRESS,
         help="the published code's flag: true is --precision fp16, false fp32")
     add("--optimizer", type=optimizer_name, default="adamw", help="adamw or sgd")
-    add("--weight_decay", type=NONNEGATIVE, default=0.04,
+    add("--weight_decay", default=0.04,
         help="weight decay at the start, cosine to --weight_decay_end (paper: 0.04)")
-    add("--weight_decay_end", type=NONNEGATIVE, default=0.4,
+    add("--weight_decay_end", default=0.4,
         help="weight decay at the end (paper: 0.4)")
-    add("--clip_grad", type=NONNEGATIVE, default=3.0,
+    add("--clip_grad", default=3.0,
         help="max gradient norm per tensor; 0: no clipping")
     add("--batch_size_per_gpu", type=POSITIVE_INT, default=64,
         help="images per GPU per loader batch (paper: 64, on 16 GPUs)")
@@ -2022,18 +2032,18 @@ def add_train_args(p):
              "a total batch of batch_size_per_gpu x accum_iter x processes")
     add("--grad_checkpointing", action="store_true", help="less memory, a third more compute")
     add("--epochs", type=POSITIVE_INT, default=100, help="epochs of training (paper: 100)")
-    add("--freeze_last_layer", type=COUNT, default=1,
+    add("--freeze_last_layer", default=1,
         help="epochs with the head's last layer fixed")
-    add("--lr", type=NONNEGATIVE, default=0.0005, help="peak lr for a total batch of 256")
-    add("--warmup_epochs", type=COUNT, default=10,
+    add("--lr", default=0.0005, help="peak lr for a total batch of 256")
+    add("--warmup_epochs", default=10,
         help="epochs of linear lr warm-up from 0 (paper: 10)")
-    add("--min_lr", type=NONNEGATIVE, default=1e-6,
+    add("--min_lr", default=1e-6,
         help="lr at the end of the cosine schedule (paper: 1e-6)")
-    add("--drop_path_rate", type=NONNEGATIVE, default=0.1, help="stochastic depth of the student")
+    add("--drop_path_rate", default=0.1, help="stochastic depth of the student")
     # multi-crop
     add("--global_crops_scale", type=FRACTION, nargs=2, default=[0.4, 1.0],
         help="area range of the 2 global crops, a fraction of the image (paper: 0.4 1)")
-    add("--local_crops_number", type=COUNT, default=8,
+    add("--local_crops_number", default=8,
         help="local crops per image; 0: no multi-crop (paper: 8)")
     add("--local_crops_scale", type=FRACTION, nargs=2, default=[0.05, 0.4],
         help="area range of the local crops (paper: 0.05 0.4)")
@@ -2042,14 +2052,14 @@ def add_train_args(p):
     add("--local_crops_size", type=POSITIVE_INT, default=96,
         help="side of the local crops in pixels (paper: 96)")
     # the run
-    add("--saveckp_freq", type=COUNT, default=20, help="also keep checkpointNNNN.pth this often")
-    add("--knn_every", type=COUNT, default=0,
+    add("--saveckp_freq", default=20, help="also keep checkpointNNNN.pth this often")
+    add("--knn_every", default=0,
         help="epochs between k-NN evaluations (k=20) of the teacher")
     add("--knn_data_path",
         help="for --knn_every: train/<class>/ and val/<class>/ (default: the demo's)")
     add("--seed", type=int, default=0,
         help="random seed (initial weights, data order, crops, drop path)")
-    add("--num_workers", type=COUNT, default=10, help="data loader processes per GPU")
+    add("--num_workers", default=10, help="data loader processes per GPU")
     add("--log_every", type=POSITIVE_INT, default=10, help="iterations between progress lines")
     add("--compile", action="store_true",
         help="torch.compile the step's forward (teacher, student, loss) and the GPU photometry")
@@ -2060,20 +2070,18 @@ def add_train_args(p):
     add("--dist_url", help="ignored likewise")
 
 
-def add_knn_args(p):
-    add = p.add_argument
-    add_model_args(p)
-    add_eval_data_args(p)
+def add_knn_args(add):
+    add_model_args(add)
+    add_eval_data_args(add)
     add("--nb_knn", type=POSITIVE_INT, nargs="+", default=[10, 20, 100, 200],
         help="numbers of neighbours")
     add("--temperature", type=POSITIVE, default=0.07, help="votes weigh exp(cos_sim / temperature)")
-    add("--random_init", type=bool_flag, default=False,
+    add("--random_init", default=False,
         help="also evaluate a random init (the demo: true)")
 
 
-def add_attn_args(p):
-    add = p.add_argument
-    add_model_args(p)
+def add_attn_args(add):
+    add_model_args(add)
     add("--image_path", help="any image PIL reads; default: the first demo val image")
     add("--image_size", type=POSITIVE_INT, nargs=2, metavar=("H", "W"), default=[480, 480],
         help="resize to this first (default 480 480; the demo: 4x its global crop size)")
@@ -2088,28 +2096,26 @@ def embeddings_file(path):
     return path
 
 
-def add_embed_args(p):
-    add = p.add_argument
-    add_model_args(p)
-    add_eval_data_args(p, "folder of images, searched recursively", required=True)
+def add_embed_args(add):
+    add_model_args(add)
+    add_eval_data_args(add, "folder of images, searched recursively", required=True)
     add("--output", required=True, type=embeddings_file, help="FILE.npz or FILE.pt")
     add("--patch_tokens", action="store_true", help="also the final-norm patch tokens [N, h, w, D]")
-    add("--n_last_blocks", type=COUNT, default=0,
+    add("--n_last_blocks", default=0,
         help="also the CLS tokens of the last n blocks [N, n, D]")
     add("--dtype", choices=["float32", "float16"], default="float32",
         help="float16 halves the file")
 
 
-def add_linear_args(p):
-    add = p.add_argument
-    add_model_args(p)
-    add_eval_data_args(p)
+def add_linear_args(add):
+    add_model_args(add)
+    add_eval_data_args(add)
     add("--n_last_blocks", type=POSITIVE_INT,
         help="CLS tokens of the last n blocks (default 4, vit_base 1)")
     add("--avgpool_patchtokens", type=bool_flag,
         help="and the mean patch token (default: for vit_base)")
     add("--epochs", type=POSITIVE_INT, default=100, help="epochs of training (paper: 100)")
-    add("--lr", type=NONNEGATIVE, default=0.001,
+    add("--lr", default=0.001,
         help="SGD lr for a total batch of 256, cosine to 0")
     add("--val_freq", type=POSITIVE_INT, default=1, help="epochs between validations")
     add("--seed", type=int, default=0, help="random seed (classifier init, data order)")
@@ -2132,7 +2138,7 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (description, add_args, _) in COMMANDS.items():
         p = sub.add_parser(name, help=description, description=description)
-        add_args(p)
+        add_args(p.add_argument)
         # (--use_fp16 has none: it sets --precision)
         defaults = {a.dest: a.default for a in p._actions if a.default is not argparse.SUPPRESS}
         parser.defaults[name] = defaults

@@ -1668,8 +1668,9 @@ def train(args, device_photometry=None):
     return s
 
 
-def load_backbone(args, device, pretrained=False):
-    """The frozen backbone in eval mode: with --pretrained_weights, or random (seed 0)."""
+def load_backbone(args, device, pretrained=True):
+    """The frozen backbone in eval mode: with --pretrained_weights, or (pretrained=False) random
+    (seed 0)."""
     # frozen features: TF32 on GPUs, PyTorch's default before 1.12
     torch.backends.cuda.matmul.allow_tf32 = True
     if not pretrained:
@@ -1748,10 +1749,11 @@ def demo_jaccard(args, device):
         model = load_backbone(args, device, pretrained)
         maps = torch.cat([attention_maps(model, x.to(device)).float().cpu()
                           for x in images.split(64)])
-        scores[name] = attention_jaccard(maps.mean(1), masks, args.patch_size).mean().item()
-        scores[f"{name}_best_head"] = max(
-            attention_jaccard(maps[:, h], masks, args.patch_size).mean().item()
-            for h in range(maps.shape[1]))
+        # the mean over the images of the heads' mean map's Jaccard, then of each head's
+        jaccard = [attention_jaccard(m, masks, args.patch_size).mean().item()
+                   for m in (maps.mean(1), *maps.unbind(1))]
+        scores[name] = jaccard[0]
+        scores[f"{name}_best_head"] = max(jaccard[1:])
     print(f"attention on the object (Jaccard, {len(files)} demo val images, mean over heads, best "
           f"head): trained {scores['trained']:.3f}, {scores['trained_best_head']:.3f}; random "
           f"init {scores['random']:.3f}, {scores['random_best_head']:.3f}; chance "
@@ -1788,7 +1790,7 @@ def attn_main(args):
             continue
         # after the first readable image: an unreadable file is reported before the weights
         if model is None:
-            model = load_backbone(args, device, pretrained=True)
+            model = load_backbone(args, device)
         # resized, then cropped to whole patches
         h, w = args.image_size
         p = args.patch_size
@@ -1809,7 +1811,7 @@ def embed_main(args):
     """embed_folder on --data_path with --pretrained_weights, written by process 0 to --output (.npz
     or .pt)."""
     _, _, device = init_distributed()
-    model = load_backbone(args, device, pretrained=True)
+    model = load_backbone(args, device)
     if args.n_last_blocks and args.n_last_blocks > len(model.blocks):
         raise DinoError(f"--n_last_blocks {args.n_last_blocks}: {args.arch} has only "
                         f"{len(model.blocks)} blocks")
@@ -1819,16 +1821,15 @@ def embed_main(args):
         return
     if not out["paths"]:
         raise DinoError(f"no image under --data_path {args.data_path} could be read")
-    dtype = getattr(torch, args.dtype)
-    for k in out:  # the paths stay strings
-        if k != "paths":
-            out[k] = out[k].to(dtype)
+    # the paths stay strings
+    arrays = {k: v.to(getattr(torch, args.dtype)) for k, v in out.items() if k != "paths"}
+    out.update(arrays)
     if args.output.endswith(".npz"):  # the paths as a string array: np.load needs no pickle
         save_checkpoint({k: np.asarray(v) for k, v in out.items()}, args.output,
                         lambda a, f: np.savez(f, **a))
     else:
         save_checkpoint(out, args.output)
-    shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in out.items() if k != "paths")
+    shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in arrays.items())
     print(f"wrote {args.output}: {shapes}")
 
 
@@ -1842,7 +1843,7 @@ def linear_main(args):
         T.RandomHorizontalFlip(), NORMALIZE])
     val_transform = eval_transform(args.resize_size, args.crop_size)
     train_set, val_set = image_folders(args.data_path, train_transform, val_transform)
-    model = load_backbone(args, device, pretrained=True)
+    model = load_backbone(args, device)
 
     def features(images):
         return linear_features(model, images, args.n_last_blocks, args.avgpool_patchtokens)

@@ -1059,7 +1059,6 @@ def _harmless_globals():
 
 def load_checkpoint_file(path):
     """torch.load that never runs code from the file and fails with one line naming the file."""
-    path = str(path)
     if not os.path.isfile(path):
         raise DinoError(f"checkpoint {path} does not exist; check the path")
     try:
@@ -1970,6 +1969,9 @@ def add_eval_data_args(
         add,
         data_path_help="folder holding train/<class>/ and val/<class>/; default: the demo data",
         required=False):
+    """The flags of the evaluations on a data set (knn, linear, embed): the model's, then the
+    data's."""
+    add_model_args(add)
     add("--data_path", required=required, help=data_path_help)
     add("--resize_size", type=POSITIVE_INT,
         help="default: crop_size * 256 / 224 (the demo data: crop_size)")
@@ -2072,7 +2074,6 @@ def add_train_args(add):
 
 
 def add_knn_args(add):
-    add_model_args(add)
     add_eval_data_args(add)
     add("--nb_knn", type=POSITIVE_INT, nargs="+", default=[10, 20, 100, 200],
         help="numbers of neighbours")
@@ -2098,7 +2099,6 @@ def embeddings_file(path):
 
 
 def add_embed_args(add):
-    add_model_args(add)
     add_eval_data_args(add, "folder of images, searched recursively", required=True)
     add("--output", required=True, type=embeddings_file, help="FILE.npz or FILE.pt")
     add("--patch_tokens", action="store_true", help="also the final-norm patch tokens [N, h, w, D]")
@@ -2109,7 +2109,6 @@ def add_embed_args(add):
 
 
 def add_linear_args(add):
-    add_model_args(add)
     add_eval_data_args(add)
     add("--n_last_blocks", type=POSITIVE_INT,
         help="CLS tokens of the last n blocks (default 4, vit_base 1)")

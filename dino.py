@@ -1107,12 +1107,12 @@ def load_pretrained_weights(model, path, checkpoint_key=None, checkpoint=None):
     a DINOHead or a MultiCropWrapper, strictly; prints what was taken. checkpoint: the file's
     content, when the caller has read it already."""
     ckpt = load_checkpoint_file(path) if checkpoint is None else checkpoint
-    key = checkpoint_key or ("teacher" if isinstance(ckpt, dict) and "teacher" in ckpt else None)
+    if not isinstance(ckpt, dict):  # (a list, a tensor): no entries, not a state dict
+        ckpt = {}
+    key = checkpoint_key or ("teacher" if "teacher" in ckpt else None)
     if key is not None:
-        if not isinstance(ckpt, dict) or key not in ckpt:
-            entries = []
-            if isinstance(ckpt, dict):
-                entries = [k for k, v in ckpt.items() if isinstance(v, dict)]
+        if key not in ckpt:
+            entries = [k for k, v in ckpt.items() if isinstance(v, dict)]
             raise DinoError(
                 f"{path} has no '{key}' entry (it has: {', '.join(entries) or 'none'}); "
                 f"pass --checkpoint_key with one of those")

@@ -1731,10 +1731,10 @@ def knn_main(args):
     print(f"wrote {path}")
 
 
-def demo_jaccard(args, device):
+def demo_jaccard(args, device, out_dir):
     """Does attention find the object? Jaccard of the patches holding 60 % of the CLS attention with
     the object's mask on the demo's val images at the training resolution, trained and at random
-    init; chance: the object's share."""
+    init; chance: the object's share. Written to out_dir/demo_jaccard.json."""
     demo, size = args.demo["root"], args.crop_size
     files = list_images(os.path.join(demo, "val"))
     images = torch.stack([eval_transform(size, size)(load_rgb(f)) for f in files])
@@ -1757,17 +1757,17 @@ def demo_jaccard(args, device):
           f"head): trained {scores['trained']:.3f}, {scores['trained_best_head']:.3f}; random "
           f"init {scores['random']:.3f}, {scores['random_best_head']:.3f}; chance "
           f"{scores['chance']:.3f}")
-    os.makedirs(os.path.join(args.output_dir, "attn"), exist_ok=True)
-    Path(args.output_dir, "attn", "demo_jaccard.json").write_text(json.dumps(scores, indent=1))
+    os.makedirs(out_dir, exist_ok=True)
+    Path(out_dir, "demo_jaccard.json").write_text(json.dumps(scores, indent=1))
 
 
 def attn_main(args):
     """Last-block attention maps of an image, or of each image in a folder (an output folder each);
     one process."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if args.demo:
-        demo_jaccard(args, device)
     out_dir = os.path.join(args.output_dir, "attn")
+    if args.demo:
+        demo_jaccard(args, device, out_dir)
     folder = os.path.isdir(args.image_path)
     if folder:  # (image, its output folder) for each image under the folder, in the same tree
         images = [(path, os.path.join(out_dir, path.relative_to(args.image_path).with_suffix("")))

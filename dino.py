@@ -1942,8 +1942,8 @@ IMPLIED_TYPES = {bool: bool_flag, int: COUNT, float: NONNEGATIVE}
 class Parser(argparse.ArgumentParser):
     def add_argument(self, *names, **options):
         implied = IMPLIED_TYPES.get(type(options.get("default")))
-        if implied and "type" not in options:
-            options["type"] = implied
+        if implied:
+            options.setdefault("type", implied)
         return super().add_argument(*names, **options)
 
     def error(self, message):

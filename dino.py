@@ -1046,7 +1046,6 @@ def _harmless_globals():
 
 def load_checkpoint_file(path):
     """torch.load that never runs code from the file and fails with one line naming the file."""
-    path = str(path)
     if not os.path.isfile(path):
         raise DinoError(f"checkpoint {path} does not exist; check the path")
     try:
@@ -1095,12 +1094,12 @@ def load_pretrained_weights(model, path, checkpoint_key=None, checkpoint=None):
     a DINOHead or a MultiCropWrapper, strictly; prints what was taken. checkpoint: the file's
     content, when the caller has read it already."""
     ckpt = load_checkpoint_file(path) if checkpoint is None else checkpoint
-    key = checkpoint_key or ("teacher" if isinstance(ckpt, dict) and "teacher" in ckpt else None)
+    if not isinstance(ckpt, dict):  # (a list, a tensor): no entries, not a state dict
+        ckpt = {}
+    key = checkpoint_key or ("teacher" if "teacher" in ckpt else None)
     if key is not None:
-        if not isinstance(ckpt, dict) or key not in ckpt:
-            entries = []
-            if isinstance(ckpt, dict):
-                entries = [k for k, v in ckpt.items() if isinstance(v, dict)]
+        if key not in ckpt:
+            entries = [k for k, v in ckpt.items() if isinstance(v, dict)]
             raise DinoError(
                 f"{path} has no '{key}' entry (it has: {', '.join(entries) or 'none'}); "
                 f"pass --checkpoint_key with one of those")
@@ -1655,8 +1654,9 @@ def train(args, device_photometry=None):
     return s
 
 
-def load_backbone(args, device, pretrained=False):
-    """The frozen backbone in eval mode: with --pretrained_weights, or random (seed 0)."""
+def load_backbone(args, device, pretrained=True):
+    """The frozen backbone in eval mode: with --pretrained_weights, or (pretrained=False) random
+    (seed 0)."""
     # frozen features: TF32 on GPUs, PyTorch's default before 1.12
     torch.backends.cuda.matmul.allow_tf32 = True
     if not pretrained:
@@ -1718,10 +1718,10 @@ def knn_main(args):
     print(f"wrote {path}")
 
 
-def demo_jaccard(args, device):
+def demo_jaccard(args, device, out_dir):
     """Does attention find the object? Jaccard of the patches holding 60 % of the CLS attention with
     the object's mask on the demo's val images at the training resolution, trained and at random
-    init; chance: the object's share."""
+    init; chance: the object's share. Written to out_dir/demo_jaccard.json."""
     demo, size = args.demo["root"], args.crop_size
     files = list_images(os.path.join(demo, "val"))
     images = torch.stack([eval_transform(size, size)(load_rgb(f)) for f in files])
@@ -1735,25 +1735,26 @@ def demo_jaccard(args, device):
         model = load_backbone(args, device, pretrained)
         maps = torch.cat([attention_maps(model, x.to(device)).float().cpu()
                           for x in images.split(64)])
-        scores[name] = attention_jaccard(maps.mean(1), masks, args.patch_size).mean().item()
-        scores[f"{name}_best_head"] = max(
-            attention_jaccard(maps[:, h], masks, args.patch_size).mean().item()
-            for h in range(maps.shape[1]))
+        # the mean over the images of the heads' mean map's Jaccard, then of each head's
+        jaccard = [attention_jaccard(m, masks, args.patch_size).mean().item()
+                   for m in (maps.mean(1), *maps.unbind(1))]
+        scores[name] = jaccard[0]
+        scores[f"{name}_best_head"] = max(jaccard[1:])
     print(f"attention on the object (Jaccard, {len(files)} demo val images, mean over heads, best "
           f"head): trained {scores['trained']:.3f}, {scores['trained_best_head']:.3f}; random "
           f"init {scores['random']:.3f}, {scores['random_best_head']:.3f}; chance "
           f"{scores['chance']:.3f}")
-    os.makedirs(os.path.join(args.output_dir, "attn"), exist_ok=True)
-    Path(args.output_dir, "attn", "demo_jaccard.json").write_text(json.dumps(scores, indent=1))
+    os.makedirs(out_dir, exist_ok=True)
+    Path(out_dir, "demo_jaccard.json").write_text(json.dumps(scores, indent=1))
 
 
 def attn_main(args):
     """Last-block attention maps of an image, or of each image in a folder (an output folder each);
     one process."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if args.demo:
-        demo_jaccard(args, device)
     out_dir = os.path.join(args.output_dir, "attn")
+    if args.demo:
+        demo_jaccard(args, device, out_dir)
     folder = os.path.isdir(args.image_path)
     if folder:  # (image, its output folder) for each image under the folder, in the same tree
         images = [(path, os.path.join(out_dir, path.relative_to(args.image_path).with_suffix("")))
@@ -1775,7 +1776,7 @@ def attn_main(args):
             continue
         # after the first readable image: an unreadable file is reported before the weights
         if model is None:
-            model = load_backbone(args, device, pretrained=True)
+            model = load_backbone(args, device)
         # resized, then cropped to whole patches
         h, w = args.image_size
         p = args.patch_size
@@ -1796,7 +1797,7 @@ def embed_main(args):
     """embed_folder on --data_path with --pretrained_weights, written by process 0 to --output (.npz
     or .pt)."""
     _, _, device = init_distributed()
-    model = load_backbone(args, device, pretrained=True)
+    model = load_backbone(args, device)
     if args.n_last_blocks and args.n_last_blocks > len(model.blocks):
         raise DinoError(f"--n_last_blocks {args.n_last_blocks}: {args.arch} has only "
                         f"{len(model.blocks)} blocks")
@@ -1806,16 +1807,15 @@ def embed_main(args):
         return
     if not out["paths"]:
         raise DinoError(f"no image under --data_path {args.data_path} could be read")
-    dtype = getattr(torch, args.dtype)
-    for k in out:  # the paths stay strings
-        if k != "paths":
-            out[k] = out[k].to(dtype)
+    # the paths stay strings
+    arrays = {k: v.to(getattr(torch, args.dtype)) for k, v in out.items() if k != "paths"}
+    out.update(arrays)
     if args.output.endswith(".npz"):  # the paths as a string array: np.load needs no pickle
         save_checkpoint({k: np.asarray(v) for k, v in out.items()}, args.output,
                         lambda a, f: np.savez(f, **a))
     else:
         save_checkpoint(out, args.output)
-    shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in out.items() if k != "paths")
+    shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in arrays.items())
     print(f"wrote {args.output}: {shapes}")
 
 
@@ -1829,7 +1829,7 @@ def linear_main(args):
         T.RandomHorizontalFlip(), NORMALIZE])
     val_transform = eval_transform(args.resize_size, args.crop_size)
     train_set, val_set = image_folders(args.data_path, train_transform, val_transform)
-    model = load_backbone(args, device, pretrained=True)
+    model = load_backbone(args, device)
 
     def features(images):
         return linear_features(model, images, args.n_last_blocks, args.avgpool_patchtokens)
@@ -1882,13 +1882,6 @@ def linear_main(args):
 # -----------------------------------------------------------------------------
 # the CLI
 
-class Parser(argparse.ArgumentParser):
-    def error(self, message):
-        # one line and status 2, like every other bad input (not argparse's usage block)
-        self.exit(2, f"error: {message}; see python dino.py "
-                     f"{' '.join(self.prog.split()[1:] + ['--help'])}\n")  # to stderr
-
-
 def number(kind, low, high=None, above=False):
     """argparse type: a number of this kind, at least low (above it with `above`), at most high."""
     def parse(text):
@@ -1928,8 +1921,26 @@ def optimizer_name(s):
     return s
 
 
-def add_model_args(p):
-    add = p.add_argument
+# the type of a flag that names none: its default's kind, at least 0 (a negative count, lr or weight
+# decay is a mistake); a flag with another range or kind names its type
+IMPLIED_TYPES = {bool: bool_flag, int: COUNT, float: NONNEGATIVE}
+
+
+class Parser(argparse.ArgumentParser):
+    def add_argument(self, *names, **options):
+        implied = IMPLIED_TYPES.get(type(options.get("default")))
+        if implied:
+            options.setdefault("type", implied)
+        return super().add_argument(*names, **options)
+
+    def error(self, message):
+        # one line and status 2, like every other bad input (not argparse's usage block)
+        self.exit(2, f"error: {message}; see python dino.py "
+                     f"{' '.join(self.prog.split()[1:] + ['--help'])}\n")  # to stderr
+
+
+# add_*_args(add) define a command's flags; add: its parser's add_argument
+def add_model_args(add):
     add("--pretrained_weights",
         help="DINO weights or checkpoint; default: <output_dir>/checkpoint.pth")
     add("--checkpoint_key", help="network of a training checkpoint (default: teacher)")
@@ -1942,20 +1953,22 @@ def add_model_args(p):
 
 
 def add_eval_data_args(
-        p, data_path_help="folder holding train/<class>/ and val/<class>/; default: the demo data",
+        add,
+        data_path_help="folder holding train/<class>/ and val/<class>/; default: the demo data",
         required=False):
-    add = p.add_argument
+    """The flags of the evaluations on a data set (knn, linear, embed): the model's, then the
+    data's."""
+    add_model_args(add)
     add("--data_path", required=required, help=data_path_help)
     add("--resize_size", type=POSITIVE_INT,
         help="default: crop_size * 256 / 224 (the demo data: crop_size)")
     add("--crop_size", type=POSITIVE_INT, default=224,
         help="default: 224 (the demo data: its global crop size)")
     add("--batch_size_per_gpu", type=POSITIVE_INT, default=128, help="images per GPU per batch")
-    add("--num_workers", type=COUNT, default=10, help="data loader processes per GPU")
+    add("--num_workers", default=10, help="data loader processes per GPU")
 
 
-def add_train_args(p):
-    add = p.add_argument
+def add_train_args(add):
     # data and output
     add("--data_path",
         help="folder of images (ImageFolder or flat, recursive); default: the demo data")
@@ -1968,18 +1981,18 @@ def add_train_args(p):
         help="start both networks from these weights (continued pre-training)")
     add("--checkpoint_key",
         help="entry of a training checkpoint for both networks (default: each its own)")
-    add("--pretrained_heads", type=bool_flag, default=True,
+    add("--pretrained_heads", default=True,
         help="take a training checkpoint's heads too")
-    add("--freeze_backbone_epochs", type=COUNT, default=0,
+    add("--freeze_backbone_epochs", default=0,
         help="epochs in which only the head trains")
     # model
     add("--arch", default="vit_small", choices=[*ARCHS, *TORCHVISION_ARCHS], metavar="ARCH",
         help="vit_tiny|small|base, or a torchvision model such as resnet50 (paper: vit_small)")
     add("--patch_size", type=POSITIVE_INT, default=16, help="patch side in pixels (paper: 16)")
     add("--out_dim", type=number(int, 2), default=65536, help="dimension of the DINO head output")
-    add("--norm_last_layer", type=bool_flag, default=True,
+    add("--norm_last_layer", default=True,
         help="fix the last layer's weight norm at 1")
-    add("--use_bn_in_head", type=bool_flag, default=False,
+    add("--use_bn_in_head", default=False,
         help="BatchNorm in the head's MLP (paper: false)")
     # teacher
     add("--momentum_teacher", type=FRACTION, default=0.996, help="base EMA momentum, cosine to 1")
@@ -1987,7 +2000,7 @@ def add_train_args(p):
         help="teacher temperature at the start, linear to --teacher_temp (paper: 0.04)")
     add("--teacher_temp", type=POSITIVE, default=0.04,
         help="teacher temperature after the warm-up (paper: 0.04)")
-    add("--warmup_teacher_temp_epochs", type=COUNT, default=0,
+    add("--warmup_teacher_temp_epochs", default=0,
         help="epochs of the teacher temperature's warm-up (paper: 0)")
     # optimization
     add("--precision", default="auto", choices=["auto", "bf16", "fp16", "fp32"],
@@ -1996,11 +2009,11 @@ def add_train_args(p):
         type=lambda s: "fp16" if bool_flag(s) else "fp32", default=argparse.SUPPRESS,
         help="the published code's flag: true is --precision fp16, false fp32")
     add("--optimizer", type=optimizer_name, default="adamw", help="adamw or sgd")
-    add("--weight_decay", type=NONNEGATIVE, default=0.04,
+    add("--weight_decay", default=0.04,
         help="weight decay at the start, cosine to --weight_decay_end (paper: 0.04)")
-    add("--weight_decay_end", type=NONNEGATIVE, default=0.4,
+    add("--weight_decay_end", default=0.4,
         help="weight decay at the end (paper: 0.4)")
-    add("--clip_grad", type=NONNEGATIVE, default=3.0,
+    add("--clip_grad", default=3.0,
         help="max gradient norm per tensor; 0: no clipping")
     add("--batch_size_per_gpu", type=POSITIVE_INT, default=64,
         help="images per GPU per loader batch (paper: 64, on 16 GPUs)")
@@ -2009,18 +2022,18 @@ def add_train_args(p):
              "a total batch of batch_size_per_gpu x accum_iter x processes")
     add("--grad_checkpointing", action="store_true", help="less memory, a third more compute")
     add("--epochs", type=POSITIVE_INT, default=100, help="epochs of training (paper: 100)")
-    add("--freeze_last_layer", type=COUNT, default=1,
+    add("--freeze_last_layer", default=1,
         help="epochs with the head's last layer fixed")
-    add("--lr", type=NONNEGATIVE, default=0.0005, help="peak lr for a total batch of 256")
-    add("--warmup_epochs", type=COUNT, default=10,
+    add("--lr", default=0.0005, help="peak lr for a total batch of 256")
+    add("--warmup_epochs", default=10,
         help="epochs of linear lr warm-up from 0 (paper: 10)")
-    add("--min_lr", type=NONNEGATIVE, default=1e-6,
+    add("--min_lr", default=1e-6,
         help="lr at the end of the cosine schedule (paper: 1e-6)")
-    add("--drop_path_rate", type=NONNEGATIVE, default=0.1, help="stochastic depth of the student")
+    add("--drop_path_rate", default=0.1, help="stochastic depth of the student")
     # multi-crop
     add("--global_crops_scale", type=FRACTION, nargs=2, default=[0.4, 1.0],
         help="area range of the 2 global crops, a fraction of the image (paper: 0.4 1)")
-    add("--local_crops_number", type=COUNT, default=8,
+    add("--local_crops_number", default=8,
         help="local crops per image; 0: no multi-crop (paper: 8)")
     add("--local_crops_scale", type=FRACTION, nargs=2, default=[0.05, 0.4],
         help="area range of the local crops (paper: 0.05 0.4)")
@@ -2029,14 +2042,14 @@ def add_train_args(p):
     add("--local_crops_size", type=POSITIVE_INT, default=96,
         help="side of the local crops in pixels (paper: 96)")
     # the run
-    add("--saveckp_freq", type=COUNT, default=20, help="also keep checkpointNNNN.pth this often")
-    add("--knn_every", type=COUNT, default=0,
+    add("--saveckp_freq", default=20, help="also keep checkpointNNNN.pth this often")
+    add("--knn_every", default=0,
         help="epochs between k-NN evaluations (k=20) of the teacher")
     add("--knn_data_path",
         help="for --knn_every: train/<class>/ and val/<class>/ (default: the demo's)")
     add("--seed", type=int, default=0,
         help="random seed (initial weights, data order, crops, drop path)")
-    add("--num_workers", type=COUNT, default=10, help="data loader processes per GPU")
+    add("--num_workers", default=10, help="data loader processes per GPU")
     add("--log_every", type=POSITIVE_INT, default=10, help="iterations between progress lines")
     add("--compile", action="store_true",
         help="torch.compile the step's forward (teacher, student, loss) and the GPU photometry")
@@ -2047,20 +2060,17 @@ def add_train_args(p):
     add("--dist_url", help="ignored likewise")
 
 
-def add_knn_args(p):
-    add = p.add_argument
-    add_model_args(p)
-    add_eval_data_args(p)
+def add_knn_args(add):
+    add_eval_data_args(add)
     add("--nb_knn", type=POSITIVE_INT, nargs="+", default=[10, 20, 100, 200],
         help="numbers of neighbours")
     add("--temperature", type=POSITIVE, default=0.07, help="votes weigh exp(cos_sim / temperature)")
-    add("--random_init", type=bool_flag, default=False,
+    add("--random_init", default=False,
         help="also evaluate a random init (the demo: true)")
 
 
-def add_attn_args(p):
-    add = p.add_argument
-    add_model_args(p)
+def add_attn_args(add):
+    add_model_args(add)
     add("--image_path", help="any image PIL reads; default: the first demo val image")
     add("--image_size", type=POSITIVE_INT, nargs=2, metavar=("H", "W"), default=[480, 480],
         help="resize to this first (default 480 480; the demo: 4x its global crop size)")
@@ -2075,28 +2085,24 @@ def embeddings_file(path):
     return path
 
 
-def add_embed_args(p):
-    add = p.add_argument
-    add_model_args(p)
-    add_eval_data_args(p, "folder of images, searched recursively", required=True)
+def add_embed_args(add):
+    add_eval_data_args(add, "folder of images, searched recursively", required=True)
     add("--output", required=True, type=embeddings_file, help="FILE.npz or FILE.pt")
     add("--patch_tokens", action="store_true", help="also the final-norm patch tokens [N, h, w, D]")
-    add("--n_last_blocks", type=COUNT, default=0,
+    add("--n_last_blocks", default=0,
         help="also the CLS tokens of the last n blocks [N, n, D]")
     add("--dtype", choices=["float32", "float16"], default="float32",
         help="float16 halves the file")
 
 
-def add_linear_args(p):
-    add = p.add_argument
-    add_model_args(p)
-    add_eval_data_args(p)
+def add_linear_args(add):
+    add_eval_data_args(add)
     add("--n_last_blocks", type=POSITIVE_INT,
         help="CLS tokens of the last n blocks (default 4, vit_base 1)")
     add("--avgpool_patchtokens", type=bool_flag,
         help="and the mean patch token (default: for vit_base)")
     add("--epochs", type=POSITIVE_INT, default=100, help="epochs of training (paper: 100)")
-    add("--lr", type=NONNEGATIVE, default=0.001,
+    add("--lr", default=0.001,
         help="SGD lr for a total batch of 256, cosine to 0")
     add("--val_freq", type=POSITIVE_INT, default=1, help="epochs between validations")
     add("--seed", type=int, default=0, help="random seed (classifier init, data order)")
@@ -2119,7 +2125,7 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (description, add_args, _) in COMMANDS.items():
         p = sub.add_parser(name, help=description, description=description)
-        add_args(p)
+        add_args(p.add_argument)
         # (--use_fp16 has none: it sets --precision)
         defaults = {a.dest: a.default for a in p._actions if a.default is not argparse.SUPPRESS}
         parser.defaults[name] = defaults

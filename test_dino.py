@@ -2245,7 +2245,8 @@ def test_knn_every_logs_the_teachers_knn_top1(tmp_path, capsys):
 
 def test_evaluation_allows_tf32_on_gpus():
     torch.backends.cuda.matmul.allow_tf32 = False  # torch_global_switches restores it
-    dino.load_backbone(argparse.Namespace(arch="vit_tiny", patch_size=16), torch.device("cpu"))  # knn, attn, linear
+    dino.load_backbone(argparse.Namespace(arch="vit_tiny", patch_size=16), torch.device("cpu"),  # knn, attn, linear
+                       pretrained=False)
     assert torch.backends.cuda.matmul.allow_tf32
 
 
